@@ -1,0 +1,37 @@
+# Every target creates or reuses .venv and installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fastlvm-installed
+# The CPU build of torch lies on disk; installing it first keeps pip from fetching a CUDA build.
+TORCH  := torch==2.13.0
+
+.PHONY: install demo test test-fast test-triton bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml CMakeLists.txt $(wildcard csrc/*)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet scikit-build-core pybind11
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[test,plot,triton,dask]'
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m fastlvm.cli demo --output demo-output
+
+# The main suite, then each GPU-kernel suite in its own process so that the
+# simulator switches (set before the framework is imported) do not leak.
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not triton_interpret and not cudasim" tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton_interpret tests; s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ]
+	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest -q -m cudasim tests; s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ]
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf build demo-output .pytest_cache
