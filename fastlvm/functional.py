@@ -1,0 +1,460 @@
+"""The VAE objective as differentiable functions over fused kernels.
+
+Torch tensors in, torch tensors out. Each function validates its inputs once, brings them to
+the form the kernels take (contiguous, one dtype and device, broadcasting reduced to
+"periodic" rows, see below), and runs a ``torch.autograd.Function`` over one kernel backend:
+
+- ``'cpp'``: the OpenMP C++ kernels of ``fastlvm._C`` (CPU tensors);
+- ``'triton'``: ``fastlvm.kernels.triton_vae`` (CUDA tensors, or the Triton interpreter);
+- ``'torch'``: the plain PyTorch reference, ``fastlvm.reference.vae``;
+- ``'auto'``: Triton for CUDA tensors, C++ otherwise.
+
+Every backend implements the same kernel-level API (forward and backward kernels per term).
+A backend may also offer ``<term>_fwd_grad`` kernels that compute the gradients during the
+forward pass, while the inputs are in registers; the backward pass then only scales them by
+``grad_output`` (and skips even that when it is one). That is what makes the objective cost
+one read of each input and one write of each output and gradient.
+
+Periodic broadcasting: an operand with P rows used for R output rows is read at row r % P.
+``x`` (B, D) against ``mean`` (S, B, D) and a per-feature ``logvar`` (D,) are of this form and
+are never copied; any other broadcast is expanded to a copy first.
+"""
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from fastlvm.reference import vae as _ref
+
+__all__ = [
+    "reparameterize",
+    "gaussian_log_likelihood",
+    "bernoulli_log_likelihood",
+    "iwae_bound",
+    "negative_elbo",
+]
+
+_FLOATS = (torch.float32, torch.float64)
+_BACKENDS = ("auto", "cpp", "triton", "torch")
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def reparameterize(mu, logvar, eps=None, *, n_samples=None, generator=None, backend="auto",
+                   validate=False):
+    """z = mu + exp(logvar / 2) * eps and the analytic KL(N(mu, diag exp(logvar)) || N(0, I)).
+
+    mu, logvar: (B, Dz). eps: (B, Dz) or (S, B, Dz), treated as a constant (no gradient).
+    With ``eps=None`` the noise is drawn inside the kernel, a pure function of a seed taken
+    from ``generator`` (torch's default generator when None, so ``torch.manual_seed`` fixes
+    it) and of each element's index; it is not stored, and the backward regenerates it.
+    Then z is (B, Dz) when ``n_samples`` is None and (n_samples, B, Dz) otherwise.
+
+    Returns ``(z, kl)`` with z of eps's shape and kl of shape (B,).
+    """
+    _check_tensor("mu", mu, ndims=(2,))
+    _check_tensor("logvar", logvar, ndims=(2,))
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar must have mu's shape {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+    named = {"mu": mu, "logvar": logvar}
+    if eps is not None:
+        if n_samples is not None or generator is not None:
+            raise ValueError("pass either eps or n_samples/generator, not both")
+        _check_tensor("eps", eps, ndims=(2, 3))
+        if eps.shape[-2:] != mu.shape:
+            raise ValueError(f"eps must have shape {tuple(mu.shape)} or (S, *{tuple(mu.shape)}), "
+                             f"got {tuple(eps.shape)}")
+        _check_constant("eps", eps)
+        named["eps"] = eps
+    _check_same(named, validate)
+    kernels = _kernels(backend, mu.device)
+    mu, logvar = mu.contiguous(), logvar.contiguous()
+    if eps is not None:
+        z, kl = _Reparameterize.apply(mu, logvar, eps.contiguous().view(-1, *mu.shape), kernels)
+        return z.view(eps.shape), kl
+    if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, int)
+                                  or n_samples < 1):
+        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    z, kl = _ReparameterizeNoise.apply(mu, logvar, n_samples or 1, _draw_seed(generator), kernels)
+    return (z[0] if n_samples is None else z), kl
+
+
+def gaussian_log_likelihood(x, mean, logvar=None, *, backend="auto", validate=False):
+    """sum over the last dimension of log N(x | mean, exp(logvar)).
+
+    x, mean and logvar broadcast against each other (e.g. x (B, D) against mean (S, B, D), and
+    a learned per-feature logvar (D,)); logvar None means unit variance. Returns the broadcast
+    shape without its last dimension.
+    """
+    named = {"x": x, "mean": mean}
+    if logvar is not None:
+        named["logvar"] = logvar
+    rows, shape = _broadcast_rows(named, validate)
+    out = _apply_log_likelihood("gaussian_ll", _kernels(backend, x.device), None,
+                                rows["x"], rows["mean"], rows.get("logvar"))
+    return out.view(shape[:-1])
+
+
+def bernoulli_log_likelihood(x, logits, *, backend="auto", validate=False):
+    """sum over the last dimension of log Bernoulli(x | sigmoid(logits)), stable for any |logits|.
+
+    Broadcasts like :func:`gaussian_log_likelihood`; x may be fractional (e.g. grey levels).
+    """
+    rows, shape = _broadcast_rows({"x": x, "logits": logits}, validate)
+    out = _apply_log_likelihood("bernoulli_ll", _kernels(backend, x.device), None,
+                                rows["x"], rows["logits"])
+    return out.view(shape[:-1])
+
+
+def negative_elbo(x, kl, *, mean=None, logvar=None, logits=None, backend="auto", validate=False):
+    """The VAE loss with its reduction inside the kernel: mean_b kl_b - mean_{s,b} log p(x_b | z_sb).
+
+    Give the decoder's ``mean`` (and optionally ``logvar``) for a Gaussian likelihood, or its
+    ``logits`` for a Bernoulli one, of shape (B, D) or (S, B, D); kl (B,) as returned by
+    :func:`reparameterize`. Because the output is the scalar loss, the kernel folds the 1/(S B)
+    weight into the gradients it computes during the forward pass, and ``loss.backward()``
+    reads nothing again.
+    """
+    if (mean is None) == (logits is None):
+        raise ValueError("give exactly one of mean (Gaussian likelihood) and logits (Bernoulli)")
+    if logits is not None and logvar is not None:
+        raise ValueError("logvar belongs to the Gaussian likelihood; it cannot go with logits")
+    named = {"x": x}
+    if mean is not None:
+        named["mean"] = mean
+        if logvar is not None:
+            named["logvar"] = logvar
+        term, ops = "gaussian_ll", ("x", "mean", "logvar")
+    else:
+        named["logits"] = logits
+        term, ops = "bernoulli_ll", ("x", "logits")
+    _check_tensor("kl", kl, ndims=(1,))
+    rows, shape = _broadcast_rows(named, validate)
+    if len(shape) < 2 or kl.shape[0] != shape[-2]:
+        raise ValueError(f"kl must have shape (B,) for rows of shape (..., B, D) = {tuple(shape)}, "
+                         f"got {tuple(kl.shape)}")
+    _check_same({"x": x, "kl": kl}, validate)
+    n_rows = math.prod(shape[:-1])
+    loss = _apply_log_likelihood(term, _kernels(backend, x.device), -1.0 / n_rows,
+                                 *(rows.get(name) for name in ops))
+    return kl.mean() + loss
+
+
+def iwae_bound(log_px_given_z, mu, logvar, eps, *, backend="auto", validate=False):
+    """log (1/S) sum_s exp(log p(x|z_s) + log p(z_s) - log q(z_s|x)), z_s = mu + exp(logvar/2) eps_s.
+
+    log_px_given_z: (S, B); mu, logvar: (B, Dz); eps: (S, B, Dz), treated as a constant.
+    log p(z) - log q(z|x) is computed from eps inside the kernel, streaming over the samples:
+    memory beyond the (S, B) weights does not grow with S * B * Dz. Returns (B,). With S = 1
+    it is the single-sample ELBO; as S grows it rises towards log p(x).
+    """
+    _check_tensor("log_px_given_z", log_px_given_z, ndims=(2,))
+    _check_tensor("mu", mu, ndims=(2,))
+    _check_tensor("logvar", logvar, ndims=(2,))
+    _check_tensor("eps", eps, ndims=(3,))
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar must have mu's shape {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+    if eps.shape[1:] != mu.shape:
+        raise ValueError(f"eps must have shape (S, *{tuple(mu.shape)}), got {tuple(eps.shape)}")
+    if log_px_given_z.shape != eps.shape[:2]:
+        raise ValueError(f"log_px_given_z must have shape (S, B) = {tuple(eps.shape[:2])}, "
+                         f"got {tuple(log_px_given_z.shape)}")
+    _check_constant("eps", eps)
+    _check_same({"log_px_given_z": log_px_given_z, "mu": mu, "logvar": logvar, "eps": eps},
+                validate)
+    return _IWAE.apply(log_px_given_z.contiguous(), mu.contiguous(), logvar.contiguous(),
+                       eps.contiguous(), _kernels(backend, mu.device))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_tensor(name, t, ndims=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+    if ndims is not None and t.dim() not in ndims:
+        want = " or ".join(f"{d}-D" for d in ndims)
+        raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+
+
+def _check_constant(name, t):
+    if t.requires_grad:
+        raise ValueError(f"{name} is noise and gets no gradient; pass {name}.detach()")
+
+
+def _check_same(named, validate):
+    """One dtype and one device for all; with validate, no NaN or inf anywhere."""
+    (first, ref), *rest = named.items()
+    for name, t in rest:
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first} has {ref.dtype}")
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {ref.device}")
+    if validate:
+        for name, t in named.items():
+            if torch.isnan(t).any():
+                raise ValueError(f"{name} contains NaN")
+            if torch.isinf(t).any():
+                raise ValueError(f"{name} contains inf")
+
+
+def _broadcast_rows(named, validate):
+    """Validate the operands of a row-wise log-likelihood and reduce them to periodic rows.
+
+    Returns ({name: (P, D) contiguous tensor}, broadcast shape).
+    """
+    for name, t in named.items():
+        _check_tensor(name, t)
+        if t.dim() == 0:
+            raise ValueError(f"{name} must have a feature (last) dimension, got a 0-d tensor")
+    _check_same(named, validate)
+    try:
+        shape = torch.broadcast_shapes(*(t.shape for t in named.values()))
+    except RuntimeError:
+        shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in named.items())
+        raise ValueError(f"shapes do not broadcast: {shapes}") from None
+    return {name: _periodic_rows(t, shape) for name, t in named.items()}, shape
+
+
+def _periodic_rows(t, shape):
+    """t as a (P, D) operand read at row r % P for the rows of ``shape``: a view when t's
+    shape, without leading ones, ends ``shape``; else the broadcast copy (autograd sums back)."""
+    dims = list(t.shape)
+    while dims and dims[0] == 1:
+        dims.pop(0)
+    if dims and tuple(dims) == tuple(shape[len(shape) - len(dims):]):
+        return t.reshape(-1, shape[-1]).contiguous()
+    return t.expand(shape).reshape(-1, shape[-1])
+
+
+def _draw_seed(generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    device = "cpu" if generator is None else generator.device
+    return int(torch.randint(0, 2**62, (), generator=generator, device=device))
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def _kernels(backend, device):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "cpp"
+    if backend == "torch":
+        return _ReferenceKernels
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpp' takes CPU tensors, got tensors on {device}")
+        from fastlvm.kernels import cpp
+
+        return cpp
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise ImportError("backend='triton' needs Triton: pip install fastlvm[triton]") from None
+    from fastlvm.kernels import triton_vae
+
+    return triton_vae
+
+
+def _vjp(fn, inputs, grads):
+    """Gradients of fn(*inputs) (a tuple of tensors) against ``grads`` (None: unused output)."""
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
+        outs = fn(*leaves)
+        used = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        live = [t for t in leaves if t is not None]
+        got = iter(torch.autograd.grad([o for o, _ in used], live, [g for _, g in used],
+                                       allow_unused=True, materialize_grads=True))
+    return tuple(None if t is None else next(got) for t in leaves)
+
+
+def _repeat_rows(t, n_rows):
+    return None if t is None else t.repeat(n_rows // t.shape[0], 1)
+
+
+class _ReferenceKernels:
+    """The kernel-level API computed by ``fastlvm.reference.vae``; backward by autograd."""
+
+    @staticmethod
+    def reparam_fwd(mu, logvar, eps):
+        return _ref.reparameterize(mu, logvar, eps), _ref.kl_standard_normal(mu, logvar)
+
+    @staticmethod
+    def reparam_bwd(mu, logvar, eps, grad_z, grad_kl):
+        return _vjp(lambda m, lv: _ReferenceKernels.reparam_fwd(m, lv, eps), (mu, logvar),
+                    (grad_z, grad_kl))
+
+    @staticmethod
+    def normal_noise(n_samples, batch, dim, seed, dtype, device="cpu"):
+        return _ref.normal_noise(n_samples, batch, dim, seed, dtype, device)
+
+    @staticmethod
+    def reparam_noise_fwd(mu, logvar, n_samples, seed):
+        eps = _ref.normal_noise(n_samples, *mu.shape, seed, mu.dtype, mu.device)
+        return _ReferenceKernels.reparam_fwd(mu, logvar, eps)
+
+    @staticmethod
+    def reparam_noise_bwd(mu, logvar, n_samples, seed, grad_z, grad_kl):
+        eps = _ref.normal_noise(n_samples, *mu.shape, seed, mu.dtype, mu.device)
+        return _ReferenceKernels.reparam_bwd(mu, logvar, eps, grad_z, grad_kl)
+
+    @staticmethod
+    def gaussian_ll_fwd(x, mean, logvar):
+        n = max(t.shape[0] for t in (x, mean, logvar) if t is not None)
+        return _ref.gaussian_log_likelihood(*(_repeat_rows(t, n) for t in (x, mean, logvar)))
+
+    @staticmethod
+    def gaussian_ll_bwd(x, mean, logvar, grad_out):
+        return _vjp(lambda *ops: (_ReferenceKernels.gaussian_ll_fwd(*ops),), (x, mean, logvar),
+                    (grad_out,))
+
+    @staticmethod
+    def bernoulli_ll_fwd(x, logits):
+        n = max(x.shape[0], logits.shape[0])
+        return _ref.bernoulli_log_likelihood(_repeat_rows(x, n), _repeat_rows(logits, n))
+
+    @staticmethod
+    def bernoulli_ll_bwd(x, logits, grad_out):
+        return _vjp(lambda *ops: (_ReferenceKernels.bernoulli_ll_fwd(*ops),), (x, logits),
+                    (grad_out,))
+
+    @staticmethod
+    def iwae_fwd(log_px_given_z, mu, logvar, eps):
+        log_w = _ref.log_importance_weights(log_px_given_z, mu, logvar, eps)
+        return _ref.iwae_bound(log_px_given_z, mu, logvar, eps), torch.softmax(log_w, dim=0)
+
+    @staticmethod
+    def iwae_bwd(log_px_given_z, mu, logvar, eps, w, grad_bound):
+        return _vjp(lambda lp, m, lv: (_ref.iwae_bound(lp, m, lv, eps),),
+                    (log_px_given_z, mu, logvar), (grad_bound,))
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _is_one(g):
+    return bool((g == 1).all())
+
+
+def _scaled(grads, grad_out):
+    """Gradients computed in the forward pass times grad_output (one value per row, or one)."""
+    if _is_one(grad_out):
+        return grads
+    return tuple(None if g is None else g * grad_out.view(-1, *[1] * (g.dim() - 1))
+                 for g in grads)
+
+
+def _contiguous(g):
+    return None if g is None else g.contiguous()
+
+
+class _Reparameterize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mu, logvar, eps, kernels):
+        ctx.kernels = kernels
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(mu, logvar, eps)
+        return kernels.reparam_fwd(mu, logvar, eps)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_z, grad_kl):
+        if grad_z is None and grad_kl is None:
+            return None, None, None, None
+        grads = ctx.kernels.reparam_bwd(*ctx.saved_tensors, _contiguous(grad_z),
+                                        _contiguous(grad_kl))
+        return *grads, None, None
+
+
+class _ReparameterizeNoise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mu, logvar, n_samples, seed, kernels):
+        ctx.kernels, ctx.n_samples, ctx.seed = kernels, n_samples, seed
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(mu, logvar)
+        return kernels.reparam_noise_fwd(mu, logvar, n_samples, seed)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_z, grad_kl):
+        if grad_z is None and grad_kl is None:
+            return None, None, None, None, None
+        grads = ctx.kernels.reparam_noise_bwd(*ctx.saved_tensors, ctx.n_samples, ctx.seed,
+                                              _contiguous(grad_z), _contiguous(grad_kl))
+        return *grads, None, None, None
+
+
+def _apply_log_likelihood(term, kernels, weight, *operands):
+    return _LogLikelihood.apply(term, kernels, weight, *operands)
+
+
+class _LogLikelihood(torch.autograd.Function):
+    """Row log-likelihood ``term`` ('gaussian_ll' or 'bernoulli_ll') of periodic operands.
+
+    weight None: the (R,) per-row values. A float: the scalar weight * sum_r value_r (a loss).
+    """
+
+    @staticmethod
+    def forward(ctx, term, kernels, weight, *operands):
+        n_rows = max(t.shape[0] for t in operands if t is not None)
+        need = ctx.needs_input_grad[3:]
+        fused = getattr(kernels, term + "_fwd_grad", None)
+        ctx.kernels, ctx.term, ctx.weight, ctx.n_rows = kernels, term, weight, n_rows
+        # Gradients in the forward pass need each one to belong to a single output row
+        # (or a known weight per row): no sum over the repeats of a periodic operand.
+        ctx.fused = fused is not None and any(need) and all(
+            t.shape[0] == n_rows for t, n in zip(operands, need) if n)
+        if ctx.fused:
+            out, *grads = fused(*operands, need=need, scale=1.0 if weight is None else weight)
+            ctx.save_for_backward(*grads)
+        else:
+            out = getattr(kernels, term + "_fwd")(*operands)
+            ctx.save_for_backward(*operands)
+        return out if weight is None else weight * out.sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        if ctx.fused:
+            return None, None, None, *_scaled(ctx.saved_tensors, grad_out)
+        if ctx.weight is not None:
+            grad_out = (grad_out * ctx.weight).expand(ctx.n_rows)
+        grads = getattr(ctx.kernels, ctx.term + "_bwd")(*ctx.saved_tensors,
+                                                        grad_out.contiguous())
+        return None, None, None, *grads
+
+
+class _IWAE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, log_px_given_z, mu, logvar, eps, kernels):
+        fused = getattr(kernels, "iwae_fwd_grad", None)
+        ctx.kernels = kernels
+        ctx.fused = fused is not None and any(ctx.needs_input_grad[:3])
+        if ctx.fused:
+            # w is the gradient of the bound with respect to log_px_given_z.
+            bound, w, grad_mu, grad_logvar = fused(log_px_given_z, mu, logvar, eps)
+            ctx.save_for_backward(w, grad_mu, grad_logvar)
+        else:
+            bound, w = kernels.iwae_fwd(log_px_given_z, mu, logvar, eps)
+            ctx.save_for_backward(log_px_given_z, mu, logvar, eps, w)
+        return bound
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_bound):
+        if ctx.fused:
+            w, grad_mu, grad_logvar = ctx.saved_tensors
+            grad_lp = w if _is_one(grad_bound) else w * grad_bound
+            grads = (grad_lp, *_scaled((grad_mu, grad_logvar), grad_bound))
+            return *(g if n else None for g, n in zip(grads, ctx.needs_input_grad)), None, None
+        grads = ctx.kernels.iwae_bwd(*ctx.saved_tensors, grad_bound.contiguous())
+        return *grads, None, None
