@@ -1,0 +1,1 @@
+"""Kernels: one module per backend. Nothing heavy is imported here."""
