@@ -71,7 +71,8 @@ def iwae_bound(log_px_given_z, mu, logvar, eps):
 # The normal for flat element i = s*B*Dz + b*Dz + j is a pure function of (seed, i):
 # Philox4x32-10 (Salmon et al., SC'11) with key (seed mod 2^32, seed >> 32) and counter
 # (p mod 2^32, p >> 32, 0, 0) for the pair index p = i >> 1 gives words w0..w3;
-# u1 = ((w0 << 21 | w1 >> 11) + 1) 2^-53 in (0, 1], u2 = (w2 << 21 | w3 >> 11) 2^-53 in [0, 1);
+# the 52-bit integers a1 = w0 << 20 | w1 >> 12 and a2 = w2 << 20 | w3 >> 12 give the uniforms
+# u1 = 1 - a1 2^-52 in (0, 1] and u2 = a2 2^-52 in [0, 1);
 # Box-Muller: element 2p is r cos(2 pi u2), element 2p+1 is r sin(2 pi u2), r = sqrt(-2 log u1).
 # Computed in float64 and rounded to the requested dtype.
 
@@ -111,9 +112,8 @@ def normal_noise(n_samples, batch, dim, seed, dtype=torch.float64, device="cpu")
     zero = torch.zeros_like(pair)
     key = (seed & _MASK32, (seed >> 32) & _MASK32)
     w0, w1, w2, w3 = philox4x32_10((pair & _MASK32, pair >> 32, zero, zero), key)
-    scale = 2.0**-53
-    u1 = (((w0 << 21) | (w1 >> 11)) + 1).to(torch.float64) * scale
-    u2 = ((w2 << 21) | (w3 >> 11)).to(torch.float64) * scale
+    u1 = 1.0 - ((w0 << 20) | (w1 >> 12)).to(torch.float64) * 2.0**-52
+    u2 = ((w2 << 20) | (w3 >> 12)).to(torch.float64) * 2.0**-52
     r = torch.sqrt(-2.0 * torch.log(u1))
     theta = 2.0 * math.pi * u2
     eps = torch.stack((r * torch.cos(theta), r * torch.sin(theta)), dim=-1).reshape(-1)[:n]

@@ -1,0 +1,158 @@
+"""The kernel-level API of the VAE objective over the C++ kernels of ``fastlvm._C``.
+
+Torch CPU tensors in and out: inputs arrive contiguous and of one dtype (fastlvm.functional
+sees to it); outputs are allocated here with torch and handed to C++ as NumPy views, so no
+data is copied either way. Beyond the shared API, the ``*_fwd_grad`` functions compute the
+gradients during the forward pass (``need`` says which), for a backward that only scales.
+"""
+
+import torch
+
+try:
+    from fastlvm import _C
+except ImportError as err:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "fastlvm._C, the compiled CPU kernels, is not built: reinstall fastlvm from source "
+        "(pip install -e .) or pass backend='torch'") from err
+
+
+def _np(t):
+    return None if t is None else t.detach().numpy()
+
+
+def _empty(like, *shape):
+    return torch.empty(shape, dtype=like.dtype)
+
+
+def _empty_if(flag, like, *shape):
+    return _empty(like, *shape) if flag else None
+
+
+def _seed(seed):
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return seed
+
+
+# -------------------------------------------------------------------- reparameterisation
+
+
+def _reparam_fwd(mu, logvar, eps, n_samples, seed):
+    batch, dim = mu.shape
+    z, kl = _empty(mu, n_samples, batch, dim), _empty(mu, batch)
+    _C.reparam_fwd(_np(mu), _np(logvar), _np(eps), seed, n_samples, _np(z), _np(kl))
+    return z, kl
+
+
+def _reparam_bwd(mu, logvar, eps, n_samples, seed, grad_z, grad_kl):
+    grad_mu, grad_logvar = torch.empty_like(mu), torch.empty_like(logvar)
+    _C.reparam_bwd(_np(mu), _np(logvar), _np(eps), seed, n_samples, _np(grad_z), _np(grad_kl),
+                   _np(grad_mu), _np(grad_logvar))
+    return grad_mu, grad_logvar
+
+
+def reparam_fwd(mu, logvar, eps):
+    """z = mu + exp(logvar/2) eps (S, B, Dz) and kl (B,)."""
+    return _reparam_fwd(mu, logvar, eps, eps.shape[0], 0)
+
+
+def reparam_bwd(mu, logvar, eps, grad_z, grad_kl):
+    """(grad_mu, grad_logvar) for the gradients of z (or None) and kl (or None)."""
+    return _reparam_bwd(mu, logvar, eps, eps.shape[0], 0, grad_z, grad_kl)
+
+
+def reparam_noise_fwd(mu, logvar, n_samples, seed):
+    """reparam_fwd with eps = normal_noise(n_samples, B, Dz, seed), generated in the kernel."""
+    return _reparam_fwd(mu, logvar, None, int(n_samples), _seed(seed))
+
+
+def reparam_noise_bwd(mu, logvar, n_samples, seed, grad_z, grad_kl):
+    """reparam_bwd regenerating the noise of reparam_noise_fwd."""
+    return _reparam_bwd(mu, logvar, None, int(n_samples), _seed(seed), grad_z, grad_kl)
+
+
+def normal_noise(n_samples, batch, dim, seed, dtype=torch.float64, device="cpu"):
+    """The standard normals (n_samples, batch, dim) that the noise kernels use for ``seed``."""
+    out = torch.empty((n_samples, batch, dim), dtype=dtype, device=device)
+    _C.normal_noise(_seed(seed), _np(out))
+    return out
+
+
+# -------------------------------------------------------------------- log-likelihoods
+
+
+def _rows(*operands):
+    return max(t.shape[0] for t in operands if t is not None)
+
+
+def gaussian_ll_fwd(x, mean, logvar):
+    out = _empty(x, _rows(x, mean, logvar))
+    _C.gaussian_ll(_np(x), _np(mean), _np(logvar), _np(out))
+    return out
+
+
+def gaussian_ll_fwd_grad(x, mean, logvar, need, scale=1.0):
+    """(out, grad_x, grad_mean, grad_logvar) of scale * out; None where ``need`` is false."""
+    n, dim = _rows(x, mean, logvar), x.shape[1]
+    out = _empty(x, n)
+    grads = [_empty_if(flag, x, n, dim) for flag in need]
+    _C.gaussian_ll(_np(x), _np(mean), _np(logvar), _np(out), *map(_np, grads), scale=scale)
+    return out, *grads
+
+
+def gaussian_ll_bwd(x, mean, logvar, grad_out):
+    grads = (torch.empty_like(x), torch.empty_like(mean),
+             None if logvar is None else torch.empty_like(logvar))
+    _C.gaussian_ll_bwd(_np(x), _np(mean), _np(logvar), _np(grad_out), *map(_np, grads))
+    return grads
+
+
+def bernoulli_ll_fwd(x, logits):
+    out = _empty(x, _rows(x, logits))
+    _C.bernoulli_ll(_np(x), _np(logits), _np(out))
+    return out
+
+
+def bernoulli_ll_fwd_grad(x, logits, need, scale=1.0):
+    """(out, grad_x, grad_logits) of scale * out; None where ``need`` is false."""
+    n, dim = _rows(x, logits), x.shape[1]
+    out = _empty(x, n)
+    grads = [_empty_if(flag, x, n, dim) for flag in need]
+    _C.bernoulli_ll(_np(x), _np(logits), _np(out), *map(_np, grads), scale=scale)
+    return out, *grads
+
+
+def bernoulli_ll_bwd(x, logits, grad_out):
+    grads = torch.empty_like(x), torch.empty_like(logits)
+    _C.bernoulli_ll_bwd(_np(x), _np(logits), _np(grad_out), *map(_np, grads))
+    return grads
+
+
+# -------------------------------------------------------------------- importance-weighted bound
+
+
+def _iwae(log_px_given_z, mu, logvar, eps, with_grad):
+    n_samples, batch = log_px_given_z.shape
+    bound, w = _empty(mu, batch), _empty(mu, n_samples, batch)
+    grads = [_empty_if(with_grad, mu, *mu.shape) for _ in range(2)]
+    _C.iwae_fwd(_np(log_px_given_z), _np(mu), _np(logvar), _np(eps), _np(bound), _np(w),
+                *map(_np, grads))
+    return bound, w, *grads
+
+
+def iwae_fwd(log_px_given_z, mu, logvar, eps):
+    """(bound (B,), normalised weights w (S, B))."""
+    return _iwae(log_px_given_z, mu, logvar, eps, False)[:2]
+
+
+def iwae_fwd_grad(log_px_given_z, mu, logvar, eps):
+    """(bound, w, grad_mu, grad_logvar); w is the gradient for log_px_given_z."""
+    return _iwae(log_px_given_z, mu, logvar, eps, True)
+
+
+def iwae_bwd(log_px_given_z, mu, logvar, eps, w, grad_bound):
+    grads = torch.empty_like(log_px_given_z), torch.empty_like(mu), torch.empty_like(logvar)
+    _C.iwae_bwd(_np(log_px_given_z), _np(mu), _np(logvar), _np(eps), _np(w), _np(grad_bound),
+                *map(_np, grads))
+    return grads
