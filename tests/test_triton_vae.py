@@ -282,6 +282,24 @@ def test_gaussian_ll_bwd(tv, px, pm, pl, D, dtype):
             assert_close(got, exp, dtype, name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("px,pm,pl,D", GAUSSIAN_CASES)
+def test_gaussian_ll_fwd_grad(tv, px, pm, pl, D, dtype):
+    """The forward-pass gradients of scale * out, for every operand that has all R rows."""
+    x, mean, lv = _gaussian_inputs(Inputs(dtype, seed=9), px, pm, pl, D)
+    R, scale = max(px, pm, pl or 1), -1 / 3
+    need = [t is not None and t.shape[0] == R for t in (x, mean, lv)]
+    out, *grads = tv.gaussian_ll_fwd_grad(x, mean, lv, need=need, scale=scale)
+    assert_close(out, gaussian_ll_formula(ref(x), ref(mean), ref(lv)), dtype, "out")
+    expected = autograd(gaussian_ll_formula, [ref(x), ref(mean), ref(lv)],
+                        [torch.full((R,), scale, dtype=torch.float64)])
+    for name, flag, got, exp in zip(["grad_x", "grad_mean", "grad_logvar"], need, grads, expected):
+        if flag:
+            assert_close(got, exp, dtype, name)
+        else:
+            assert got is None, name
+
+
 # ---------------------------------------------------------------------------------------------
 # Bernoulli log-likelihood
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +331,23 @@ def test_bernoulli_ll_bwd(tv, px, pl, D, dtype):
     exp_x, exp_logits = autograd(bernoulli_ll_formula, [ref(x), ref(logits)], [ref(g)])
     assert_close(grad_x, exp_x, dtype, "grad_x")
     assert_close(grad_logits, exp_logits, dtype, "grad_logits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("px,pl,D", BERNOULLI_CASES)
+def test_bernoulli_ll_fwd_grad(tv, px, pl, D, dtype):
+    inp = Inputs(dtype, seed=10)
+    x, logits = inp.binary(px, D), inp.randn(pl, D, scale=6.0)
+    R, scale = max(px, pl), 0.7
+    need = [x.shape[0] == R, logits.shape[0] == R]
+    out, *grads = tv.bernoulli_ll_fwd_grad(x, logits, need=need, scale=scale)
+    assert_close(out, bernoulli_ll_formula(ref(x), ref(logits)), dtype, "out")
+    expected = autograd(bernoulli_ll_formula, [ref(x), ref(logits)], [torch.full((R,), scale, dtype=torch.float64)])
+    for name, flag, got, exp in zip(["grad_x", "grad_logits"], need, grads, expected):
+        if flag:
+            assert_close(got, exp, dtype, name)
+        else:
+            assert got is None, name
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -451,6 +486,24 @@ def test_functional_log_likelihoods_gradcheck(functional):
     _gradcheck(lambda *a: functional.negative_elbo(a[0], a[1], mean=a[2], logvar=a[3], backend="triton"),
                (x, kl, mean, lv))
     _gradcheck(lambda *a: functional.negative_elbo(a[0], a[1], logits=a[2], backend="triton"), (xb, kl, logits))
+
+
+def test_functional_forward_pass_gradients_gradcheck(functional, tv, monkeypatch):
+    """Operands with all rows take the *_fwd_grad path (gradients computed in the forward)."""
+
+    def not_called(*args):
+        raise AssertionError("the backward kernel ran: the forward-pass gradients were not used")
+
+    monkeypatch.setattr(tv, "gaussian_ll_bwd", not_called)
+    monkeypatch.setattr(tv, "bernoulli_ll_bwd", not_called)
+    x, mean, lv = _f64(2, 3, seed=34), _f64(2, 3, seed=35), _f64(2, 3, seed=36, scale=0.5)
+    _gradcheck(lambda *a: functional.gaussian_log_likelihood(*a, backend="triton"), (x, mean, lv))
+    data, kl = _f64(2, 3, seed=37, grad=False), _f64(2, seed=38)
+    mean_s, lv_s, logits = _f64(2, 2, 3, seed=39), _f64(2, 2, 3, seed=40, scale=0.5), _f64(2, 2, 3, seed=41)
+    _gradcheck(lambda *a: functional.negative_elbo(data, a[0], mean=a[1], logvar=a[2], backend="triton"),
+               (kl, mean_s, lv_s))
+    binary = data.detach().gt(0).to(torch.float64)
+    _gradcheck(lambda *a: functional.negative_elbo(binary, a[0], logits=a[1], backend="triton"), (kl, logits))
 
 
 def test_functional_iwae_bound_gradcheck(functional):

@@ -194,16 +194,24 @@ def _reparam_bwd_kernel(mu_ptr, lv_ptr, eps_ptr, gz_ptr, gkl_ptr, gmu_ptr, glv_p
 
 
 @triton.jit
-def _ll_fwd_kernel(x_ptr, a_ptr, lv_ptr, out_ptr, Px, Pa, Pl, R, D,
-                   KIND: tl.constexpr, HAS_LV: tl.constexpr,
+def _ll_fwd_kernel(x_ptr, a_ptr, lv_ptr, out_ptr, gx_ptr, ga_ptr, glv_ptr, scale_ptr, Px, Pa, Pl, R, D,
+                   KIND: tl.constexpr, HAS_LV: tl.constexpr, ANY_GRAD: tl.constexpr,
+                   GRAD_X: tl.constexpr, GRAD_A: tl.constexpr, GRAD_LV: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[r] = sum_j ll(x[r % Px, j], a[r % Pa, j], lv[r % Pl, j])."""
+    """out[r] = sum_j ll(x[r % Px, j], a[r % Pa, j], lv[r % Pl, j]).
+
+    With GRAD_*, also writes scale * d out[r] / d operand[r, j] while the inputs are loaded
+    (for operands with R rows: no sum over repeats), so a backward pass only rescales.
+    """
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = r < R
     x_row = ((r % Px).to(tl.int64) * D)[:, None]
     a_row = ((r % Pa).to(tl.int64) * D)[:, None]
     l_row = ((r % Pl).to(tl.int64) * D)[:, None]
+    g_row = (r.to(tl.int64) * D)[:, None]
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=a_ptr.dtype.element_ty)
+    if ANY_GRAD:
+        scale = tl.load(scale_ptr)
     for d0 in range(0, D, BLOCK_D):
         d = (d0 + tl.arange(0, BLOCK_D))[None, :]
         m = r_mask[:, None] & (d < D)
@@ -213,6 +221,14 @@ def _ll_fwd_kernel(x_ptr, a_ptr, lv_ptr, out_ptr, Px, Pa, Pl, R, D,
         if HAS_LV:
             lv = tl.load(lv_ptr + l_row + d, mask=m, other=0.0)
         acc += tl.where(m, _ll_elem(x, a, lv, KIND), 0.0)
+        if ANY_GRAD:
+            gx, ga, glv = _ll_elem_grad(x, a, lv, scale, KIND)
+            if GRAD_X:
+                tl.store(gx_ptr + g_row + d, gx, mask=m)
+            if GRAD_A:
+                tl.store(ga_ptr + g_row + d, ga, mask=m)
+            if GRAD_LV:
+                tl.store(glv_ptr + g_row + d, glv, mask=m)
     tl.store(out_ptr + r, tl.sum(acc, axis=1), mask=r_mask)
 
 
@@ -403,17 +419,33 @@ def reparam_noise_bwd(mu, logvar, n_samples, seed, grad_z, grad_kl):
     return _reparam_bwd(mu, logvar, None, int(n_samples), _check_seed(seed), grad_z, grad_kl)
 
 
-def _ll_fwd(x, a, logvar, kind):
+def _ll_fwd(x, a, logvar, kind, need=(False, False, False), scale=1.0):
+    """(out, grad_x, grad_a, grad_lv): the gradients of scale * out where ``need`` asks."""
     x, a = x.contiguous(), a.contiguous()
     lv = a if logvar is None else logvar.contiguous()
     D = a.shape[1]
     R = max(x.shape[0], a.shape[0], lv.shape[0])
     out = a.new_empty((R,))
+    grads = [a.new_empty((R, D)) if flag else None for flag in need]
+    # a tensor, not a float argument: Triton passes Python floats as float32
+    scale_t = torch.full((1,), scale, dtype=a.dtype, device=a.device) if any(need) else a
     block_r, block_d = _blocks(R, D)
     _ll_fwd_kernel[_row_grid(R, block_r)](
-        x, a, lv, out, x.shape[0], a.shape[0], lv.shape[0], R, D,
-        KIND=kind, HAS_LV=logvar is not None, BLOCK_R=block_r, BLOCK_D=block_d)
-    return out
+        x, a, lv, out, *(a if g is None else g for g in grads), scale_t,
+        x.shape[0], a.shape[0], lv.shape[0], R, D,
+        KIND=kind, HAS_LV=logvar is not None, ANY_GRAD=any(need),
+        GRAD_X=need[0], GRAD_A=need[1], GRAD_LV=need[2], BLOCK_R=block_r, BLOCK_D=block_d)
+    return (out, *grads)
+
+
+def _check_need(operands, need):
+    """Forward-pass gradients are per output row: each operand asked for must have all R rows."""
+    rows = max(t.shape[0] for t in operands if t is not None)
+    for t, flag in zip(operands, need):
+        if flag and (t is None or t.shape[0] != rows):
+            raise ValueError(f"a forward-pass gradient needs the operand's {rows} rows, got "
+                             f"{None if t is None else tuple(t.shape)}; use the *_bwd kernel")
+    return tuple(bool(flag) for flag in need) + (False,) * (3 - len(need))
 
 
 def _ll_bwd(x, a, logvar, grad_out, kind):
@@ -441,7 +473,13 @@ def _ll_bwd(x, a, logvar, grad_out, kind):
 
 def gaussian_ll_fwd(x, mean, logvar):
     """out[r] = sum_d log N(x[r % Px, d]; mean[r % Pm, d], exp(logvar[r % Pl, d])) (logvar None: 0)."""
-    return _ll_fwd(x, mean, logvar, _GAUSSIAN.value)
+    return _ll_fwd(x, mean, logvar, _GAUSSIAN.value)[0]
+
+
+def gaussian_ll_fwd_grad(x, mean, logvar, need, scale=1.0):
+    """(out, grad_x, grad_mean, grad_logvar): out and, where ``need`` (three flags) asks, the
+    gradient of scale * out[r] with respect to that operand's row r (None elsewhere)."""
+    return _ll_fwd(x, mean, logvar, _GAUSSIAN.value, _check_need((x, mean, logvar), need), scale)
 
 
 def gaussian_ll_bwd(x, mean, logvar, grad_out):
@@ -451,7 +489,14 @@ def gaussian_ll_bwd(x, mean, logvar, grad_out):
 
 def bernoulli_ll_fwd(x, logits):
     """out[r] = sum_d x*l - softplus(l), x = x[r % Px], l = logits[r % Pl]."""
-    return _ll_fwd(x, logits, None, _BERNOULLI.value)
+    return _ll_fwd(x, logits, None, _BERNOULLI.value)[0]
+
+
+def bernoulli_ll_fwd_grad(x, logits, need, scale=1.0):
+    """(out, grad_x, grad_logits) as gaussian_ll_fwd_grad, with ``need`` two flags."""
+    out, grad_x, grad_logits, _ = _ll_fwd(x, logits, None, _BERNOULLI.value,
+                                          _check_need((x, logits), need), scale)
+    return out, grad_x, grad_logits
 
 
 def bernoulli_ll_bwd(x, logits, grad_out):
