@@ -346,7 +346,8 @@ def _log_inverse_wishart(sigma, psi, nu):
         - 0.5 * nu * n_features * math.log(2)
         - torch.mvlgamma(torch.tensor(0.5 * nu, dtype=_F64), n_features)
         - 0.5 * (nu + n_features + 1) * torch.logdet(sigma)
-        - 0.5 * torch.linalg.solve(sigma, psi).diagonal(dim1=-2, dim2=-1).sum(-1)
+        # expand psi: a (D, D) right-hand side beside a stack of D matrices would read as D vectors
+        - 0.5 * torch.linalg.solve(sigma, psi.expand_as(sigma)).diagonal(dim1=-2, dim2=-1).sum(-1)
     )
 
 
