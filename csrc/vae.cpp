@@ -10,7 +10,7 @@
 // not depend on the thread count. The loops over the feature dimension are `omp simd` with
 // the inlined elementary functions of vmath.h. Each block function is compiled for three
 // instruction sets and picked at load time (target_clones), so a portable build still runs
-// AVX2 or AVX-512 code where the CPU has it.
+// AVX2 or AVX-512 code where the CPU has it (chosen by feature, not by CPU model name).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -29,7 +29,7 @@
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
     !defined(FASTLVM_NATIVE)
 #define FASTLVM_CLONES \
-  __attribute__((target_clones("default", "arch=haswell", "arch=skylake-avx512")))
+  __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 #else
 #define FASTLVM_CLONES
 #endif
@@ -49,9 +49,11 @@ int max_threads() {
 #endif
 }
 
-// Rows per block: about four blocks per thread, each within `cap_elems` elements.
+// Rows per block: at least eight blocks per thread, each within `cap_elems` elements. Blocks
+// are handed out dynamically: on a shared machine a descheduled thread must not hold up the
+// others at the barrier. (Each block's result does not depend on which thread computes it.)
 int64_t block_rows(int64_t rows, int64_t cols, int64_t cap_elems) {
-  int64_t want = (rows + 4 * max_threads() - 1) / (4 * max_threads());
+  int64_t want = (rows + 8 * max_threads() - 1) / (8 * max_threads());
   return std::max<int64_t>(1, std::min(want, cap_elems / std::max<int64_t>(cols, 1)));
 }
 
@@ -132,7 +134,7 @@ void reparam(const ReparamArgs<T>& a) {
   {
     std::vector<T> buf(a.eps ? 0 : rb * a.D);
     std::vector<double> pairs(a.eps ? 0 : rb * a.D + 2);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
     for (int64_t k = 0; k < nblocks; ++k) {
       int64_t b0 = k * rb, b1 = std::min(a.B, b0 + rb);
       if constexpr (Fwd)
@@ -154,7 +156,7 @@ void normal_noise(uint64_t seed, T* out, int64_t n) {
 #pragma omp parallel
   {
     std::vector<double> pairs(chunk + 2);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
     for (int64_t i0 = 0; i0 < n; i0 += chunk)
       noise_chunk<T>(seed, i0, std::min(chunk, n - i0), out + i0, pairs.data());
   }
@@ -263,7 +265,7 @@ void ll_forward(const LLArgs<T>& p) {
   const int64_t rb = block_rows(p.R, p.D, 16384), nblocks = (p.R + rb - 1) / rb;
   with_flags(
       [&](auto c, auto gx, auto ga, auto gc) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic)
         for (int64_t k = 0; k < nblocks; ++k)
           ll_rows<F, T, decltype(c)::value, decltype(gx)::value, decltype(ga)::value,
                  decltype(gc)::value>(p, k * rb,
@@ -286,7 +288,7 @@ void ll_backward(const LLArgs<T>& p) {
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < rows * p.D; ++i) g[i] = T(0);
           }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
           for (int64_t k = 0; k < nstripes; ++k)
             ll_cols<F, T, decltype(c)::value, decltype(gx)::value, decltype(ga)::value,
                  decltype(gc)::value>(
@@ -462,7 +464,7 @@ void iwae(const IwaeArgs<T>& a, int mode) {
 #pragma omp parallel
   {
     IwaeScratch<T> scratch(rb, a.D);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
     for (int64_t k = 0; k < nblocks; ++k) {
       int64_t b0 = k * rb, b1 = std::min(a.B, b0 + rb);
       if (mode == 0)

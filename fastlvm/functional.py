@@ -226,11 +226,11 @@ def _periodic_rows(t, shape):
     """t as a (P, D) operand read at row r % P for the rows of ``shape``: a view when t's
     shape, without leading ones, ends ``shape``; else the broadcast copy (autograd sums back)."""
     dims = list(t.shape)
-    while dims and dims[0] == 1:
+    while len(dims) > 1 and dims[0] == 1:
         dims.pop(0)
     if dims and tuple(dims) == tuple(shape[len(shape) - len(dims):]):
         return t.reshape(-1, shape[-1]).contiguous()
-    return t.expand(shape).reshape(-1, shape[-1])
+    return t.expand(shape).contiguous().view(-1, shape[-1])
 
 
 def _draw_seed(generator):

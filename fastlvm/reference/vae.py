@@ -34,9 +34,11 @@ def gaussian_log_likelihood(x, mean, logvar=None):
 def softplus(logits):
     """log(1 + exp(l)) = max(l, 0) + log1p(exp(-|l|)), exact for every finite l.
 
-    (torch.nn.functional.softplus returns l itself above a threshold, an approximation.)
+    max(l, 0) is written (l + |l|) / 2 so that autograd's derivative at l = 0 is the true 1/2
+    (clamp and relu give 1 and 0 there). torch.nn.functional.softplus returns l itself above
+    a threshold, an approximation.
     """
-    return logits.clamp(min=0) + torch.log1p(torch.exp(-logits.abs()))
+    return 0.5 * (logits + logits.abs()) + torch.log1p(torch.exp(-logits.abs()))
 
 
 def bernoulli_log_likelihood(x, logits):

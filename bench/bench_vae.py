@@ -1,0 +1,178 @@
+"""The fused VAE objective against plain PyTorch, eager and compiled, measured in one run.
+
+Cases (float32):
+  elbo  forward + backward of reparameterize + gaussian_log_likelihood (learned per-pixel
+        variance), B=4096, Dx=784, Dz=32; the decoder is stood in for by a fixed gradient
+        for z. fastlvm twice: the per-term functions with loss = mean(kl - ll), and the
+        loss-level ``negative_elbo`` whose reduction is inside the kernel.
+  iwae  forward + backward of -mean(iwae_bound), S=1000, B=256, Dz=32.
+Peers: the reference (fastlvm/reference/vae.py) run eagerly, and torch.compile of it.
+
+For each case it prints the time (best and median of interleaved rounds: all contenders are
+timed round-robin so that a noisy, shared machine slows them alike), the ratios, and the
+fraction of this machine's parallel copy bandwidth, measured in the same run by copying a
+large array (read + write bytes). The objective's bytes count each input read once and each
+output and gradient written once: what a single fused pass must move.
+
+    python bench/bench_vae.py [--device cuda] [--rounds 30] [--no-compile]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import fastlvm.functional as F
+from fastlvm.reference import vae as ref
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device, mbytes=512, repeats=10):
+    """Bytes per second of a parallel copy of a large array (read + write)."""
+    src = torch.ones(mbytes * 2**20 // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best
+
+
+def race(contenders, device, rounds, warmup=3):
+    """{name: sorted seconds}, timing the contenders round-robin."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(ts) for name, ts in times.items()}
+
+
+def elbo_case(device, dtype, batch=4096, dx=784, dz=32):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, scale=1.0, grad=False):
+        t = (scale * torch.randn(*shape, generator=g, dtype=dtype)).to(device)
+        return t.requires_grad_(grad)
+
+    mu, lv_z = rand(batch, dz, grad=True), rand(batch, dz, scale=0.1, grad=True)
+    eps, grad_z = rand(batch, dz), rand(batch, dz)
+    x = torch.rand(batch, dx, generator=g, dtype=dtype).to(device)
+    mean, lv_x = rand(batch, dx, grad=True), rand(batch, dx, scale=0.1, grad=True)
+    params = (mu, lv_z, mean, lv_x)
+
+    def reference_loss(mu, lv_z, eps, x, mean, lv_x):
+        z = ref.reparameterize(mu, lv_z, eps)
+        kl = ref.kl_standard_normal(mu, lv_z)
+        return (kl - ref.gaussian_log_likelihood(x, mean, lv_x)).mean(), z
+
+    def per_term(mu, lv_z, eps, x, mean, lv_x):
+        z, kl = F.reparameterize(mu, lv_z, eps)
+        return (kl - F.gaussian_log_likelihood(x, mean, lv_x)).mean(), z
+
+    def loss_level(mu, lv_z, eps, x, mean, lv_x):
+        z, kl = F.reparameterize(mu, lv_z, eps)
+        return F.negative_elbo(x, kl, mean=mean, logvar=lv_x), z
+
+    def step(loss_fn):
+        def run():
+            loss, z = loss_fn(mu, lv_z, eps, x, mean, lv_x)
+            return torch.autograd.grad([loss, z], params, [None, grad_z])
+        return run
+
+    impls = {"fastlvm per-term": per_term, "fastlvm negative_elbo": loss_level,
+             "torch eager": reference_loss, "torch.compile": reference_loss}
+    n_in = 3 * batch * dx + 3 * batch * dz          # x, mean, lv_x; mu, lv_z, eps
+    n_out = 2 * batch * dx + 3 * batch * dz + batch  # grads of mean, lv_x, mu, lv_z; z; loss rows
+    return impls, step, (n_in + n_out) * dtype.itemsize
+
+
+def iwae_case(device, dtype, samples=1000, batch=256, dz=32):
+    g = torch.Generator(device="cpu").manual_seed(1)
+    lpx = (-90.0 + torch.randn(samples, batch, generator=g, dtype=dtype)).to(device)
+    lpx.requires_grad_(True)
+    mu = torch.randn(batch, dz, generator=g, dtype=dtype).to(device).requires_grad_(True)
+    lv = (0.1 * torch.randn(batch, dz, generator=g, dtype=dtype)).to(device).requires_grad_(True)
+    eps = torch.randn(samples, batch, dz, generator=g, dtype=dtype).to(device)
+    params = (lpx, mu, lv)
+
+    def step(bound_fn):
+        def run():
+            return torch.autograd.grad(-bound_fn(lpx, mu, lv, eps).mean(), params)
+        return run
+
+    impls = {"fastlvm": F.iwae_bound, "torch eager": ref.iwae_bound,
+             "torch.compile": ref.iwae_bound}
+    n_in = samples * batch * dz + samples * batch + 2 * batch * dz
+    n_out = batch + samples * batch + 2 * batch * dz
+    return impls, step, (n_in + n_out) * dtype.itemsize
+
+
+def run_case(name, case, device, dtype, rounds, compile_peer, bandwidth):
+    impls, step, nbytes = case(device, dtype)
+    contenders = {}
+    for label, fn in impls.items():
+        if label == "torch.compile":
+            if not compile_peer:
+                continue
+            fn = torch.compile(fn)
+        contenders[label] = step(fn)
+    t0 = time.perf_counter()
+    for label, fn in contenders.items():  # compile (and check it runs) outside the timing
+        fn()
+    setup = time.perf_counter() - t0
+    times = race(contenders, device, rounds)
+    best = {label: ts[0] for label, ts in times.items()}
+    print(f"\n{name}: {nbytes / 1e6:.1f} MB moved at best (setup incl. compile {setup:.0f} s)")
+    print(f"  {'':24s} {'best ms':>8s} {'median ms':>10s} {'vs eager':>9s} {'vs compile':>11s} "
+          f"{'of copy bw':>11s}")
+    rows = []
+    for label, ts in times.items():
+        vs_eager = best["torch eager"] / ts[0]
+        vs_comp = best["torch.compile"] / ts[0] if "torch.compile" in best else float("nan")
+        frac = nbytes / ts[0] / bandwidth
+        print(f"  {label:24s} {ts[0] * 1e3:8.2f} {statistics.median(ts) * 1e3:10.2f} "
+              f"{vs_eager:8.2f}x {vs_comp:10.2f}x {frac:10.0%}")
+        rows.append({"case": name, "impl": label, "best_s": ts[0],
+                     "median_s": statistics.median(ts), "speedup_vs_eager": vs_eager,
+                     "speedup_vs_compile": vs_comp, "fraction_of_copy_bandwidth": frac})
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--rounds", type=int, default=30, help="timed rounds per contender")
+    parser.add_argument("--cases", default="elbo,iwae", help="comma-separated: elbo, iwae")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    args = parser.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    bandwidth = copy_bandwidth(device)
+    threads = torch.get_num_threads() if device.type == "cpu" else "-"
+    print(f"device {device}, {args.dtype}, torch threads {threads}; parallel copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s (512 MiB array, best of 10, read + write)")
+    cases = {"elbo": elbo_case, "iwae": iwae_case}
+    rows = []
+    for name in args.cases.split(","):
+        rows += run_case(name, cases[name], device, dtype, args.rounds, not args.no_compile,
+                         bandwidth)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
