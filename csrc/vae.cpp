@@ -49,6 +49,10 @@ int max_threads() {
 #endif
 }
 
+// Below this many elements a parallel region costs more than it saves (and far more on a
+// busy machine, where waking a thread can take milliseconds).
+bool worth_threads(int64_t elems) { return elems >= (int64_t(1) << 15); }
+
 // Rows per block: at least eight blocks per thread, each within `cap_elems` elements. Blocks
 // are handed out dynamically: on a shared machine a descheduled thread must not hold up the
 // others at the barrier. (Each block's result does not depend on which thread computes it.)
@@ -130,7 +134,7 @@ FASTLVM_CLONES void reparam_bwd_block(const ReparamArgs<T>& a, int64_t b0, int64
 template <class T, bool Fwd>
 void reparam(const ReparamArgs<T>& a) {
   const int64_t rb = block_rows(a.B, a.D, 4096), nblocks = (a.B + rb - 1) / rb;
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(a.S * a.B * a.D))
   {
     std::vector<T> buf(a.eps ? 0 : rb * a.D);
     std::vector<double> pairs(a.eps ? 0 : rb * a.D + 2);
@@ -153,7 +157,7 @@ FASTLVM_CLONES void noise_chunk(uint64_t seed, int64_t i0, int64_t n, T* out, do
 template <class T>
 void normal_noise(uint64_t seed, T* out, int64_t n) {
   constexpr int64_t chunk = 4096;
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(n))
   {
     std::vector<double> pairs(chunk + 2);
 #pragma omp for schedule(dynamic)
@@ -265,7 +269,7 @@ void ll_forward(const LLArgs<T>& p) {
   const int64_t rb = block_rows(p.R, p.D, 16384), nblocks = (p.R + rb - 1) / rb;
   with_flags(
       [&](auto c, auto gx, auto ga, auto gc) {
-#pragma omp parallel for schedule(dynamic)
+#pragma omp parallel for schedule(dynamic) if (worth_threads(p.R * p.D))
         for (int64_t k = 0; k < nblocks; ++k)
           ll_rows<F, T, decltype(c)::value, decltype(gx)::value, decltype(ga)::value,
                  decltype(gc)::value>(p, k * rb,
@@ -280,7 +284,7 @@ void ll_backward(const LLArgs<T>& p) {
   const int64_t nstripes = (p.D + stripe - 1) / stripe;
   with_flags(
       [&](auto c, auto gx, auto ga, auto gc) {
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(p.R * p.D))
         {
           const std::pair<T*, int64_t> grads[] = {{p.gx, p.px}, {p.ga, p.pa}, {p.gc, p.pc}};
           for (auto [g, rows] : grads) {
@@ -461,7 +465,7 @@ FASTLVM_CLONES void iwae_bwd_block(const IwaeArgs<T>& a, int64_t b0, int64_t b1,
 template <class T>
 void iwae(const IwaeArgs<T>& a, int mode) {
   const int64_t rb = block_rows(a.B, a.D, 2048), nblocks = (a.B + rb - 1) / rb;
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(a.S * a.B * a.D))
   {
     IwaeScratch<T> scratch(rb, a.D);
 #pragma omp for schedule(dynamic)
