@@ -251,6 +251,28 @@ FASTLVM_CLONES void ll_cols(const LLArgs<T>& p, int64_t d0, int64_t d1) {
   }
 }
 
+// sum_{j < n} f(j) for short rows: lane-wise partial sums, then a tree over the lanes (an
+// `omp simd` reduction ends in a serial sum over the lanes, which for a row of a few dozen
+// elements costs more than the row itself).
+template <class T, class F>
+FASTLVM_INLINE T row_sum(int64_t n, F&& f) {
+  constexpr int L = 64 / sizeof(T);
+  T lane[L] = {};
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+#pragma omp simd
+    for (int k = 0; k < L; ++k) lane[k] += f(j + k);
+  }
+  T tail = 0;
+  for (; j < n; ++j) tail += f(j);
+#pragma GCC unroll 8
+  for (int w = L / 2; w >= 1; w /= 2) {
+#pragma omp simd
+    for (int k = 0; k < w; ++k) lane[k] += lane[k + w];
+  }
+  return lane[0] + tail;
+}
+
 // Call f(std::bool_constant<b>...) for runtime booleans b.
 template <class F>
 void with_flags(F&& f) {
@@ -323,8 +345,8 @@ struct IwaeArgs {
 
 template <class T>
 struct IwaeScratch {  // per thread, per block of rows
-  std::vector<T> sig, acc_mu, acc_lv, lw, p, f;
-  std::vector<double> m, sum, cst;
+  std::vector<T> sig, acc_mu, acc_lv, lw, p, f, m;
+  std::vector<double> sum, cst;
   explicit IwaeScratch(int64_t rows, int64_t D)
       : sig(rows * D), acc_mu(rows * D), acc_lv(rows * D), lw(rows), p(rows), f(rows),
         m(rows), sum(rows), cst(rows) {}
@@ -356,29 +378,31 @@ FASTLVM_CLONES void iwae_fwd_block(const IwaeArgs<T>& a, int64_t b0, int64_t b1,
     const T* e = a.eps + (s * a.B + b0) * D;
     T* lw_out = a.w + s * a.B + b0;
     for (int64_t b = 0; b < nb; ++b) {
-      T q = 0;
-#pragma omp simd reduction(+ : q)
-      for (int64_t j = 0; j < D; ++j) {
-        T ej = e[b * D + j], z = mu[b * D + j] + sig[b * D + j] * ej;
-        q += ej * ej - z * z;
-      }
+      const T *eb = e + b * D, *mub = mu + b * D, *sigb = sig + b * D;
+      // The next sample's rows lie B * D further on, past where the prefetcher follows.
+      if (s + 1 < a.S)
+        for (int64_t j = 0; j < D; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(eb + a.B * D + j);
+      T q = row_sum<T>(D, [&](int64_t j) {
+        T z = mub[j] + sigb[j] * eb[j];
+        return eb[j] * eb[j] - z * z;
+      });
       T lw = T(double(a.lpx[s * a.B + b0 + b]) + t.cst[b] + 0.5 * double(q));
       t.lw[b] = lw;
       lw_out[b] = lw;
     }
     // Online log-sum-exp: f rescales what was summed relative to the old maximum.
-    bool grew = false;
+    int grew = 0;
+    T *m = t.m.data(), *lwb = t.lw.data(), *f = t.f.data(), *p = t.p.data();
+    double* sum = t.sum.data();
+#pragma omp simd reduction(| : grew)
     for (int64_t b = 0; b < nb; ++b) {
-      T m = T(t.m[b]), lw = t.lw[b];
-      T m_new = lw > m ? lw : m;
+      T m_new = lwb[b] > m[b] ? lwb[b] : m[b];
       bool empty = m_new == -INFINITY;
-      T f = (empty || m_new == m) ? T(1) : vexp<T>(m - m_new);
-      T pb = empty ? T(0) : vexp<T>(lw - m_new);
-      grew |= f != T(1);
-      t.sum[b] = t.sum[b] * double(f) + double(pb);
-      t.m[b] = double(m_new);
-      t.f[b] = f;
-      t.p[b] = pb;
+      f[b] = (empty || m_new == m[b]) ? T(1) : vexp<T>(m[b] - m_new);
+      p[b] = empty ? T(0) : vexp<T>(lwb[b] - m_new);
+      grew |= int(f[b] != T(1));
+      sum[b] = sum[b] * double(f[b]) + double(p[b]);
+      m[b] = m_new;
     }
     if constexpr (GRAD) {
       if (grew) {
@@ -402,7 +426,7 @@ FASTLVM_CLONES void iwae_fwd_block(const IwaeArgs<T>& a, int64_t b0, int64_t b1,
 
   const double log_s = std::log(double(a.S));
   for (int64_t b = 0; b < nb; ++b) {
-    double lse = t.m[b] + std::log(t.sum[b]);
+    double lse = double(t.m[b]) + std::log(t.sum[b]);
     a.bound[b0 + b] = T(lse - log_s);
     t.cst[b] = lse;
     if constexpr (GRAD) {
