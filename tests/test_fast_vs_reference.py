@@ -7,11 +7,12 @@ import numba
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from sklearn.exceptions import ConvergenceWarning
 
 from fastlvm import GaussianMixture, GaussianMixturePrior, KMeans
+from fastlvm.mixture import CollapsedComponentWarning
 from fastlvm.reference import gmm as ref
 
 COV_TYPES = ["full", "tied", "diag", "spherical"]
@@ -170,10 +171,13 @@ problems = st.tuples(
 def test_em_never_decreases_log_likelihood(problem):
     N, D, K, cov_type, seed = problem
     X, w, m, c = random_problem(N, D, K, cov_type, seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         gm = GaussianMixture(K, covariance_type=cov_type, max_iter=15, tol=0, reg_covar=0.0, weights_init=w,
                              means_init=m, precisions_init=precisions(c, cov_type)).fit(X)
+    # A component shrinking onto one row drives the likelihood up without bound; the re-seed that
+    # follows is outside EM's guarantee, so such runs are not evidence either way.
+    assume(not any(issubclass(x.category, CollapsedComponentWarning) for x in caught))
     lb = np.array(gm.lower_bounds_)
     assert np.all(np.diff(lb) >= -1e-9 * np.maximum(1, np.abs(lb[1:])))
 
@@ -184,10 +188,11 @@ def test_map_em_never_decreases_log_posterior(problem, alpha, kappa):
     N, D, K, cov_type, seed = problem
     X, w, m, c = random_problem(N, D, K, cov_type, seed)
     prior = GaussianMixturePrior(weight_concentration=alpha, mean_precision=kappa)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         gm = GaussianMixture(K, covariance_type=cov_type, max_iter=15, tol=0, reg_covar=0.0, prior=prior,
                              weights_init=w, means_init=m, precisions_init=precisions(c, cov_type)).fit(X)
+    assume(not any(issubclass(x.category, CollapsedComponentWarning) for x in caught))
     lb = np.array(gm.lower_bounds_)
     assert np.all(np.diff(lb) >= -1e-9 * np.maximum(1, np.abs(lb[1:])))
 
