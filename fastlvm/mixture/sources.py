@@ -1,6 +1,24 @@
-"""Data sources: anything that yields row chunks. Every pass of EM is one loop over chunks."""
+"""Data sources: anything that yields row chunks. Every pass of EM is one loop over chunks.
+
+A source knows n_rows, n_features and dtype (the arithmetic dtype of a fit: float32 data stays
+float32, any other numeric dtype becomes float64), and `map(fn, chunk_rows)` returns
+fn(row_offset, chunk) for consecutive chunks, in row order. The kinds:
+
+- ArraySource: anything with a 2-D shape and a NumPy dtype that can be sliced by rows
+  (ndarray, np.memmap, h5py and Zarr datasets, ...). One chunk is read at a time.
+- StreamSource: a callable returning a fresh iterable of 2-D arrays on every call (data made on
+  the fly; EM makes several passes, so each call must yield the same rows again).
+- DaskSource (fastlvm.mixture.dask_backend): one task per block, run on the Dask workers.
+
+Chunks are validated as they are read (shape, dtype, finite values, naming the global row) except
+for in-memory arrays that were validated whole at the public boundary (`trusted`).
+"""
+
+import sys
 
 import numpy as np
+
+from fastlvm._validation import first_non_finite_row
 
 # Partial statistics of one kernel call stay below this many bytes (they scale with chunk rows).
 _PARTIALS_BUDGET = 32 * 2**20
@@ -21,3 +39,167 @@ def iter_chunks(X, chunk_rows, dtype):
     for start in range(0, N, chunk_rows):
         chunk = np.ascontiguousarray(X[start : start + chunk_rows], dtype=dtype)
         yield start, chunk
+
+
+def fit_dtype(dtype):
+    """The arithmetic dtype for data of `dtype`: float32 stays, other numbers become float64."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "c":
+        raise ValueError(f"Complex data not supported: X has dtype {dtype}.")
+    if dtype.kind not in "biuf":
+        raise ValueError(f"X must hold numbers, got dtype {dtype}.")
+    return np.dtype(np.float32) if dtype == np.float32 else np.dtype(np.float64)
+
+
+def check_chunk(chunk, row_offset, n_features, dtype):
+    """The chunk as a C-contiguous array of `dtype` after checking its shape and values; errors
+    name the chunk's (or the offending row's) global row index."""
+    if chunk.ndim != 2:
+        width = "features" if n_features is None else n_features
+        raise ValueError(f"The chunk at row {row_offset} is {chunk.ndim}-D; expected 2-D arrays of "
+                         f"shape (rows, {width}).")
+    if chunk.shape[0] == 0:
+        raise ValueError(f"The chunk at row {row_offset} is empty; every chunk must hold at least one row.")
+    if chunk.shape[1] != n_features:
+        raise ValueError(f"The chunk at row {row_offset} has {chunk.shape[1]} features, expected {n_features}.")
+    out = np.ascontiguousarray(chunk, dtype=dtype)
+    bad = first_non_finite_row(out)
+    if bad is not None:
+        raise ValueError(f"Input X contains NaN or infinity (first at row {row_offset + bad}).")
+    return out
+
+
+def _check_shape(N, D):
+    if N < 1:
+        raise ValueError(f"Found array with 0 sample(s) (shape=({N}, {D})) while a minimum of 1 is required.")
+    if D < 1:
+        raise ValueError(f"Found array with 0 feature(s) (shape=({N}, {D})) while a minimum of 1 is required.")
+
+
+def _select_rows(rows, offset, chunk):
+    """The rows of `chunk` whose global indices (sorted) are listed in `rows`."""
+    lo, hi = np.searchsorted(rows, [offset, offset + chunk.shape[0]])
+    return chunk[rows[lo:hi] - offset]
+
+
+class Source:
+    n_rows: int
+    n_features: int
+    dtype: np.dtype
+
+    @property
+    def shape(self):
+        return (self.n_rows, self.n_features)
+
+    def map(self, fn, chunk_rows):
+        """fn(row_offset, chunk) for consecutive chunks of at most chunk_rows rows, in row order."""
+        return (fn(start, chunk) for start, chunk in self.chunks(chunk_rows))
+
+    def take(self, rows, chunk_rows):
+        """The rows with the given sorted global indices, as one array (one pass)."""
+        parts = [p for p in self.map(lambda offset, chunk: _select_rows(rows, offset, chunk), chunk_rows)]
+        return np.concatenate(parts)
+
+    def head(self):
+        """The first row, shape (1, n_features)."""
+        return next(iter(self.chunks(1)))[1]
+
+
+class ArraySource(Source):
+    """Rows of anything sliceable by rows: X[a:b] is read for one chunk at a time."""
+
+    def __init__(self, X, trusted=False):
+        shape = tuple(X.shape)
+        if len(shape) != 2:
+            raise ValueError(f"Expected 2D array, got {len(shape)}D array instead (shape={shape}).")
+        _check_shape(*shape)
+        self.array = X
+        self.trusted = trusted
+        self.n_rows, self.n_features = shape
+        self.dtype = fit_dtype(X.dtype)
+
+    def chunks(self, chunk_rows, start=0):
+        for a in range(start, self.n_rows, chunk_rows):
+            raw = self.array[a : a + chunk_rows]
+            if self.trusted:
+                yield a, np.ascontiguousarray(raw, dtype=self.dtype)
+            else:
+                yield a, check_chunk(np.asarray(raw), a, self.n_features, self.dtype)
+
+    def take(self, rows, chunk_rows):
+        if self.trusted:
+            return np.ascontiguousarray(self.array[rows], dtype=self.dtype)
+        return super().take(rows, chunk_rows)
+
+
+class StreamSource(Source):
+    """Rows yielded by `make_chunks()`, a callable returning a fresh iterable of 2-D arrays per pass.
+
+    The first pass (at construction) learns the row count, width and dtype and validates every
+    chunk; later passes must yield the same number of rows, of the same width and dtype."""
+
+    def __init__(self, make_chunks):
+        self.make_chunks = make_chunks
+        self.n_rows = self.n_features = self.dtype = self._raw_dtype = None
+        n = 0
+        for offset, chunk in self.chunks(sys.maxsize):
+            n = offset + chunk.shape[0]
+        if n == 0:
+            raise ValueError("The chunk source yielded no rows.")
+        self.n_rows = n
+
+    def chunks(self, chunk_rows):
+        offset = 0
+        iterable = self.make_chunks()
+        try:
+            iterator = iter(iterable)
+        except TypeError:
+            raise TypeError("A chunk source must be a callable returning an iterable of 2-D arrays, but it "
+                            f"returned {type(iterable).__name__}.") from None
+        for raw in iterator:
+            chunk = np.asarray(raw)
+            if self._raw_dtype is None:  # the first chunk of the first pass sets width and dtype
+                if chunk.ndim == 2:
+                    self.n_features = chunk.shape[1]
+                self.dtype = fit_dtype(chunk.dtype)
+                self._raw_dtype = chunk.dtype
+            elif chunk.dtype != self._raw_dtype:
+                raise ValueError(f"The chunk at row {offset} has dtype {chunk.dtype}, but the first chunk had "
+                                 f"{self._raw_dtype}; every chunk must have the same dtype.")
+            chunk = check_chunk(chunk, offset, self.n_features, self.dtype)
+            for a in range(0, chunk.shape[0], chunk_rows):
+                yield offset + a, chunk[a : a + chunk_rows]
+            offset += chunk.shape[0]
+        if self.n_rows is not None and offset != self.n_rows:
+            raise ValueError(f"The chunk source yielded {offset} rows on this pass but {self.n_rows} on the first; "
+                             "it must return a fresh iterable with the same rows on every call.")
+
+
+def is_dask_array(X):
+    """True for a dask.array.Array (without importing Dask when it was never imported)."""
+    da = sys.modules.get("dask.array")
+    return da is not None and isinstance(X, da.Array)
+
+
+def _row_sliceable(X):
+    """Duck-typed out-of-core arrays (h5py, Zarr, ...): a shape, a NumPy dtype and indexing."""
+    if isinstance(X, np.ndarray) or not all(hasattr(X, a) for a in ("shape", "dtype", "__getitem__")):
+        return False
+    if not isinstance(X.dtype, np.dtype) or "scipy.sparse" in sys.modules and sys.modules["scipy.sparse"].issparse(X):
+        return False
+    return True
+
+
+def as_source(X):
+    """A streaming source for X, or None when X is ordinary in-memory data (validated whole)."""
+    if isinstance(X, Source):
+        return X
+    if is_dask_array(X):
+        from fastlvm.mixture.dask_backend import DaskSource
+
+        return DaskSource(X)
+    if isinstance(X, np.memmap) or _row_sliceable(X):
+        return ArraySource(X)
+    if callable(X) and not hasattr(X, "shape"):
+        return StreamSource(X)
+    return None
