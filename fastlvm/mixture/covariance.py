@@ -13,13 +13,16 @@ from fastlvm.kernels import cpu
 
 def _cholesky_precision(cov):
     """Upper-triangular P with P P^T = cov^{-1}, or None when cov is not positive definite."""
-    try:
-        lower = linalg.cholesky(cov, lower=True)
-    except linalg.LinAlgError:
-        return None
-    if not np.all(np.isfinite(lower)):
-        return None
-    return linalg.solve_triangular(lower, np.eye(cov.shape[0]), lower=True).T
+    # One BLAS thread: D x D factorisations gain nothing from threads, and threaded BLAS next to
+    # the kernels' still-spinning worker threads is many times slower.
+    with cpu.blas_single_thread():
+        try:
+            lower = linalg.cholesky(cov, lower=True)
+        except linalg.LinAlgError:
+            return None
+        if not np.all(np.isfinite(lower)):
+            return None
+        return linalg.solve_triangular(lower, np.eye(cov.shape[0]), lower=True).T
 
 
 def _symmetric(upper):
