@@ -10,9 +10,12 @@ Peers: the reference (fastlvm/reference/vae.py) run eagerly, and torch.compile o
 
 For each case it prints the time (best and median of interleaved rounds: all contenders are
 timed round-robin so that a noisy, shared machine slows them alike), the ratios, and the
-fraction of this machine's parallel copy bandwidth, measured in the same run by copying a
-large array (read + write bytes). The objective's bytes count each input read once and each
-output and gradient written once: what a single fused pass must move.
+fraction of this machine's parallel copy bandwidth, measured in the same run with torch's
+(multi-threaded) copy moving as many bytes as the case (read + write): a working set of tens
+of MB may stay in a large last-level cache, and then so do the case's inputs, so the copy of
+the same size is the fair ceiling; the copy rate for 1 GiB (memory) is printed too. The
+objective's bytes count each input read once and each output and gradient written once:
+what a single fused pass must move.
 
     python bench/bench_vae.py [--device cuda] [--rounds 30] [--no-compile]
 """
@@ -32,10 +35,11 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def copy_bandwidth(device, mbytes=512, repeats=10):
-    """Bytes per second of a parallel copy of a large array (read + write)."""
-    src = torch.ones(mbytes * 2**20 // 4, dtype=torch.float32, device=device)
+def copy_bandwidth(device, nbytes, repeats=20):
+    """Bytes per second of torch's parallel copy moving ``nbytes`` (read + write)."""
+    src = torch.ones(max(nbytes // 8, 1), dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
+    dst.copy_(src)
     best = float("inf")
     for _ in range(repeats):
         _sync(device)
@@ -122,7 +126,7 @@ def iwae_case(device, dtype, samples=1000, batch=256, dz=32):
     return impls, step, (n_in + n_out) * dtype.itemsize
 
 
-def run_case(name, case, device, dtype, rounds, compile_peer, bandwidth):
+def run_case(name, case, device, dtype, rounds, compile_peer):
     impls, step, nbytes = case(device, dtype)
     contenders = {}
     for label, fn in impls.items():
@@ -136,8 +140,10 @@ def run_case(name, case, device, dtype, rounds, compile_peer, bandwidth):
         fn()
     setup = time.perf_counter() - t0
     times = race(contenders, device, rounds)
+    bandwidth = copy_bandwidth(device, nbytes)
     best = {label: ts[0] for label, ts in times.items()}
-    print(f"\n{name}: {nbytes / 1e6:.1f} MB moved at best (setup incl. compile {setup:.0f} s)")
+    print(f"\n{name}: {nbytes / 1e6:.1f} MB moved at best; a copy moving as many bytes runs at "
+          f"{bandwidth / 1e9:.1f} GB/s (setup incl. compile {setup:.0f} s)")
     print(f"  {'':24s} {'best ms':>8s} {'median ms':>10s} {'vs eager':>9s} {'vs compile':>11s} "
           f"{'of copy bw':>11s}")
     rows = []
@@ -160,18 +166,31 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds per contender")
     parser.add_argument("--cases", default="elbo,iwae", help="comma-separated: elbo, iwae")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for everyone (torch.set_num_threads, which the "
+                             "OpenMP kernels of fastlvm._C follow too); default: all")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    bandwidth = copy_bandwidth(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dram = copy_bandwidth(device, 2**30)
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
-    print(f"device {device}, {args.dtype}, torch threads {threads}; parallel copy bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s (512 MiB array, best of 10, read + write)")
+    print(f"device {device}, {args.dtype}, threads {threads}, load average {_load()}; "
+          f"copy bandwidth for 1 GiB moved: {dram / 1e9:.1f} GB/s")
     cases = {"elbo": elbo_case, "iwae": iwae_case}
     rows = []
     for name in args.cases.split(","):
-        rows += run_case(name, cases[name], device, dtype, args.rounds, not args.no_compile,
-                         bandwidth)
+        rows += run_case(name, cases[name], device, dtype, args.rounds, not args.no_compile)
+    print(f"\nload average at the end {_load()} (other processes share this machine's cores)")
     return rows
+
+
+def _load():
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
 
 
 if __name__ == "__main__":
