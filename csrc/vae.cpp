@@ -183,6 +183,7 @@ struct LLArgs {
 };
 
 struct Gaussian {
+  static constexpr bool has_c = true;  // the optional logvar
   // value = -(D log(2 pi) + sum_d [lv + (x - m)^2 exp(-lv)]) / 2
   static double finish(double acc, int64_t D) { return -0.5 * (double(D) * kLog2Pi + acc); }
 
@@ -207,6 +208,7 @@ struct Gaussian {
 };
 
 struct Bernoulli {
+  static constexpr bool has_c = false;
   // value = sum_d [x l - softplus(l)];  d/dl = x - sigmoid(l), d/dx = l
   static double finish(double acc, int64_t) { return acc; }
 
@@ -225,15 +227,30 @@ struct Bernoulli {
   }
 };
 
-// Rows r0..r1: the row values and, for operands with one row per output row, the gradients.
-template <class F, class T, bool C, bool GX, bool GA, bool GC>
-FASTLVM_CLONES void ll_rows(const LLArgs<T>& p, int64_t r0, int64_t r1) {
+// Rows r0..r1: the row values and the gradients of scale * sum_r out_r. An operand with one
+// row per output row gets its gradient rows stored; one with a single row (a per-feature
+// parameter, PART) has its gradient summed into `part` (D values per operand: x, a, c), which
+// the caller adds up over the blocks. Then every gradient is a sum, so rows are zeroed first
+// (in cache, just before they are written).
+template <class F, class T, bool C, bool GX, bool GA, bool GC, bool PART>
+FASTLVM_CLONES void ll_rows(const LLArgs<T>& p, int64_t r0, int64_t r1, T* part) {
   const int64_t D = p.D;
+  if constexpr (PART) std::fill(part, part + 3 * D, T(0));
   for (int64_t r = r0; r < r1; ++r) {
-    T acc = F::template row<T, C, GX, GA, GC, false>(
+    T* g[3] = {GX ? p.gx : nullptr, GA ? p.ga : nullptr, GC ? p.gc : nullptr};
+    const int64_t periods[3] = {p.px, p.pa, p.pc};
+    for (int k = 0; k < 3; ++k) {
+      if (!g[k]) continue;
+      if (periods[k] == p.R) {
+        g[k] += r * D;
+        if constexpr (PART) std::fill(g[k], g[k] + D, T(0));
+      } else {
+        g[k] = part + k * D;
+      }
+    }
+    T acc = F::template row<T, C, GX, GA, GC, PART>(
         p.x + (r % p.px) * D, p.a + (r % p.pa) * D, C ? p.c + (r % p.pc) * D : nullptr, D,
-        p.scale, GX ? p.gx + r * D : nullptr, GA ? p.ga + r * D : nullptr,
-        GC ? p.gc + r * D : nullptr);
+        p.scale, g[0], g[1], g[2]);
     p.out[r] = T(F::finish(double(acc), D));
   }
 }
@@ -288,16 +305,37 @@ void with_flags(F&& f, bool b, Bs... rest) {
 
 template <class F, class T>
 void ll_forward(const LLArgs<T>& p) {
-  const int64_t rb = block_rows(p.R, p.D, 16384), nblocks = (p.R + rb - 1) / rb;
+  // Gradients of single-row operands are summed per block of rows, then over the blocks in
+  // order: the blocks are fixed by the shape alone, so is the result.
+  const bool part = (p.gx && p.px < p.R) || (p.ga && p.pa < p.R) || (p.gc && p.pc < p.R);
+  const int64_t rb = part ? std::max((16384 + p.D - 1) / p.D, (p.R + 255) / 256)
+                          : block_rows(p.R, p.D, 16384);
+  const int64_t nblocks = (p.R + rb - 1) / rb;
+  std::vector<T> partial(part ? nblocks * 3 * p.D : 0);
   with_flags(
-      [&](auto c, auto gx, auto ga, auto gc) {
+      [&](auto c, auto gx, auto ga, auto gc, auto pt) {
+        constexpr bool C = decltype(c)::value, PART = decltype(pt)::value;
+        if constexpr (F::has_c || !C) {
 #pragma omp parallel for schedule(dynamic) if (worth_threads(p.R * p.D))
-        for (int64_t k = 0; k < nblocks; ++k)
-          ll_rows<F, T, decltype(c)::value, decltype(gx)::value, decltype(ga)::value,
-                 decltype(gc)::value>(p, k * rb,
-                                                               std::min(p.R, (k + 1) * rb));
+          for (int64_t k = 0; k < nblocks; ++k)
+            ll_rows<F, T, C, decltype(gx)::value, decltype(ga)::value, decltype(gc)::value,
+                    PART>(p, k * rb, std::min(p.R, (k + 1) * rb),
+                          PART ? partial.data() + k * 3 * p.D : nullptr);
+        }
       },
-      p.c != nullptr, p.gx != nullptr, p.ga != nullptr, p.gc != nullptr);
+      p.c != nullptr, p.gx != nullptr, p.ga != nullptr, p.gc != nullptr, part);
+  if (!part) return;
+  T* grads[3] = {p.px < p.R ? p.gx : nullptr, p.pa < p.R ? p.ga : nullptr,
+                 p.pc < p.R ? p.gc : nullptr};
+  for (int o = 0; o < 3; ++o) {
+    if (!grads[o]) continue;
+#pragma omp parallel for schedule(static) if (worth_threads(nblocks * p.D))
+    for (int64_t d = 0; d < p.D; ++d) {
+      double sum = 0;
+      for (int64_t k = 0; k < nblocks; ++k) sum += double(partial[(k * 3 + o) * p.D + d]);
+      grads[o][d] = T(sum);
+    }
+  }
 }
 
 template <class F, class T>
@@ -306,6 +344,7 @@ void ll_backward(const LLArgs<T>& p) {
   const int64_t nstripes = (p.D + stripe - 1) / stripe;
   with_flags(
       [&](auto c, auto gx, auto ga, auto gc) {
+        if constexpr (F::has_c || !decltype(c)::value) {
 #pragma omp parallel if (worth_threads(p.R * p.D))
         {
           const std::pair<T*, int64_t> grads[] = {{p.gx, p.px}, {p.ga, p.pa}, {p.gc, p.pc}};
@@ -317,8 +356,8 @@ void ll_backward(const LLArgs<T>& p) {
 #pragma omp for schedule(dynamic)
           for (int64_t k = 0; k < nstripes; ++k)
             ll_cols<F, T, decltype(c)::value, decltype(gx)::value, decltype(ga)::value,
-                 decltype(gc)::value>(
-                p, k * stripe, std::min(p.D, (k + 1) * stripe));
+                    decltype(gc)::value>(p, k * stripe, std::min(p.D, (k + 1) * stripe));
+        }
         }
       },
       p.c != nullptr, p.gx != nullptr, p.ga != nullptr, p.gc != nullptr);
@@ -612,11 +651,12 @@ void bind_log_likelihoods(py::module_& m) {
       using T = decltype(tag);
       LLArgs<T> p = args(x, a, c, tag);
       p.out = data<T>(out, "out", p.R, 1);
-      p.gx = data<T>(gx, "grad_x", p.R, p.D, true);
-      p.ga = data<T>(ga, "grad_a", p.R, p.D, true);
-      p.gc = data<T>(gc, "grad_logvar", p.R, p.D, true);
-      if ((p.gx && p.px != p.R) || (p.ga && p.pa != p.R) || (p.gc && p.pc != p.R))
-        throw py::value_error("forward gradients need one operand row per output row");
+      p.gx = data<T>(gx, "grad_x", p.px, p.D, true);
+      p.ga = data<T>(ga, "grad_a", p.pa, p.D, true);
+      p.gc = data<T>(gc, "grad_logvar", p.pc, p.D, true);
+      for (auto [g, rows] : {std::pair<T*, int64_t>{p.gx, p.px}, {p.ga, p.pa}, {p.gc, p.pc}})
+        if (g && rows != p.R && rows != 1)
+          throw py::value_error("forward gradients need one row per output row, or one row");
       p.scale = T(scale);
       py::gil_scoped_release nogil;
       ll_forward<F, T>(p);
@@ -644,7 +684,7 @@ void bind_log_likelihoods(py::module_& m) {
         },
         "x"_a, "mean"_a, "logvar"_a, "out"_a, "grad_x"_a = py::none(),
         "grad_mean"_a = py::none(), "grad_logvar"_a = py::none(), "scale"_a = 1.0,
-        "row Gaussian log-likelihoods; with grad arrays, the gradients of scale * out");
+        "row Gaussian log-likelihoods; with grad arrays, the gradients of scale * sum(out)");
   m.def("gaussian_ll_bwd",
         [backward](py::object x, py::object mean, py::object lv, py::object g, py::object gx,
                    py::object gm, py::object gl) {
@@ -659,7 +699,7 @@ void bind_log_likelihoods(py::module_& m) {
           forward(Bernoulli{}, x, logits, py::none(), out, gx, gl, py::none(), scale);
         },
         "x"_a, "logits"_a, "out"_a, "grad_x"_a = py::none(), "grad_logits"_a = py::none(),
-        "scale"_a = 1.0, "row Bernoulli log-likelihoods (and gradients of scale * out)");
+        "scale"_a = 1.0, "row Bernoulli log-likelihoods (and gradients of scale * sum(out))");
   m.def("bernoulli_ll_bwd",
         [backward](py::object x, py::object logits, py::object g, py::object gx, py::object gl) {
           backward(Bernoulli{}, x, logits, py::none(), g, gx, gl, py::none());

@@ -409,10 +409,12 @@ class _LogLikelihood(torch.autograd.Function):
         need = ctx.needs_input_grad[3:]
         fused = getattr(kernels, term + "_fwd_grad", None)
         ctx.kernels, ctx.term, ctx.weight, ctx.n_rows = kernels, term, weight, n_rows
-        # Gradients in the forward pass need each one to belong to a single output row
-        # (or a known weight per row): no sum over the repeats of a periodic operand.
+        # Gradients in the forward pass are final when each belongs to a single output row,
+        # or when the output is the weighted sum (then a single-row operand, such as a
+        # per-feature logvar, gets the sum over rows); other periodic operands need grad_out.
         ctx.fused = fused is not None and any(need) and all(
-            t.shape[0] == n_rows for t, n in zip(operands, need) if n)
+            t.shape[0] == n_rows or (weight is not None and t.shape[0] == 1)
+            for t, n in zip(operands, need) if n)
         if ctx.fused:
             out, *grads = fused(*operands, need=need, scale=1.0 if weight is None else weight)
             ctx.save_for_backward(*grads)

@@ -309,6 +309,11 @@ def test_gradcheck(backend):
     _gc(lambda *a: F.negative_elbo(a[0], a[1], mean=a[2], logvar=a[3], backend=backend),
         x, kl, mean, lvf)
     _gc(lambda *a: F.negative_elbo(a[0], a[1], logits=a[2], backend=backend), x, kl, mean)
+    # Single-row operands (summed over all rows inside the forward kernel).
+    x1, m1 = leaf(5, dtype=d, seed=10), leaf(1, 5, dtype=d, seed=11)
+    _gc(lambda *a: F.negative_elbo(a[0], a[1], mean=a[2], logvar=a[3], backend=backend),
+        x1, kl, mean, lvf)
+    _gc(lambda *a: F.negative_elbo(a[0], a[1], logits=a[2], backend=backend), x, kl, m1)
 
 
 def test_kl_only_and_z_only_gradients():
@@ -322,3 +327,25 @@ def test_kl_only_and_z_only_gradients():
         z, kl = F.reparameterize(mu, lv, backend=backend, generator=torch.Generator().manual_seed(1))
         g_mu, = torch.autograd.grad(z.sum(), mu)
         torch.testing.assert_close(g_mu, torch.ones_like(mu))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_negative_elbo_with_per_feature_parameters_over_many_blocks(dtype):
+    # Large enough for many row blocks and threads: the per-feature gradients are summed
+    # per block inside the forward kernel, then over the blocks.
+    S, B, D = 3, 200, 785
+    x = torch.rand(B, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = x.to(dtype)
+    mean, lv = leaf(S, B, D, dtype=dtype, seed=2), leaf(D, dtype=dtype, seed=3, scale=0.3)
+    kl = leaf(B, dtype=dtype, seed=4)
+
+    def want(mean, lv, kl):
+        ll = Normal(mean, torch.exp(0.5 * lv)).log_prob(x.double()).sum(-1)
+        return kl.mean() - ll.mean()
+
+    check_against(lambda *a: F.negative_elbo(x, a[2], mean=a[0], logvar=a[1], backend="cpp"),
+                  want, (mean, lv, kl), dtype)
+    logits = leaf(D, dtype=dtype, seed=5, scale=3.0)
+    check_against(lambda l, kl: F.negative_elbo(x, kl, logits=l, backend="cpp"),
+                  lambda l, kl: kl.mean() - Bernoulli(logits=l, validate_args=False)
+                  .log_prob(x.double()).sum(-1).mean(), (logits, kl), dtype)

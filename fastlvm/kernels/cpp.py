@@ -92,11 +92,15 @@ def gaussian_ll_fwd(x, mean, logvar):
     return out
 
 
+def _grads_like(operands, need):
+    return [torch.empty_like(t) if flag else None for t, flag in zip(operands, need)]
+
+
 def gaussian_ll_fwd_grad(x, mean, logvar, need, scale=1.0):
-    """(out, grad_x, grad_mean, grad_logvar) of scale * out; None where ``need`` is false."""
-    n, dim = _rows(x, mean, logvar), x.shape[1]
-    out = _empty(x, n)
-    grads = [_empty_if(flag, x, n, dim) for flag in need]
+    """(out, grad_x, grad_mean, grad_logvar): the gradients of scale * sum(out), None where
+    ``need`` is false. An operand with gradient has one row per output row, or a single row."""
+    out = _empty(x, _rows(x, mean, logvar))
+    grads = _grads_like((x, mean, logvar), need)
     _C.gaussian_ll(_np(x), _np(mean), _np(logvar), _np(out), *map(_np, grads), scale=scale)
     return out, *grads
 
@@ -115,10 +119,9 @@ def bernoulli_ll_fwd(x, logits):
 
 
 def bernoulli_ll_fwd_grad(x, logits, need, scale=1.0):
-    """(out, grad_x, grad_logits) of scale * out; None where ``need`` is false."""
-    n, dim = _rows(x, logits), x.shape[1]
-    out = _empty(x, n)
-    grads = [_empty_if(flag, x, n, dim) for flag in need]
+    """(out, grad_x, grad_logits) as gaussian_ll_fwd_grad."""
+    out = _empty(x, _rows(x, logits))
+    grads = _grads_like((x, logits), need)
     _C.bernoulli_ll(_np(x), _np(logits), _np(out), *map(_np, grads), scale=scale)
     return out, *grads
 
