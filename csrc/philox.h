@@ -54,7 +54,8 @@ template <class T>
 FASTLVM_INLINE void normal_fill(uint64_t seed, int64_t i0, int64_t n, T* out, double* pairs) {
   int64_t p0 = i0 >> 1, np = ((i0 + n + 1) >> 1) - p0;
 #pragma omp simd
-  for (int64_t k = 0; k < np; ++k) normal_pair(seed, uint64_t(p0 + k), pairs[2 * k], pairs[2 * k + 1]);
+  for (int64_t k = 0; k < np; ++k)
+    normal_pair(seed, uint64_t(p0 + k), pairs[2 * k], pairs[2 * k + 1]);
   const double* src = pairs + (i0 & 1);
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) out[k] = T(src[k]);

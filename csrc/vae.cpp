@@ -420,7 +420,8 @@ FASTLVM_CLONES void iwae_fwd_block(const IwaeArgs<T>& a, int64_t b0, int64_t b1,
       const T *eb = e + b * D, *mub = mu + b * D, *sigb = sig + b * D;
       // The next sample's rows lie B * D further on, past where the prefetcher follows.
       if (s + 1 < a.S)
-        for (int64_t j = 0; j < D; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(eb + a.B * D + j);
+        for (int64_t j = 0; j < D; j += 64 / int64_t(sizeof(T)))
+          __builtin_prefetch(eb + a.B * D + j);
       T q = row_sum<T>(D, [&](int64_t j) {
         T z = mub[j] + sigb[j] * eb[j];
         return eb[j] * eb[j] - z * z;

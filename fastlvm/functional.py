@@ -54,10 +54,7 @@ def reparameterize(mu, logvar, eps=None, *, n_samples=None, generator=None, back
 
     Returns ``(z, kl)`` with z of eps's shape and kl of shape (B,).
     """
-    _check_tensor("mu", mu, ndims=(2,))
-    _check_tensor("logvar", logvar, ndims=(2,))
-    if logvar.shape != mu.shape:
-        raise ValueError(f"logvar must have mu's shape {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+    _check_encoder(mu, logvar)
     named = {"mu": mu, "logvar": logvar}
     if eps is not None:
         if n_samples is not None or generator is not None:
@@ -109,7 +106,7 @@ def bernoulli_log_likelihood(x, logits, *, backend="auto", validate=False):
 
 
 def negative_elbo(x, kl, *, mean=None, logvar=None, logits=None, backend="auto", validate=False):
-    """The VAE loss with its reduction inside the kernel: mean_b kl_b - mean_{s,b} log p(x_b | z_sb).
+    """The VAE loss, reduced inside the kernel: mean_b kl_b - mean_{s,b} log p(x_b | z_sb).
 
     Give the decoder's ``mean`` (and optionally ``logvar``) for a Gaussian likelihood, or its
     ``logits`` for a Bernoulli one, of shape (B, D) or (S, B, D); kl (B,) as returned by
@@ -143,19 +140,17 @@ def negative_elbo(x, kl, *, mean=None, logvar=None, logits=None, backend="auto",
 
 
 def iwae_bound(log_px_given_z, mu, logvar, eps, *, backend="auto", validate=False):
-    """log (1/S) sum_s exp(log p(x|z_s) + log p(z_s) - log q(z_s|x)), z_s = mu + exp(logvar/2) eps_s.
+    """log (1/S) sum_s exp(log p(x|z_s) + log p(z_s) - log q(z_s|x)), z_s = mu + sigma eps_s.
 
-    log_px_given_z: (S, B); mu, logvar: (B, Dz); eps: (S, B, Dz), treated as a constant.
+    log_px_given_z: (S, B); mu, logvar: (B, Dz) with sigma = exp(logvar / 2); eps: (S, B, Dz),
+    treated as a constant.
     log p(z) - log q(z|x) is computed from eps inside the kernel, streaming over the samples:
     memory beyond the (S, B) weights does not grow with S * B * Dz. Returns (B,). With S = 1
     it is the single-sample ELBO; as S grows it rises towards log p(x).
     """
     _check_tensor("log_px_given_z", log_px_given_z, ndims=(2,))
-    _check_tensor("mu", mu, ndims=(2,))
-    _check_tensor("logvar", logvar, ndims=(2,))
+    _check_encoder(mu, logvar)
     _check_tensor("eps", eps, ndims=(3,))
-    if logvar.shape != mu.shape:
-        raise ValueError(f"logvar must have mu's shape {tuple(mu.shape)}, got {tuple(logvar.shape)}")
     if eps.shape[1:] != mu.shape:
         raise ValueError(f"eps must have shape (S, *{tuple(mu.shape)}), got {tuple(eps.shape)}")
     if log_px_given_z.shape != eps.shape[:2]:
@@ -181,6 +176,14 @@ def _check_tensor(name, t, ndims=None):
         raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
     if t.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+
+
+def _check_encoder(mu, logvar):
+    _check_tensor("mu", mu, ndims=(2,))
+    _check_tensor("logvar", logvar, ndims=(2,))
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar must have mu's shape {tuple(mu.shape)}, "
+                         f"got {tuple(logvar.shape)}")
 
 
 def _check_constant(name, t):
@@ -235,7 +238,8 @@ def _periodic_rows(t, shape):
 
 def _draw_seed(generator):
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        raise TypeError(f"generator must be a torch.Generator or None, "
+                        f"got {type(generator).__name__}")
     device = "cpu" if generator is None else generator.device
     return int(torch.randint(0, 2**62, (), generator=generator, device=device))
 

@@ -200,7 +200,8 @@ def test_non_contiguous_inputs(backend):
     lpx = leaf(10, 3, dtype=d, seed=7).t()
     check_against(lambda *a: F.iwae_bound(*a, eps, backend=backend),
                   lambda *a: ref.iwae_bound(*a, eps.double()), (lpx, mu, lvz), d)
-    check_against(lambda *a: torch.cat([t.reshape(-1) for t in F.reparameterize(*a, eps, backend=backend)]),
+    check_against(lambda *a: torch.cat([t.reshape(-1)
+                                        for t in F.reparameterize(*a, eps, backend=backend)]),
                   lambda m, l: torch.cat([ref.reparameterize(m, l, eps).reshape(-1),
                                           ref.kl_standard_normal(m, l)]), (mu, lvz), d)
 
@@ -320,11 +321,13 @@ def test_kl_only_and_z_only_gradients():
     d = torch.float64
     mu, lv = leaf(3, 4, dtype=d, seed=1), leaf(3, 4, dtype=d, seed=2)
     for backend in BACKENDS:
-        z, kl = F.reparameterize(mu, lv, backend=backend, generator=torch.Generator().manual_seed(1))
+        z, kl = F.reparameterize(mu, lv, backend=backend,
+                                 generator=torch.Generator().manual_seed(1))
         g_mu, g_lv = torch.autograd.grad(kl.sum(), (mu, lv))
         torch.testing.assert_close(g_mu, mu.detach())
         torch.testing.assert_close(g_lv, 0.5 * (torch.exp(lv.detach()) - 1))
-        z, kl = F.reparameterize(mu, lv, backend=backend, generator=torch.Generator().manual_seed(1))
+        z, kl = F.reparameterize(mu, lv, backend=backend,
+                                 generator=torch.Generator().manual_seed(1))
         g_mu, = torch.autograd.grad(z.sum(), mu)
         torch.testing.assert_close(g_mu, torch.ones_like(mu))
 
