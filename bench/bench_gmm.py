@@ -377,7 +377,7 @@ class Worker:
         import tempfile
 
         self.lib, self.timeout = lib, timeout
-        self.err = tempfile.TemporaryFile(mode="w+")
+        self.err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in close())
         spec = json.dumps({"case": asdict(case), "lib": lib})
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", spec],
@@ -397,9 +397,10 @@ class Worker:
                 break
             line = self.proc.stdout.readline()
             if not line:
-                self.close()
+                self.proc.wait()
                 self.err.seek(0)
                 tail = (self.err.read().strip().splitlines() or ["no output"])[-1]
+                self.close()
                 raise RuntimeError(f"failed (exit {self.proc.returncode}): {tail[:160]}")
             if line.startswith(PREFIX):
                 return json.loads(line[len(PREFIX):])
@@ -410,6 +411,7 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self.err.close()
 
 
 def run_case(case: Case, libs, timeout: float, budget_s: float, max_rounds: int) -> list[dict]:
@@ -521,8 +523,8 @@ def format_tables(results: list[dict], cases, machine: dict, load=None) -> str:
                              f"{r['n_iter']:>5} {r['loglik']:11.5f} {mem:>10}  {note}")
     lines.append("")
     if load:
-        lines.append("load average (1 min) before / after: %.1f / %.1f on %s CPUs"
-                     % (load["before"][0], load["after"][0], os.cpu_count()))
+        lines.append(f"load average (1 min) before / after: {load['before'][0]:.1f} / {load['after'][0]:.1f} "
+                     f"on {os.cpu_count()} CPUs")
     lines.append("per iter: median over rounds of (T(max_iter) - T(1)) / (n_iter - 1), warm (JIT compiled "
                  "beforehand); peak extra: RSS high-water mark during one fit minus RSS with the data loaded; "
                  "same data and initial parameters for every library; libraries interleaved round by round.")

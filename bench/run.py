@@ -34,7 +34,7 @@ def stage(cmd, env, tmp, name) -> str:
     print(f"[run] {name}: {' '.join(shlex.quote(c) for c in cmd[1:])}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     with open(out_path, "w") as out:
-        rc = subprocess.run(cmd, env=env, stdout=out, cwd=os.path.dirname(HERE)).returncode
+        rc = subprocess.run(cmd, env=env, stdout=out, cwd=os.path.dirname(HERE), check=False).returncode
     with open(out_path) as f:
         text = f.read()
     print(f"[run] {name}: done in {time.perf_counter() - t0:.0f} s (exit {rc})", file=sys.stderr, flush=True)
@@ -127,8 +127,8 @@ def main(argv=None):
         # 3. VAE objective, if its benchmark exists
         vae = os.path.join(HERE, "bench_vae.py")
         if os.path.exists(vae) and not args.skip_vae:
-            code = ("import sys, shlex; sys.path.insert(0, %r); import bench_vae; "
-                    "bench_vae.main(shlex.split(%r))" % (HERE, args.vae_args))
+            code = (f"import sys, shlex; sys.path.insert(0, {HERE!r}); import bench_vae; "
+                    f"bench_vae.main(shlex.split({args.vae_args!r}))")
             report.append("\n## VAE objective")
             report.append(stage([sys.executable, "-c", code], clean, tmp, "bench_vae").rstrip())
     report.append(f"\n(total {time.perf_counter() - started:.0f} s; load average now "

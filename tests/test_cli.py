@@ -1,0 +1,95 @@
+"""The `fastlvm demo` command: files written whole, figures that are real PNGs, and a
+2-D fit that finds the mixture the data were drawn from."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+
+from fastlvm import cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FIGURES = ("mixture_2d.png", "loglik.png", "bic_2d.png")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    code = cli.main(["demo", "--output", str(out), "--quick"])
+    with open(out / "summary.json") as f:
+        return out, code, json.load(f)
+
+
+def test_demo_writes_valid_pngs_and_nothing_half_written(demo):
+    from matplotlib.image import imread
+
+    out, code, summary = demo
+    assert code == 0
+    for name in FIGURES:
+        path = out / name
+        with open(path, "rb") as f:
+            assert f.read(8) == PNG_MAGIC, name
+        img = imread(path)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200, (name, img.shape)
+        assert img[..., :3].std() > 0.05, f"{name} looks blank"
+    assert sorted(os.listdir(out)) == sorted(FIGURES + ("summary.json",))  # no temporary files left
+    assert sorted(summary["files"]) == sorted(FIGURES + ("summary.json",))
+
+
+def test_demo_recovers_the_true_means_of_the_synthetic_mixture(demo):
+    _, _, summary = demo
+    fitted = np.array(summary["mixture-2d"]["fitted_means"])
+    true = cli.SYNTHETIC_MEANS
+    assert fitted.shape == true.shape
+    dist = np.linalg.norm(true[:, None] - fitted[None], axis=-1)
+    rows, cols = linear_sum_assignment(dist)
+    # 1000 rows: each mean is estimated from 150-350 points of variance <= 1.5
+    assert dist[rows, cols].max() < 0.3, dist[rows, cols]
+
+
+def test_demo_bic_picks_the_true_number_of_components(demo):
+    _, _, summary = demo
+    bic = summary["mixture-2d"]["bic"]
+    assert set(bic) == {str(k) for k in range(1, 7)}
+    assert min(bic, key=bic.get) == str(len(cli.SYNTHETIC_WEIGHTS)) == str(summary["mixture-2d"]["best_k"])
+
+
+def test_demo_loglik_curves_never_decrease(demo):
+    # EM's objective is monotone; the curves come from the estimator's per-iteration history
+    _, _, summary = demo
+    for section in ("mixture-2d", "wine", "digits"):
+        ll = np.array(summary[section]["loglik"])
+        assert ll.size >= 2, section
+        assert np.all(np.diff(ll) >= -1e-9 * np.abs(ll[1:])), section
+
+
+def test_demo_prints_the_tables(tmp_path, capsys):
+    cli.main(["demo", "--output", str(tmp_path), "--quick", "--sections", "wine"])
+    text = capsys.readouterr().out
+    assert "wine (standardised): 3 components" in text
+    assert "iter   1:" in text and "adjusted Rand index" in text
+    assert sorted(os.listdir(tmp_path)) == ["loglik.png", "summary.json"]
+
+
+def test_unknown_section_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--output", str(tmp_path), "--sections", "wine,nope"])
+    assert exc.value.code == 2
+    assert "nope" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
+    target = tmp_path / "x.png"
+    target.write_bytes(b"old")
+
+    def failing(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        cli.atomic_write(str(target), failing)
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["x.png"]
