@@ -12,7 +12,7 @@ import os
 import sys
 import time
 import warnings
-from functools import partial
+from functools import cache, partial
 
 import numpy as np
 from sklearn.base import BaseEstimator, DensityMixin
@@ -206,7 +206,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             size = np.inf if isinstance(data, ArraySource) and data.trusted else DEFAULT_INIT_SIZE
         if data.n_rows <= size:
             return None
-        return np.sort(rng.choice(data.n_rows, size, replace=False))
+        # Generator.choice draws a small sample without a permutation of all N rows (Floyd's algorithm).
+        return np.sort(np.random.default_rng(rng.randint(2**31)).choice(data.n_rows, size, replace=False,
+                                                                        shuffle=False))
 
     @staticmethod
     def _init_data(data, rows, chunk_rows):
@@ -241,7 +243,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                                     dtype=str(data.dtype), n_samples=N)
             resumed = checkpoint.load()
         best, first = (resumed[3], resumed[0]) if resumed is not None else (None, 0)
-        X_init = None
+        init_data = cache(lambda: self._init_data(data, init_rows, chunk_rows))  # read when first needed
         for init in range(first, n_inits):
             if resumed is not None and init == resumed[0]:
                 rng.set_state(resumed[1])
@@ -251,9 +253,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                     params = tuple(np.asarray(a, dtype=np.float64) for a in
                                    (self.weights_, self.means_, self.covariances_, self.precisions_cholesky_))
                 else:
-                    if X_init is None:
-                        X_init = self._init_data(data, init_rows, chunk_rows)
-                    params = self._initial_parameters(X_init, data, cov, rng, chunk_rows, prior,
+                    params = self._initial_parameters(init_data, data, cov, rng, chunk_rows, prior,
                                                       w_init, m_init, P_init)
                 run = (params, -np.inf, 0, False, [])
             if self.verbose:
@@ -388,11 +388,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         mean, data_cov = self._data_moments(data, chunk_rows)
         return prior.resolve(cov, mean, data_cov, self.n_components)
 
-    def _initial_parameters(self, X, data, cov, rng, chunk_rows, prior, w_init, m_init, P_init):
-        """Initial parameters from the in-memory rows X (all the data, or a sample of `data`)."""
-        K, D = self.n_components, X.shape[1]
+    def _initial_parameters(self, init_data, data, cov, rng, chunk_rows, prior, w_init, m_init, P_init):
+        """Initial parameters from the in-memory rows init_data() returns (all the data, or a sample)."""
         if w_init is not None and m_init is not None and P_init is not None:
             return w_init, m_init, cov.covariance_from_precision_cholesky(P_init), P_init
+        X = init_data()
+        K, D = self.n_components, X.shape[1]
         seed_rng = np.random.default_rng(rng.randint(2**31))
         resp_fn = None
         if m_init is not None:
@@ -446,8 +447,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             cov, w_init, m_init, P_init = self._check_params(data)
             self._check_scale_params(K)
             rng = check_random_state(self.random_state)
-            X_init = self._init_data(data, self._init_rows(data, rng), chunk_rows)
-            params = self._initial_parameters(X_init, data, cov, rng, chunk_rows, None, w_init, m_init, P_init)
+            rows = self._init_rows(data, rng)
+            params = self._initial_parameters(lambda: self._init_data(data, rows, chunk_rows), data, cov, rng,
+                                              chunk_rows, None, w_init, m_init, P_init)
             self._online = None
         else:
             cov = get_covariance_type(self.covariance_type)
