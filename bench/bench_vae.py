@@ -17,7 +17,13 @@ the same size is the fair ceiling; the copy rate for 1 GiB (memory) is printed t
 objective's bytes count each input read once and each output and gradient written once:
 what a single fused pass must move.
 
-    python bench/bench_vae.py [--device cuda] [--rounds 30] [--no-compile]
+Every contender allocates its outputs and gradients afresh each step. glibc returns large
+freed blocks to the system, so each step also pays page faults (the kernel zeroing the pages)
+on those tens of MB; ``--keep-freed-memory`` sets glibc's mmap and trim thresholds (mallopt)
+so that freed memory is reused, as a caching allocator (jemalloc, tcmalloc) would.
+
+    python bench/bench_vae.py [--device cuda] [--rounds 30] [--threads N] [--no-compile]
+                              [--keep-freed-memory]
 """
 
 import argparse
@@ -169,13 +175,18 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for everyone (torch.set_num_threads, which the "
                              "OpenMP kernels of fastlvm._C follow too); default: all")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="reuse freed memory (glibc mallopt) instead of page-faulting afresh")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     dram = copy_bandwidth(device, 2**30)
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
-    print(f"device {device}, {args.dtype}, threads {threads}, load average {_load()}; "
+    print(f"device {device}, {args.dtype}, threads {threads}, load average {_load()}, "
+          f"freed memory {'kept' if args.keep_freed_memory else 'returned (glibc default)'}; "
           f"copy bandwidth for 1 GiB moved: {dram / 1e9:.1f} GB/s")
     cases = {"elbo": elbo_case, "iwae": iwae_case}
     rows = []
@@ -183,6 +194,18 @@ def main(argv=None):
         rows += run_case(name, cases[name], device, dtype, args.rounds, not args.no_compile)
     print(f"\nload average at the end {_load()} (other processes share this machine's cores)")
     return rows
+
+
+def keep_freed_memory():
+    """Make glibc keep freed memory for reuse instead of unmapping it (Linux/glibc only)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    ok = (libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**31 - 1)
+          and libc.mallopt(m_top_pad, 256 * 2**20))
+    if not ok:
+        raise RuntimeError("mallopt refused the thresholds")
 
 
 def _load():
