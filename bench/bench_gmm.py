@@ -9,8 +9,9 @@ the process's RSS high-water mark and libraries do not share thread pools:
   1. warm-up fit on tiny data of the same dimensions (numba / JIT compile excluded),
   2. the data are made; the RSS then is the baseline,
   3. in rounds, each library in turn (order rotated, so all see the same background
-     load of a shared machine) fits max_iter=M then max_iter=1; the first fit runs with
-     the RSS high-water mark reset: peak extra memory = peak - baseline,
+     load of a shared machine) fits max_iter=1 then max_iter=M (M = 20, or fewer if
+     20 would take longer than --fit-cap seconds; the table says so); the first pair
+     runs with the RSS high-water mark reset: peak extra memory = peak - baseline,
   4. per-iteration time = (T(M) - T(1)) / (n_iter(M) - 1), the median over rounds:
      fixed costs (validation, set-up, sklearn's final E-step, Lightning's trainer) cancel.
 
@@ -330,7 +331,7 @@ def _send(obj):
 
 
 def serve(case: Case, lib: str) -> None:
-    """The worker: set up, then answer 'pair' (time fit(max_iter) and fit(1)) and 'finish'."""
+    """The worker: set up, then answer 'pair CAP' (time fit(1) and fit(M)) and 'finish'."""
     spread = 0.35 if case.cov == "kmeans" else 1.0  # overlapping clusters keep Lloyd iterating
     try:
         # warm-up on tiny data of the same dimensions and dtype: compiles numba / JIT paths
@@ -348,19 +349,27 @@ def serve(case: Case, lib: str) -> None:
     baseline = _rss_bytes()
     _send({"status": "ready", "note": getattr(adapter, "note", "")})
 
-    params = None
+    params, first = None, True
     for line in sys.stdin:
-        if line.strip() == "pair":
+        command = line.split()
+        if command and command[0] == "pair":
+            # fit(1), then fit(M), M = max_iter unless that would take more than the cap
+            # seconds (a slow peer on a large case): then as many iterations as fit the cap
+            cap = float(command[1])
             out = {}
             with PeakRSS() as peak:
                 t0 = time.perf_counter()
-                params, out["n_iter"] = adapter.fit(data, case.max_iter)
+                adapter.fit(data, 1)
+                out["one"] = time.perf_counter() - t0
+                iters = case.max_iter
+                if out["one"] * case.max_iter > cap:
+                    iters = max(2, min(case.max_iter, int(cap / out["one"])))
+                t0 = time.perf_counter()
+                params, out["n_iter"] = adapter.fit(data, iters)
                 out["full"] = time.perf_counter() - t0
-            if peak.peak is not None:
+            if first:
                 out["peak_extra_mb"] = (peak.peak - baseline) / 2**20
-            t0 = time.perf_counter()
-            adapter.fit(data, 1)
-            out["one"] = time.perf_counter() - t0
+                first = False
             _send(out)
         elif line.strip() == "finish":
             if case.cov == "kmeans":
@@ -414,7 +423,7 @@ class Worker:
         self.err.close()
 
 
-def run_case(case: Case, libs, timeout: float, budget_s: float, max_rounds: int) -> list[dict]:
+def run_case(case: Case, libs, timeout: float, budget_s: float, max_rounds: int, fit_cap: float) -> list[dict]:
     """All libraries of one case: set up side by side, then timed in rounds (order rotated
     each round) until max_rounds or the case's time budget is spent; at least one round."""
     results, workers = {}, {}
@@ -440,7 +449,7 @@ def run_case(case: Case, libs, timeout: float, budget_s: float, max_rounds: int)
         for lib in order:
             r = results[lib]
             try:
-                pair = workers[lib].ask("pair")
+                pair = workers[lib].ask(f"pair {fit_cap}")
             except RuntimeError as e:
                 r["status"] = str(e)
                 del workers[lib]
@@ -450,8 +459,8 @@ def run_case(case: Case, libs, timeout: float, budget_s: float, max_rounds: int)
             r["n_iter"] = pair["n_iter"]
             r["full"].append(pair["full"])
             r["per_iter"].append((pair["full"] - pair["one"]) / max(pair["n_iter"] - 1, 1))
-            print(f"[bench_gmm] {case.name:<12} {lib:<12} round {rnd + 1}: fit {pair['full']:.2f} s",
-                  file=sys.stderr, flush=True)
+            print(f"[bench_gmm] {case.name:<12} {lib:<12} round {rnd + 1}: fit({pair['n_iter']}) {pair['full']:.2f} s, "
+                  f"fit(1) {pair['one']:.2f} s", file=sys.stderr, flush=True)
     for lib, w in workers.items():
         try:
             results[lib].update(w.ask("finish"))
@@ -502,9 +511,15 @@ def format_tables(results: list[dict], cases, machine: dict, load=None) -> str:
                 lines.append(f"{r['lib']:<12} {r['status']}")
                 continue
             t = r["s_per_iter"]
-            ratio = ref["s_per_iter"] / t if ref and t > 0 else float("nan")
+            if t <= 0 or (ref and ref["s_per_iter"] <= 0):  # T(M) < T(1): the machine's noise won
+                lines.append(f"{r['lib']:<12} lost in noise: T({r['n_iter']}) <= T(1); rerun on a quieter machine")
+                continue
+            ratio = ref["s_per_iter"] / t if ref else float("nan")
             ratio_s = f"{ratio:9.1f}x"
             note = r.get("note", "")
+            capped = case.cov != "kmeans" and r["n_iter"] < case.max_iter
+            if capped:
+                note = "; ".join(filter(None, [note, f"timed on {r['n_iter']} iterations (fit cap)"]))
             if r["lib"] == "fastlvm":
                 marks = []
                 if case.target:
@@ -520,7 +535,7 @@ def format_tables(results: list[dict], cases, machine: dict, load=None) -> str:
                 rate = case.flop_per_iter / t / 1e9 if t > 0 else float("nan")
                 frac = rate / gemm[case.dtype]
                 lines.append(f"{r['lib']:<12} {_fmt_time(t)} {ratio_s:>10} {rate:8.1f} {frac:7.1%} "
-                             f"{r['n_iter']:>5} {r['loglik']:11.5f} {mem:>10}  {note}")
+                             f"{r['n_iter']:>5} {'-' if capped else format(r['loglik'], '.5f'):>11} {mem:>10}  {note}")
     lines.append("")
     if load:
         lines.append(f"load average (1 min) before / after: {load['before'][0]:.1f} / {load['after'][0]:.1f} "
@@ -566,7 +581,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds per case at most (default 3)")
     ap.add_argument("--budget", type=float, default=60.0,
                     help="no new round once a case has been timed this many seconds (default 60)")
-    ap.add_argument("--timeout", type=float, default=900.0, help="seconds one worker may take for one answer")
+    ap.add_argument("--fit-cap", type=float, default=75.0,
+                    help="a library whose fit(max_iter) would take longer is timed on fewer iterations (default 75 s)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds one worker may take for one answer")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -591,7 +608,7 @@ def main(argv=None):
     results = []
     for case in cases:
         case_libs = [lib for lib in libs if case.cov != "kmeans" or lib in ("fastlvm", "sklearn")]
-        results += run_case(case, case_libs, args.timeout, args.budget, rounds)
+        results += run_case(case, case_libs, args.timeout, args.budget, rounds, args.fit_cap)
     load = {"before": load_before, "after": os.getloadavg()}
     if args.json:
         with open(args.json, "w") as f:
