@@ -165,9 +165,8 @@ def section_mixture_2d(ctx: DemoContext) -> dict:
 
     colors = [f"C{i}" for i in range(k_true)]
     fig, ax = new_figure(size=(6.4, 5.6))
-    resp_labels = gm.predict(X)
-    ax.scatter(X[:, 0], X[:, 1], s=4, c=[colors[int(np.where(order == j)[0][0])] for j in resp_labels], alpha=0.35,
-               linewidths=0)
+    true_index = np.argsort(order)  # fitted component j is drawn like true component true_index[j]
+    ax.scatter(X[:, 0], X[:, 1], s=4, c=np.array(colors)[true_index[gm.predict(X)]], alpha=0.35, linewidths=0)
     draw_ellipses(ax, fitted, gm.covariances_[order], colors)
     ax.plot(*SYNTHETIC_MEANS.T, "k+", ms=14, mew=2, label="true means")
     ax.plot(*fitted.T, "kx", ms=9, mew=2, label="fitted means")

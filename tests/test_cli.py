@@ -93,3 +93,18 @@ def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
         cli.atomic_write(str(target), failing)
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["x.png"]
+
+
+@pytest.mark.parametrize("cov", [[[1.2, 0.6], [0.6, 0.8]], [[0.6, 0.0], [0.0, 1.4]], [[1.5, -0.7], [-0.7, 0.9]]])
+def test_ellipses_lie_on_the_mahalanobis_contours(cov):
+    # the points of the n-sigma ellipse satisfy (x - m)^T C^-1 (x - m) = n^2
+    cov, mean = np.array(cov), np.array([0.5, -1.0])
+    _, ax = cli.new_figure()
+    cli.draw_ellipses(ax, [mean], [cov], ["C0"], n_sigmas=(1, 2))
+    for patch, n in zip(ax.patches, (1, 2)):
+        # points on the drawn Bezier curves (matplotlib's circle is exact to ~3e-4)
+        path = patch.get_patch_transform().transform_path(patch.get_path())
+        pts = np.concatenate([seg(np.linspace(0, 1, 7)) for seg, _ in path.iter_bezier()]) - mean
+        d2 = np.einsum("ni,ij,nj->n", pts, np.linalg.inv(cov), pts)
+        assert len(d2) > 20
+        np.testing.assert_allclose(d2, n**2, rtol=2e-3)
