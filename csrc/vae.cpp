@@ -436,14 +436,18 @@ FASTLVM_CLONES void iwae_fwd_block(const IwaeArgs<T>& a, int64_t b0, int64_t b1,
     double* sum = t.sum.data();
 #pragma omp simd reduction(| : grew)
     for (int64_t b = 0; b < nb; ++b) {
+      // Branch-free, to vectorise: exp(0) is exactly 1, and the NaNs of -inf - -inf (no
+      // finite log-weight yet) are selected away.
       T m_new = lwb[b] > m[b] ? lwb[b] : m[b];
+      T fb = vexp<T>(m[b] - m_new), pb = vexp<T>(lwb[b] - m_new);
       bool empty = m_new == -INFINITY;
-      f[b] = (empty || m_new == m[b]) ? T(1) : vexp<T>(m[b] - m_new);
-      p[b] = empty ? T(0) : vexp<T>(lwb[b] - m_new);
+      f[b] = empty ? T(1) : fb;
+      p[b] = empty ? T(0) : pb;
       grew |= int(f[b] != T(1));
-      sum[b] = sum[b] * double(f[b]) + double(p[b]);
       m[b] = m_new;
     }
+#pragma omp simd
+    for (int64_t b = 0; b < nb; ++b) sum[b] = sum[b] * double(f[b]) + double(p[b]);
     if constexpr (GRAD) {
       if (grew) {
         for (int64_t b = 0; b < nb; ++b) {
