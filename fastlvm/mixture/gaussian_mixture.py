@@ -81,7 +81,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                  max_iter=100, n_init=1, init_params="kmeans", weights_init=None, means_init=None,
                  precisions_init=None, random_state=None, warm_start=False, verbose=0,
                  verbose_interval=10, prior=None, chunk_size=None, backend="auto", init_size=None,
-                 checkpoint=None, learning_offset=10.0, learning_decay=0.7):
+                 checkpoint=None, learning_offset=2.0, learning_decay=0.6):
         self.n_components = n_components
         self.covariance_type = covariance_type
         self.tol = tol
