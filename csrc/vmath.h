@@ -94,16 +94,21 @@ FASTLVM_INLINE T vexp(T x) {
   return p * pow2i<T>(n1) * pow2i<T>(n - n1);
 }
 
-// log(1 + f) for f in [sqrt(1/2) - 1, 1]: 2 atanh(s), s = f / (2 + f), |s| <= 1/3, by the series
-// 2 s sum_k s^2k / (2k + 1). Accurate in relative terms even for tiny f.
+// 2 atanh(s) = log((1 + s) / (1 - s)) for |s| <= 1/3, by the series 2 s sum_k s^2k / (2k + 1).
 template <class T>
-FASTLVM_INLINE T log1p_small(T f) {
-  T s = f / (T(2) + f);
+FASTLVM_INLINE T atanh2(T s) {
   T z = s * s;
   T p = T(1) / T(2 * fp<T>::atanh_terms - 1);
 #pragma GCC unroll 20
   for (int k = fp<T>::atanh_terms - 2; k >= 0; --k) p = T(1.0 / (2 * k + 1)) + z * p;
   return T(2) * s * p;
+}
+
+// log(1 + f) for f in [sqrt(1/2) - 1, 1]: 2 atanh(s) with s = f / (2 + f), accurate in
+// relative terms even for tiny f.
+template <class T>
+FASTLVM_INLINE T log1p_small(T f) {
+  return atanh2<T>(f / (T(2) + f));
 }
 
 // log(x) for positive normal x: x = 2^e m with m in [sqrt(1/2), sqrt(2)).
@@ -144,14 +149,18 @@ FASTLVM_INLINE void sincos_2pi(T u, T& s, T& c) {
   c = ((quad + 1) & 2) ? -c1 : c1;
 }
 
-// log(1 + exp(l)) = max(l, 0) + log1p(exp(-|l|)); also returns sigmoid(l), from the same exp.
+// log(1 + exp(l)) = max(l, 0) + log1p(exp(-|l|)); also returns sigmoid(l), from the same exp
+// and the same division: with e = exp(-|l|), 1 / (1 + e) and log1p's e / (2 + e) both come
+// from 1 / ((1 + e)(2 + e)).
 template <class T>
 FASTLVM_INLINE T softplus(T l, T& sigmoid) {
   T a = l < T(0) ? -l : l;
   T e = vexp<T>(-a);
-  T inv = T(1) / (T(1) + e);
+  T d1 = T(1) + e, d2 = T(2) + e;
+  T r = T(1) / (d1 * d2);
+  T inv = r * d2;
   sigmoid = l < T(0) ? e * inv : inv;
-  return (l > T(0) ? l : T(0)) + log1p_small<T>(e);
+  return (l > T(0) ? l : T(0)) + atanh2<T>(e * r * d1);
 }
 
 }  // namespace fastlvm
