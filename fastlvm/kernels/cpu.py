@@ -6,19 +6,19 @@ One pass over a chunk of rows turns it into additive sufficient statistics:
     log p(x_i)    = logsumexp_k log p(x_i, k)           r_ik = exp(log p(x_i, k) - log p(x_i))
     n_k = sum_i r_ik    s_k = sum_i r_ik (x_i - c_k)    S_k = sum_i r_ik (x_i - c_k)(x_i - c_k)^T
 
-with P_k the Cholesky factor of the precision and c_k a shift that keeps the moments centred
-(c_k = mu_k; for the tied type one global c, since its second moment does not depend on r).
+with P_k the Cholesky factor of the precision and c_k a shift that keeps the moments centred:
+c_k = mu_k for the full type, and for the others the mixture mean c (the tied second moment does
+not depend on r; diag and spherical moments about one c come out of a single matrix product).
 Hard mode replaces r_ik by the one-hot argmax (K-means). A block of rows is reduced serially
 and blocks are summed in index order, so the result does not depend on the number of threads.
 
 Every covariance type shares one layout, so one driver serves all four:
     prec    full (K,D,D) upper-triangular   tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
     second  full (K,D,D)                    tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
-Full and tied rows are centred in sub-chunks and multiplied by P_k (and the weighted rows by the
-rows) with single-threaded BLAS calls inside the parallel loop over blocks: the caller limits BLAS
-to one thread (see `blas_single_thread`), so there is one level of parallelism. Diag and spherical
-sub-chunks are transposed to (D, C) so the innermost loops run over rows with unit stride.
-Arithmetic is in the data's dtype; statistics accumulate in float64 across sub-chunks.
+Rows are processed in sub-chunks whose products (centred rows by P_k, weighted rows by rows, and
+the diag/spherical expansion below) are single-threaded BLAS calls inside the parallel loop over
+blocks: the caller limits BLAS to one thread (see `blas_single_thread`), so there is one level of
+parallelism. Arithmetic is in the data's dtype; statistics accumulate in float64 across sub-chunks.
 """
 
 import numpy as np
@@ -26,8 +26,7 @@ from numba import njit, prange
 
 FULL, TIED, DIAG, SPHERICAL = 0, 1, 2, 3
 BLOCK_ROWS = 4096  # rows reduced serially into one partial; fixed, so results ignore threads
-SUB_ROWS_MATRIX = 256  # full/tied sub-chunk: C x D by D x D products run near BLAS speed
-SUB_ROWS_VECTOR = 64  # diag/spherical sub-chunk: the D x 64 scratch arrays stay in L1
+SUB_ROWS = 256  # rows per sub-chunk: its small products run near BLAS speed and stay in cache
 
 # Reassociation lets reductions vectorise; NaN/inf semantics are kept (no 'nnan'/'ninf').
 _FASTMATH = {"reassoc", "contract", "arcp"}
@@ -116,63 +115,63 @@ def _accumulate_matrix(kind, X, r0, C, resp, means, centre, n, s, second, d, z, 
 
 
 # ------------------------------------------------------------------------- diag and spherical
+# With a = x - c (c the mixture mean) and m_k = mu_k - c, a diagonal Mahalanobis distance is
+#   sum_p prec_kp (a_p - m_kp)^2 = [a^2, a] . [prec_k, -2 prec_k m_k] + sum_p prec_kp m_kp^2,
+# so one (C x 2D) @ (2D x K) product gives every row's distances, and one (K x C) @ (C x 2D)
+# product gives the weighted sums of a and a^2 (moments about c).
 @_jit
-def _transpose_rows(X, r0, C, xt):
-    """xt[:, :C] = X[r0:r0+C].T"""
-    for i in range(C):
-        for p in range(X.shape[1]):
-            xt[p, i] = X[r0 + i, p]
-
-
-@_jit
-def _centre_cols(xt, C, m, dt):
-    """dt[p, i] = xt[p, i] - m[p]"""
-    for p in range(xt.shape[0]):
-        mp = m[p]
-        for i in range(C):
-            dt[p, i] = xt[p, i] - mp
-
-
-@_jit
-def _log_prob_vector(kind, xt, C, means, prec, log_norm, logp, dt, q):
+def _vector_weights(kind, means, prec, centre):
+    """(W (2D, K), offsets (K,)) of the expansion above; prec2 = squared precision Cholesky."""
     K, D = means.shape
+    W = np.empty((2 * D, K), dtype=means.dtype)
+    off = np.zeros(K)
     for k in range(K):
-        _centre_cols(xt, C, means[k], dt)
-        for i in range(C):
-            q[i] = 0.0
         for p in range(D):
             a = prec[k, 0, p] if kind == DIAG else prec[k, 0, 0]
-            a2 = a * a
-            for i in range(C):
-                q[i] += a2 * dt[p, i] * dt[p, i]
-        for i in range(C):
-            logp[i, k] = log_norm[k] - 0.5 * q[i]
+            p2 = a * a
+            m = means[k, p] - centre[p]
+            W[p, k] = p2
+            W[D + p, k] = -2.0 * p2 * m
+            off[k] += p2 * m * m
+    return W, off
 
 
 @_jit
-def _accumulate_vector(kind, xt, C, resp, means, n, s, second, dt, w):
-    K, D = means.shape
-    for k in range(K):
-        tot = 0.0
-        for i in range(C):
-            w[i] = resp[i, k]
-            tot += resp[i, k]
-        if tot == 0.0:
-            continue
-        n[k] += tot
-        _centre_cols(xt, C, means[k], dt)
+def _squares_and_rows(X, r0, C, centre, aa):
+    """aa[i] = [(x_i - c)^2, x_i - c]"""
+    D = X.shape[1]
+    for i in range(C):
         for p in range(D):
-            acc1 = 0.0
-            acc2 = 0.0
-            for i in range(C):
-                v = w[i] * dt[p, i]
-                acc1 += v
-                acc2 += v * dt[p, i]
-            s[k, p] += acc1
+            a = X[r0 + i, p] - centre[p]
+            aa[i, p] = a * a
+            aa[i, D + p] = a
+
+
+@_jit
+def _log_prob_vector(X, r0, C, W, off, log_norm, centre, logp, aa, dist):
+    _squares_and_rows(X, r0, C, centre, aa)
+    np.dot(aa[:C], W, dist[:C])
+    for i in range(C):
+        for k in range(W.shape[1]):
+            logp[i, k] = log_norm[k] - 0.5 * (dist[i, k] + off[k])
+
+
+@_jit
+def _accumulate_vector(kind, C, resp, n, s, second, aa, rd, mom):
+    K = n.shape[0]
+    D = s.shape[1]
+    for i in range(C):
+        for k in range(K):
+            rd[i, k] = resp[i, k]
+            n[k] += resp[i, k]
+    np.dot(rd[:C].T, aa[:C], mom)
+    for k in range(K):
+        for p in range(D):
+            s[k, p] += mom[k, D + p]
             if kind == DIAG:
-                second[k, 0, p] += acc2
+                second[k, 0, p] += mom[k, p]
             else:
-                second[k, 0, 0] += acc2
+                second[k, 0, 0] += mom[k, p]
 
 
 # ----------------------------------------------------------------------------- shared
@@ -220,12 +219,11 @@ def _tied_offsets(kind, means, prec, centre):
 
 
 @_jit
-def _sub_chunk_log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, logp, d, y, q, xt, dt):
+def _sub_chunk_log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, W, off, logp, d, y, q, aa, dist):
     if kind == FULL or kind == TIED:
         _log_prob_matrix(kind, X, r0, C, means, prec, log_norm, centre, b, logp, d, y, q)
     else:
-        _transpose_rows(X, r0, C, xt)
-        _log_prob_vector(kind, xt, C, means, prec, log_norm, logp, dt, q)
+        _log_prob_vector(X, r0, C, W, off, log_norm, centre, logp, aa, dist)
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
@@ -233,7 +231,7 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, block_rows
     """Sufficient statistics of the rows of X under the current parameters.
 
     Returns (n (K,), s (K,D), second, loglik, worst_ll (B,), worst_row (B,)) in float64, where
-    s and second are centred on means[k] (full/diag/spherical) or on `centre` (tied), loglik is
+    s and second are centred on means[k] (full) or on `centre` (tied, diag, spherical), loglik is
     sum_i log p(x_i) (hard mode: sum_i max_k log p(x_i, k)), and worst_* hold, per block of
     rows, the lowest row log-likelihood and its row index (candidates for re-seeding).
     When resp_in has N rows it is used as the responsibilities (initialisation from given
@@ -241,7 +239,7 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, block_rows
     """
     N, D = X.shape
     K = means.shape[0]
-    sub = SUB_ROWS_MATRIX if (kind == FULL or kind == TIED) else SUB_ROWS_VECTOR
+    sub = SUB_ROWS
     n_blocks = (N + block_rows - 1) // block_rows
     sh = prec.shape
     b_n = np.zeros((n_blocks, K))
@@ -251,14 +249,15 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, block_rows
     worst_ll = np.full(n_blocks, np.inf)
     worst_row = np.zeros(n_blocks, dtype=np.int64)
     b = _tied_offsets(kind, means, prec, centre)
+    W, off = _vector_weights(kind, means, prec, centre)
     for blk in prange(n_blocks):
         d = np.empty((sub, D), dtype=X.dtype)
         y = np.empty((sub, D), dtype=X.dtype)
-        xt = np.empty((D, sub), dtype=X.dtype)
-        dt = np.empty((D, sub), dtype=X.dtype)
         prod = np.empty((D, D), dtype=X.dtype)
         q = np.empty(sub, dtype=X.dtype)
-        w = np.empty(sub, dtype=X.dtype)
+        aa = np.empty((sub, 2 * D), dtype=X.dtype)
+        dist = np.empty((sub, K), dtype=X.dtype)
+        mom = np.empty((K, 2 * D), dtype=X.dtype)
         logp = np.empty((sub, K))
         resp = np.empty((sub, K))
         row_ll = np.empty(sub)
@@ -271,9 +270,10 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, block_rows
                     for k in range(K):
                         resp[i, k] = resp_in[r0 + i, k]
                 if kind == DIAG or kind == SPHERICAL:
-                    _transpose_rows(X, r0, C, xt)
+                    _squares_and_rows(X, r0, C, centre, aa)
             else:
-                _sub_chunk_log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, logp, d, y, q, xt, dt)
+                _sub_chunk_log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, W, off, logp, d, y, q, aa,
+                                    dist)
                 _normalise(logp, C, hard, resp, row_ll)
             for i in range(C):
                 b_ll[blk] += row_ll[i]
@@ -284,7 +284,7 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, block_rows
                 _accumulate_matrix(kind, X, r0, C, resp, means, centre, b_n[blk], b_s[blk], b_second[blk], d, y,
                                    prod)
             else:
-                _accumulate_vector(kind, xt, C, resp, means, b_n[blk], b_s[blk], b_second[blk], dt, w)
+                _accumulate_vector(kind, C, resp, b_n[blk], b_s[blk], b_second[blk], aa, dist, mom)
     # Fixed-order reduction over blocks.
     n = np.zeros(K)
     s = np.zeros((K, D))
@@ -305,22 +305,23 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
     out_logp[i, k] = log p(x_i, k)."""
     N, D = X.shape
     K = means.shape[0]
-    sub = SUB_ROWS_MATRIX if (kind == FULL or kind == TIED) else SUB_ROWS_VECTOR
+    sub = SUB_ROWS
     want_logp = out_logp.shape[0] == N
     n_sub = (N + sub - 1) // sub
     b = _tied_offsets(kind, means, prec, centre)
+    W, off = _vector_weights(kind, means, prec, centre)
     for c in prange(n_sub):
         d = np.empty((sub, D), dtype=X.dtype)
         y = np.empty((sub, D), dtype=X.dtype)
-        xt = np.empty((D, sub), dtype=X.dtype)
-        dt = np.empty((D, sub), dtype=X.dtype)
+        aa = np.empty((sub, 2 * D), dtype=X.dtype)
+        dist = np.empty((sub, K), dtype=X.dtype)
         q = np.empty(sub, dtype=X.dtype)
         logp = np.empty((sub, K))
         resp = np.empty((sub, K))
         row_ll = np.empty(sub)
         r0 = c * sub
         C = min(sub, N - r0)
-        _sub_chunk_log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, logp, d, y, q, xt, dt)
+        _sub_chunk_log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, W, off, logp, d, y, q, aa, dist)
         _normalise(logp, C, hard, resp, row_ll)
         for i in range(C):
             out_ll[r0 + i] = row_ll[i]

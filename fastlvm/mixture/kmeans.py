@@ -103,7 +103,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             shift = float(((new - centres) ** 2).sum())
             centres = new
             if self.verbose:
-                print(f"KMeans iteration {n_iter}: inertia {float(st.second.sum()):.6g}, "
+                print(f"KMeans iteration {n_iter}: inertia {-2.0 * st.loglik:.6g}, "
                       f"centre shift {shift:.3g}, {time.perf_counter() - t0:.3f} s")
             if shift <= tol:
                 break

@@ -72,13 +72,13 @@ class SufficientStatistics:
 
 def kernel_parameters(cov, weights, means, prec_chol, dtype):
     """(means, prec, log_norm, centre) in the kernels' layout: log_norm_k = log pi_k - D/2 log 2pi
-    + log det P_k; centre is the tied type's global shift (the mixture mean)."""
+    + log det P_k; centre (the mixture mean) is the shift of the tied, diag and spherical moments."""
     K, D = means.shape
     with np.errstate(divide="ignore"):
         log_w = np.log(weights)
     log_norm = log_w - 0.5 * D * np.log(2 * np.pi) + cov.log_det(prec_chol, D)
     log_norm = np.broadcast_to(log_norm, (K,)).astype(np.float64)
-    centre = weights @ means if cov.name == "tied" else np.zeros(D)
+    centre = weights @ means
     prec = cov.kernel_precision(prec_chol, K)
     return (
         np.ascontiguousarray(means, dtype=dtype),
@@ -99,7 +99,7 @@ def chunk_statistics(X, cov, kparams, hard=False, row_offset=0, n_worst=0, resp=
     order = np.argsort(worst_ll, kind="stable")[:n_worst]
     worst = [(float(worst_ll[i]), int(worst_row[i]) + row_offset) for i in order]
     worst_x = {int(worst_row[i]) + row_offset: X[worst_row[i]].astype(np.float64) for i in order}
-    shift = np.broadcast_to(centre, means.shape) if cov.name == "tied" else means
+    shift = means if cov.name == "full" else np.broadcast_to(centre, means.shape)
     return SufficientStatistics(n, s, second, ll, X.shape[0], shift.astype(np.float64), worst, worst_x)
 
 
