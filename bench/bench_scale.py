@@ -42,6 +42,9 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench_gmm import _rss_bytes  # noqa: E402  (/proc/self/status fields in bytes)
+
 D, K = 32, 16
 PREFIX = "@@bench-scale "
 
@@ -78,30 +81,16 @@ def dask_array(path, block_rows):
 
 
 # ------------------------------------------------------------------------------- memory
-def _status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 class Peaks:
-    """Peak RSS and peak anonymous RSS while the block runs (sampled every 5 ms, and VmHWM)."""
+    """Peak RSS and peak anonymous RSS while the block runs (both sampled every 5 ms)."""
 
     def __enter__(self):
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            self.hwm = True
-        except OSError:
-            self.hwm = False
-        self.rss, self.anon, self._stop = [_status("VmRSS")], [_status("RssAnon")], threading.Event()
+        self.rss, self.anon, self._stop = [_rss_bytes("VmRSS")], [_rss_bytes("RssAnon")], threading.Event()
 
         def sample():
             while not self._stop.is_set():
-                self.rss.append(_status("VmRSS"))
-                self.anon.append(_status("RssAnon"))
+                self.rss.append(_rss_bytes("VmRSS"))
+                self.anon.append(_rss_bytes("RssAnon"))
                 time.sleep(0.005)
 
         self._thread = threading.Thread(target=sample, daemon=True)
@@ -111,8 +100,7 @@ class Peaks:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak_rss = max(max(self.rss), _status("VmHWM") if self.hwm else 0)
-        self.peak_anon = max(self.anon)
+        self.peak_rss, self.peak_anon = max(self.rss), max(self.anon)
         return False
 
 
