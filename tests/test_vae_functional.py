@@ -352,3 +352,35 @@ def test_negative_elbo_with_per_feature_parameters_over_many_blocks(dtype):
     check_against(lambda l, kl: F.negative_elbo(x, kl, logits=l, backend="cpp"),
                   lambda l, kl: kl.mean() - Bernoulli(logits=l, validate_args=False)
                   .log_prob(x.double()).sum(-1).mean(), (logits, kl), dtype)
+
+
+def test_cpp_results_do_not_depend_on_the_thread_count():
+    S, B, D, Dz = 3, 300, 200, 8  # large enough for the kernels to go parallel
+    x = torch.rand(B, D, generator=torch.Generator().manual_seed(0))
+    mean = leaf(S, B, D, dtype=torch.float32, seed=1)
+    lv_full = leaf(S, B, D, dtype=torch.float32, seed=2)
+    lv_feat = leaf(D, dtype=torch.float32, seed=3)
+    mu, lvz = leaf(B, Dz, dtype=torch.float32, seed=4), leaf(B, Dz, dtype=torch.float32, seed=5)
+    eps = leaf(400, B, Dz, dtype=torch.float32, seed=6, grad=False)
+    lpx = leaf(400, B, dtype=torch.float32, seed=7)
+
+    def run():
+        z, kl = F.reparameterize(mu, lvz, n_samples=50, generator=torch.Generator().manual_seed(8))
+        outs = [z, kl, F.gaussian_log_likelihood(x, mean, lv_feat),
+                F.negative_elbo(x, kl, mean=mean, logvar=lv_feat),
+                F.negative_elbo(x, kl, mean=mean, logvar=lv_full),
+                F.iwae_bound(lpx, mu, lvz, eps)]
+        grads = torch.autograd.grad(sum(o.sum() for o in outs),
+                                    (mean, lv_full, lv_feat, mu, lvz, lpx))
+        return outs + list(grads)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = run()
+        torch.set_num_threads(max(threads, 2))
+        parallel = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a, b)
