@@ -50,7 +50,9 @@ def reparameterize(mu, logvar, eps=None, *, n_samples=None, generator=None, back
     With ``eps=None`` the noise is drawn inside the kernel, a pure function of a seed taken
     from ``generator`` (torch's default generator when None, so ``torch.manual_seed`` fixes
     it) and of each element's index; it is not stored, and the backward regenerates it.
-    Then z is (B, Dz) when ``n_samples`` is None and (n_samples, B, Dz) otherwise.
+    Every backend draws the same numbers (Philox4x32-10 and Box-Muller, specified by
+    ``fastlvm.reference.vae.normal_noise``). Then z is (B, Dz) when ``n_samples`` is None and
+    (n_samples, B, Dz) otherwise.
 
     Returns ``(z, kl)`` with z of eps's shape and kl of shape (B,).
     """
