@@ -17,7 +17,7 @@ from fastlvm import GaussianMixture
 from fastlvm.mixture import checkpoint as checkpoint_module
 
 FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_")
-KW = dict(n_components=3, n_init=2, tol=3e-5, max_iter=300, random_state=0, chunk_size=1_000)
+KW = dict(n_components=3, n_init=2, tol=3e-5, max_iter=300, random_state=0, chunk_size=2_500)
 
 # The fit in the subprocess streams the same rows with a pause per chunk so it can be killed mid-fit.
 SCRIPT = textwrap.dedent("""
@@ -27,9 +27,9 @@ SCRIPT = textwrap.dedent("""
     warnings.simplefilter("ignore")
     X = np.load(sys.argv[1])
     def slowly():
-        for i in range(0, X.shape[0], 1_000):
-            time.sleep(0.002)
-            yield X[i : i + 1_000]
+        for i in range(0, X.shape[0], 2_500):
+            time.sleep(0.005)
+            yield X[i : i + 2_500]
     GaussianMixture(**eval(sys.argv[3]), checkpoint=sys.argv[2]).fit(slowly)
 """)
 

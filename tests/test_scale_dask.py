@@ -53,8 +53,10 @@ def fit(X, **kw):
 
 @pytest.fixture(scope="module")
 def client():
+    # One Numba thread per single-threaded worker: no oversubscription of the two cores.
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                  silence_logs=logging.CRITICAL) as cluster, distributed.Client(cluster) as c:
+                                  silence_logs=logging.CRITICAL, env={"NUMBA_NUM_THREADS": "1"}) as cluster, \
+            distributed.Client(cluster) as c:
         yield c
 
 
