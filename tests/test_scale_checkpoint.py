@@ -108,6 +108,7 @@ def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
         (dict(n_components=3), X[:, :3], r"n_features = 4 there but 3 here"),
         (dict(n_components=3), X[:2_000], r"n_samples = 3000 there but 2000 here"),
         (dict(n_components=3), X.astype(np.float32), r"dtype = 'float64' there but 'float32' here"),
+        (dict(n_components=3, n_init=2), X, r"n_init = 1 there but 2 here"),
     ]
     for params, data, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -240,7 +240,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         checkpoint, resumed = None, None
         if self.checkpoint is not None:
             checkpoint = Checkpoint(self.checkpoint, n_components=K, n_features=D, covariance_type=cov.name,
-                                    dtype=str(data.dtype), n_samples=N)
+                                    dtype=str(data.dtype), n_samples=N, n_init=n_inits)
             resumed = checkpoint.load()
         best, first = (resumed[3], resumed[0]) if resumed is not None else (None, 0)
         init_data = cache(lambda: self._init_data(data, init_rows, chunk_rows))  # read when first needed
@@ -305,10 +305,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             history.append(lower_bound)
             change = lower_bound - previous
             converged = abs(change) < self.tol
+            dt = time.perf_counter() - t0
             if save is not None:
                 save((params, lower_bound, n_iter, converged, history))
-            self._report(n_iter, lower_bound, change, time.perf_counter() - t0, time.perf_counter() - t_start,
-                         data.n_rows)
+            self._report(n_iter, lower_bound, change, dt, time.perf_counter() - t_start, data.n_rows)
         if self.verbose >= 2:
             print(file=sys.stderr)
         if self.verbose:
