@@ -637,8 +637,10 @@ void bind_reparam(py::module_& m) {
 }
 
 void bind_log_likelihoods(py::module_& m) {
-  // Operands (x, a, c): c is the Gaussian logvar (optional) and absent for Bernoulli.
-  auto args = [](py::object x, py::object a, py::object c, auto tag) {
+  // Operands (x, a, c): c is the Gaussian logvar (optional) and absent for Bernoulli; their
+  // gradients (optional) have the operands' shapes.
+  auto args = [](py::object x, py::object a, py::object c, py::object gx, py::object ga,
+                 py::object gc, auto tag) {
     using T = decltype(tag);
     auto [px, D] = shape2(x, "x");
     int64_t pa = shape2(a, "a").first, pc = c.is_none() ? 1 : shape2(c, "logvar").first;
@@ -646,7 +648,8 @@ void bind_log_likelihoods(py::module_& m) {
     if (R % px || R % pa || R % pc) throw py::value_error("row counts must divide the largest");
     LLArgs<T> p{data<T>(x, "x", px, D), data<T>(a, "a", pa, D),
                 data<T>(c, "logvar", pc, D, true), px, pa, pc, R, D,
-                nullptr, nullptr, nullptr, nullptr, nullptr, T(1)};
+                nullptr, data<T>(gx, "grad_x", px, D, true), data<T>(ga, "grad_a", pa, D, true),
+                data<T>(gc, "grad_logvar", pc, D, true), nullptr, T(1)};
     return p;
   };
   auto forward = [args](auto family, py::object x, py::object a, py::object c, py::object out,
@@ -654,11 +657,8 @@ void bind_log_likelihoods(py::module_& m) {
     using F = decltype(family);
     by_dtype(x, [&](auto tag) {
       using T = decltype(tag);
-      LLArgs<T> p = args(x, a, c, tag);
+      LLArgs<T> p = args(x, a, c, gx, ga, gc, tag);
       p.out = data<T>(out, "out", p.R, 1);
-      p.gx = data<T>(gx, "grad_x", p.px, p.D, true);
-      p.ga = data<T>(ga, "grad_a", p.pa, p.D, true);
-      p.gc = data<T>(gc, "grad_logvar", p.pc, p.D, true);
       for (auto [g, rows] : {std::pair<T*, int64_t>{p.gx, p.px}, {p.ga, p.pa}, {p.gc, p.pc}})
         if (g && rows != p.R && rows != 1)
           throw py::value_error("forward gradients need one row per output row, or one row");
@@ -672,11 +672,8 @@ void bind_log_likelihoods(py::module_& m) {
     using F = decltype(family);
     by_dtype(x, [&](auto tag) {
       using T = decltype(tag);
-      LLArgs<T> p = args(x, a, c, tag);
+      LLArgs<T> p = args(x, a, c, gx, ga, gc, tag);
       p.g = data<T>(g, "grad_out", p.R, 1);
-      p.gx = data<T>(gx, "grad_x", p.px, p.D, true);
-      p.ga = data<T>(ga, "grad_a", p.pa, p.D, true);
-      p.gc = data<T>(gc, "grad_logvar", p.pc, p.D, true);
       py::gil_scoped_release nogil;
       ll_backward<F, T>(p);
     });
