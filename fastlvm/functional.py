@@ -12,7 +12,9 @@ the form the kernels take (contiguous, one dtype and device, broadcasting reduce
 Every backend implements the same kernel-level API (forward and backward kernels per term).
 A backend may also offer ``<term>_fwd_grad`` kernels that compute the gradients during the
 forward pass, while the inputs are in registers; the backward pass then only scales them by
-``grad_output`` (and skips even that when it is one). That is what makes the objective cost
+``grad_output`` (and skips even that when it is one). (A backend that sets
+``FWD_GRAD_SUMS_SINGLE_ROWS`` also sums, there, the gradient of a single-row operand such as a
+per-feature logvar, which a loss-level call can use.) That is what makes the objective cost
 one read of each input and one write of each output and gradient.
 
 Periodic broadcasting: an operand with P rows used for R output rows is read at row r % P.
@@ -418,8 +420,9 @@ class _LogLikelihood(torch.autograd.Function):
         # Gradients in the forward pass are final when each belongs to a single output row,
         # or when the output is the weighted sum (then a single-row operand, such as a
         # per-feature logvar, gets the sum over rows); other periodic operands need grad_out.
+        single_rows = weight is not None and getattr(kernels, "FWD_GRAD_SUMS_SINGLE_ROWS", False)
         ctx.fused = fused is not None and any(need) and all(
-            t.shape[0] == n_rows or (weight is not None and t.shape[0] == 1)
+            t.shape[0] == n_rows or (single_rows and t.shape[0] == 1)
             for t, n in zip(operands, need) if n)
         if ctx.fused:
             out, *grads = fused(*operands, need=need, scale=1.0 if weight is None else weight)

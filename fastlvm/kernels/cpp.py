@@ -16,6 +16,11 @@ except ImportError as err:  # pragma: no cover - depends on the installation
         "(pip install -e .) or pass backend='torch'") from err
 
 
+# The *_fwd_grad kernels also take operands of a single row (a per-feature parameter) and
+# return their gradient summed over the rows (see fastlvm.functional).
+FWD_GRAD_SUMS_SINGLE_ROWS = True
+
+
 def _np(t):
     return None if t is None else t.detach().numpy()
 
