@@ -191,9 +191,10 @@ def _run_worker(args, timeout):
 
 
 # ------------------------------------------------------------------------------- report
-def report(memmap, cluster, n, iters):
+def report(memmap, cluster, n, iters, load):
     lines = [f"GMM at scale: N = {n:,} x {D} float32 (.npy memmap, {n * D * 4 / 2**30:.2f} GiB), K = {K}, "
-             f"{iters} EM passes, init on a 100,000-row sample",
+             f"{iters} EM passes, init on a 100,000-row sample; load average {load[0]:.1f} -> {load[1]:.1f} "
+             f"on {os.cpu_count()} cores",
              f"{'covariance':<11}{'rows/s':>14}{'fit (s)':>10}{'peak working':>15}{'peak RSS':>11}",
              f"{'':<11}{'(per pass)':>14}{'':>10}{'(MB, anon)':>15}{'(MB)':>11}"]
     for r in memmap:
@@ -236,6 +237,7 @@ def main(argv=None):
             dask_worker(spec["path"], spec["cov"], spec["iters"], spec["block_rows"])
         return None
     n, iters = (1_000_000, 2) if args.quick else (args.rows, args.iters)
+    load = [os.getloadavg()[0]]
     tmp = tempfile.mkdtemp(prefix="fastlvm-bench-scale-", dir=args.dir)
     try:
         path = os.path.join(tmp, "x.npy")
@@ -250,11 +252,12 @@ def main(argv=None):
                                         "block_rows": args.block_rows}, args.timeout))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    text = report(memmap, cluster, n, iters)
+    load.append(os.getloadavg()[0])
+    text = report(memmap, cluster, n, iters, load)
     print(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"memmap": memmap, "dask": cluster, "rows": n, "iters": iters}, f, indent=1)
+            json.dump({"memmap": memmap, "dask": cluster, "rows": n, "iters": iters, "load": load}, f, indent=1)
     return text
 
 
