@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
     X = np.load(sys.argv[1])
     def slowly():
         for i in range(0, X.shape[0], 2_500):
-            time.sleep(0.005)
+            time.sleep(0.008)
             yield X[i : i + 2_500]
     GaussianMixture(**eval(sys.argv[3]), checkpoint=sys.argv[2]).fit(slowly)
 """)
@@ -75,7 +75,7 @@ def test_killed_fit_resumes_to_the_uninterrupted_answer(uninterrupted, tmp_path,
         while (progress(path) or (-1, -1)) < kill_at:
             assert proc.poll() is None, "the fit ended before it could be killed"
             assert time.time() < deadline, "no checkpoint progress"
-            time.sleep(0.005)
+            time.sleep(0.008)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
