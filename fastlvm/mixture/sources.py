@@ -83,6 +83,8 @@ def _select_rows(rows, offset, chunk):
 
 
 class Source:
+    """What EM needs of its data: the shape, the arithmetic dtype and passes over row chunks."""
+
     n_rows: int
     n_features: int
     dtype: np.dtype
@@ -97,8 +99,7 @@ class Source:
 
     def take(self, rows, chunk_rows):
         """The rows with the given sorted global indices, as one array (one pass)."""
-        parts = [p for p in self.map(lambda offset, chunk: _select_rows(rows, offset, chunk), chunk_rows)]
-        return np.concatenate(parts)
+        return np.concatenate(list(self.map(lambda offset, chunk: _select_rows(rows, offset, chunk), chunk_rows)))
 
     def head(self):
         """The first row, shape (1, n_features)."""
@@ -118,8 +119,8 @@ class ArraySource(Source):
         self.n_rows, self.n_features = shape
         self.dtype = fit_dtype(X.dtype)
 
-    def chunks(self, chunk_rows, start=0):
-        for a in range(start, self.n_rows, chunk_rows):
+    def chunks(self, chunk_rows):
+        for a in range(0, self.n_rows, chunk_rows):
             raw = self.array[a : a + chunk_rows]
             if self.trusted:
                 yield a, np.ascontiguousarray(raw, dtype=self.dtype)
