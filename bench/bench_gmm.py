@@ -97,7 +97,8 @@ def make_data(n, d, k, dtype, seed=SEED, spread=1.0):
 
 def initial_parameters(x, k, cov, seed=SEED + 1):
     """Uniform weights, k distinct data rows as means, the data's per-feature variance as
-    every component's (diagonal) covariance. Returned in float64 and sklearn's conventions."""
+    every component's (diagonal) covariance, in sklearn's conventions and the data's dtype
+    (float64 initial parameters would make scikit-learn run a float32 fit in float64)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -111,7 +112,8 @@ def initial_parameters(x, k, cov, seed=SEED + 1):
     else:
         covariances = np.repeat(var[None], k, axis=0)
         precisions = 1.0 / covariances
-    return {"weights": weights, "means": means, "covariances": covariances, "precisions": precisions}
+    params = {"weights": weights, "means": means, "covariances": covariances, "precisions": precisions}
+    return {name: value.astype(x.dtype) for name, value in params.items()}
 
 
 def precision_cholesky(covariances, cov):
@@ -165,7 +167,7 @@ class SklearnLike:
         c, init = self.case, self.init
         if c.cov == "kmeans":
             kw = {"algorithm": "lloyd"} if self.lib == "sklearn" else {}
-            km = self.KMeans(c.k, init=init["means"].astype(x.dtype), n_init=1, max_iter=max_iter, tol=0.0, **kw)
+            km = self.KMeans(c.k, init=init["means"], n_init=1, max_iter=max_iter, tol=0.0, **kw)
             km.fit(x)
             return {"inertia": float(km.inertia_)}, int(km.n_iter_)
         gm = self.GaussianMixture(
