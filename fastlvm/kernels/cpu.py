@@ -21,8 +21,15 @@ blocks: the caller limits BLAS to one thread (see `blas_single_thread`), so ther
 parallelism. Arithmetic is in the data's dtype; statistics accumulate in float64 across sub-chunks.
 """
 
-import numpy as np
-from numba import njit, prange
+import os
+
+# OpenMP workers that busy-wait between parallel regions steal the cores from everything that
+# runs next (BLAS, other processes); on a busy machine that made small kernel calls 100x slower.
+# Read once when Numba first loads its OpenMP layer; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
 
 FULL, TIED, DIAG, SPHERICAL = 0, 1, 2, 3
 BLOCK_ROWS = 4096  # rows reduced serially into one partial; fixed, so results ignore threads
