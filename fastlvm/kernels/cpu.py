@@ -15,10 +15,15 @@ and blocks are summed in index order, so the result does not depend on the numbe
 Every covariance type shares one layout, so one driver serves all four:
     prec    full (K,D,D) upper-triangular   tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
     second  full (K,D,D)                    tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
-Rows are processed in sub-chunks whose products (centred rows by P_k, weighted rows by rows, and
-the diag/spherical expansion below) are single-threaded BLAS calls inside the parallel loop over
-blocks: the caller limits BLAS to one thread (see `blas_single_thread`), so there is one level of
-parallelism. Arithmetic is in the data's dtype; statistics accumulate in float64 across sub-chunks.
+Rows are processed in sub-chunks of SUB_ROWS. Inside one, per-row quantities are stored with the
+row index last (log p as (K, rows), whitened rows as (D, rows)), so the elementwise passes
+(squared norms, log-sum-exp, weighting) run along contiguous rows and vectorise. The products
+(centred rows by P_k, weighted rows by rows, the diag/spherical expansion below) are
+single-threaded BLAS calls inside the parallel loop over blocks: the caller limits BLAS to one
+thread (see `blas_single_thread`), so there is one level of parallelism. Arithmetic is in the
+data's dtype, log-probabilities and responsibilities in float64, and statistics accumulate in
+float64 across sub-chunks. The last sub-chunk of a block is padded with zero rows, which carry
+zero responsibility, so every product has the same shape.
 """
 
 import os
@@ -33,11 +38,13 @@ from numba import njit, prange  # noqa: E402
 
 FULL, TIED, DIAG, SPHERICAL = 0, 1, 2, 3
 BLOCK_ROWS = 4096  # rows reduced serially into one partial; fixed, so results ignore threads
-SUB_ROWS = 256  # rows per sub-chunk: its small products run near BLAS speed and stay in cache
+SUB_ROWS = 128  # rows per sub-chunk: its products run near BLAS speed and its buffers stay in cache
 
 # Reassociation lets reductions vectorise; NaN/inf semantics are kept (no 'nnan'/'ninf').
 _FASTMATH = {"reassoc", "contract", "arcp"}
 _jit = njit(fastmath=_FASTMATH, cache=True, nogil=True)
+# Per-row loops are inlined into the kernels so they vectorise where they are used.
+_inline = njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
 
 
 _controller = None
@@ -54,160 +61,115 @@ def blas_single_thread():
     return _controller.limit(limits=1, user_api="blas")
 
 
+# ----------------------------------------------------------------------------- exp
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.6931471803691238  # ln 2 split so that n * _LN2_HI is exact for |n| < 2^11
+_LN2_LO = 1.9082149292705877e-10
+_EXP_MIN = -708.0  # below this exp(t) is subnormal or zero; returned as 0 (a responsibility < 1e-307)
+
+
+@_inline
+def _exp_nonpositive(a, n, bits):
+    """a[:n] = exp(a[:n]) for a <= 0, to a few ulp, in loops that vectorise (libm's exp does not):
+    exp(t) = 2^m exp(r), m = round(t / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series to r^12
+    (remainder < 2e-16 relative), 2^m assembled in the exponent bits of a float64."""
+    for i in range(n):
+        t = max(a[i], _EXP_MIN)
+        m = np.floor(t * _LOG2E + 0.5)
+        r = (t - m * _LN2_HI) - m * _LN2_LO
+        p = 1.0 / 479001600.0
+        p = p * r + 1.0 / 39916800.0
+        p = p * r + 1.0 / 3628800.0
+        p = p * r + 1.0 / 362880.0
+        p = p * r + 1.0 / 40320.0
+        p = p * r + 1.0 / 5040.0
+        p = p * r + 1.0 / 720.0
+        p = p * r + 1.0 / 120.0
+        p = p * r + 1.0 / 24.0
+        p = p * r + 1.0 / 6.0
+        p = p * r + 0.5
+        p = p * r + 1.0
+        p = p * r + 1.0
+        a[i] = p if a[i] >= _EXP_MIN else 0.0
+        bits[i] = (np.int64(m) + 1023) << 52
+    scale = bits.view(np.float64)
+    for i in range(n):
+        a[i] *= scale[i]
+
+
 # ----------------------------------------------------------------------------- full and tied
-@_jit
+# The full type works in whitened coordinates y_i = P_k^T (x_i - mu_k): the E-step needs ||y_i||^2,
+# and the M-step sums r_ik y_i and r_ik y_i y_i^T, which map back to the moments about mu_k once per
+# pass (s_k = P_k^-T sum r y, S_k = P_k^-T (sum r y y^T) P_k^-1), so each row is centred and
+# multiplied by P_k once. The sub-chunk keeps every component's y: Yt (K, D, rows).
+@_inline
 def _centre_rows(X, r0, C, m, d):
     """d[:C] = X[r0:r0+C] - m"""
-    for i in range(C):
-        for p in range(X.shape[1]):
-            d[i, p] = X[r0 + i, p] - m[p]
-
-
-@_jit
-def _sq_norms_minus(y, C, b, q):
-    """q[i] = ||y_i - b||^2"""
-    for i in range(C):
-        acc = 0.0
-        for p in range(y.shape[1]):
-            v = y[i, p] - b[p]
-            acc += v * v
-        q[i] = acc
-
-
-@_jit
-def _log_prob_matrix(kind, X, r0, C, means, prec, log_norm, centre, b, logp, d, y, q):
-    K = means.shape[0]
-    zero = np.zeros(X.shape[1], dtype=X.dtype)
-    if kind == TIED:
-        # y_i = P^T (x_i - c) once; then P^T (x_i - mu_k) = y_i - b_k with b_k = P^T (mu_k - c).
-        _centre_rows(X, r0, C, centre, d)
-        np.dot(d[:C], prec[0], y[:C])
-        for k in range(K):
-            _sq_norms_minus(y, C, b[k], q)
-            for i in range(C):
-                logp[i, k] = log_norm[k] - 0.5 * q[i]
-        return
-    for k in range(K):
-        _centre_rows(X, r0, C, means[k], d)
-        np.dot(d[:C], prec[k], y[:C])
-        _sq_norms_minus(y, C, zero, q)
-        for i in range(C):
-            logp[i, k] = log_norm[k] - 0.5 * q[i]
-
-
-@_jit
-def _accumulate_matrix(kind, X, r0, C, resp, means, centre, n, s, second, d, z, prod):
-    K, D = means.shape
-    if kind == TIED:  # second moment about c does not depend on r
-        _centre_rows(X, r0, C, centre, d)
-        np.dot(d[:C].T, d[:C], prod)
-        second[0] += prod
-    for k in range(K):
-        tot = 0.0
-        for i in range(C):
-            tot += resp[i, k]
-        if tot == 0.0:
-            continue  # exact zero weight adds nothing
-        if kind == FULL:
-            _centre_rows(X, r0, C, means[k], d)
-        for i in range(C):
-            w = resp[i, k]
-            n[k] += w
-            for p in range(D):
-                z[i, p] = w * d[i, p]
-                s[k, p] += z[i, p]
-        if kind == FULL:
-            np.dot(z[:C].T, d[:C], prod)
-            second[k] += prod
-
-
-# ------------------------------------------------------------------------- diag and spherical
-# With a = x - c (c the mixture mean) and m_k = mu_k - c, a diagonal Mahalanobis distance is
-#   sum_p prec_kp (a_p - m_kp)^2 = [a^2, a] . [prec_k, -2 prec_k m_k] + sum_p prec_kp m_kp^2,
-# so one (C x 2D) @ (2D x K) product gives every row's distances, and one (K x C) @ (C x 2D)
-# product gives the weighted sums of a and a^2 (moments about c).
-@_jit
-def _vector_weights(kind, means, prec, centre):
-    """(W (2D, K), offsets (K,)) of the expansion above; prec2 = squared precision Cholesky."""
-    K, D = means.shape
-    W = np.empty((2 * D, K), dtype=means.dtype)
-    off = np.zeros(K)
-    for k in range(K):
-        for p in range(D):
-            a = prec[k, 0, p] if kind == DIAG else prec[k, 0, 0]
-            p2 = a * a
-            m = means[k, p] - centre[p]
-            W[p, k] = p2
-            W[D + p, k] = -2.0 * p2 * m
-            off[k] += p2 * m * m
-    return W, off
-
-
-@_jit
-def _squares_and_rows(X, r0, C, centre, aa):
-    """aa[i] = [(x_i - c)^2, x_i - c]"""
     D = X.shape[1]
     for i in range(C):
+        xi = X[r0 + i]
+        di = d[i]
         for p in range(D):
-            a = X[r0 + i, p] - centre[p]
-            aa[i, p] = a * a
-            aa[i, D + p] = a
+            di[p] = xi[p] - m[p]
+
+
+@_inline
+def _log_prob_whitened(Yt, C, b, log_norm_k, logp_k, q):
+    """logp_k[i] = log_norm_k - ||Yt[:, i] - b||^2 / 2 for i < C"""
+    for i in range(C):
+        q[i] = 0.0
+    for p in range(Yt.shape[0]):
+        row = Yt[p]
+        bp = b[p]
+        for i in range(C):
+            v = row[i] - bp
+            q[i] += v * v
+    for i in range(C):
+        logp_k[i] = log_norm_k - 0.5 * q[i]
+
+
+@_inline
+def _accumulate_whitened(Yt, r, n, s, second, k, Zt, prod):
+    """n[k] += sum r, s[k] += Yt r, second[k] += Yt diag(r) Yt^T (r (rows,) in the data's dtype,
+    zero on padding rows)."""
+    D, rows = Yt.shape
+    tot = 0.0
+    for i in range(rows):
+        tot += r[i]
+    if tot == 0.0:
+        return  # exact zero weight adds nothing
+    n[k] += tot
+    for p in range(D):
+        row = Yt[p]
+        zrow = Zt[p]
+        acc = Yt.dtype.type(0.0)
+        for i in range(rows):
+            v = r[i] * row[i]
+            zrow[i] = v
+            acc += v
+        s[k, p] += acc
+    np.dot(Zt, Yt.T, prod)
+    for p in range(D):
+        for j in range(D):
+            second[k, p, j] += prod[p, j]
 
 
 @_jit
-def _log_prob_vector(X, r0, C, W, off, log_norm, centre, logp, aa, dist):
-    _squares_and_rows(X, r0, C, centre, aa)
-    np.dot(aa[:C], W, dist[:C])
-    for i in range(C):
-        for k in range(W.shape[1]):
-            logp[i, k] = log_norm[k] - 0.5 * (dist[i, k] + off[k])
-
-
-@_jit
-def _accumulate_vector(kind, C, resp, n, s, second, aa, rd, mom):
-    K = n.shape[0]
-    D = s.shape[1]
-    for i in range(C):
-        for k in range(K):
-            rd[i, k] = resp[i, k]
-            n[k] += resp[i, k]
-    np.dot(rd[:C].T, aa[:C], mom)
+def _unwhiten(prec, s, second):
+    """Moments from whitened sums, in place: s_k <- A_k^T s_k, S_k <- A_k^T S_k A_k, A_k = P_k^-1."""
+    K, D = s.shape
     for k in range(K):
-        for p in range(D):
-            s[k, p] += mom[k, D + p]
-            if kind == DIAG:
-                second[k, 0, p] += mom[k, p]
-            else:
-                second[k, 0, 0] += mom[k, p]
-
-
-# ----------------------------------------------------------------------------- shared
-@_jit
-def _normalise(logp, C, hard, resp, row_ll):
-    """Responsibilities (soft: exp(logp - logsumexp); hard: one-hot argmax) and each row's
-    log p(x) (hard: max_k log p(x, k))."""
-    K = logp.shape[1]
-    for i in range(C):
-        best = 0
-        mx = logp[i, 0]
-        for k in range(1, K):
-            if logp[i, k] > mx:
-                mx = logp[i, k]
-                best = k
-        if hard:
-            for k in range(K):
-                resp[i, k] = 0.0
-            resp[i, best] = 1.0
-            row_ll[i] = mx
-        else:
-            tot = 0.0
-            for k in range(K):
-                resp[i, k] = np.exp(logp[i, k] - mx)
-                tot += resp[i, k]
-            inv = 1.0 / tot
-            for k in range(K):
-                resp[i, k] *= inv
-            row_ll[i] = mx + np.log(tot)
+        P = prec[k].astype(np.float64)
+        A = np.zeros((D, D))
+        for j in range(D):  # back substitution of P A = I, P upper triangular
+            A[j, j] = 1.0 / P[j, j]
+            for i in range(j - 1, -1, -1):
+                acc = 0.0
+                for m in range(i + 1, j + 1):
+                    acc += P[i, m] * A[m, j]
+                A[i, j] = -acc / P[i, i]
+        s[k] = s[k] @ A
+        second[k] = A.T @ (second[k] @ A)
 
 
 @_jit
@@ -225,14 +187,160 @@ def _tied_offsets(kind, means, prec, centre):
     return b
 
 
+# ------------------------------------------------------------------------- diag and spherical
+# With a = x - c (c the mixture mean) and m_k = mu_k - c, a diagonal Mahalanobis distance is
+#   sum_p prec_kp (a_p - m_kp)^2 = [prec_k, -2 prec_k m_k] . [a^2, a] + sum_p prec_kp m_kp^2,
+# so one (K x 2D) @ (2D x rows) product gives every row's distances, and one (K x rows) @ (rows x 2D)
+# product gives the weighted sums of a and a^2 (moments about c).
 @_jit
-def _sub_chunk_log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, W, off, logp, d, y, q, aa, dist):
-    if kind == FULL or kind == TIED:
-        _log_prob_matrix(kind, X, r0, C, means, prec, log_norm, centre, b, logp, d, y, q)
+def _vector_weights(kind, means, prec, centre):
+    """(Wt (K, 2D), offsets (K,)) of the expansion above."""
+    K, D = means.shape
+    Wt = np.empty((K, 2 * D), dtype=means.dtype)
+    off = np.zeros(K)
+    for k in range(K):
+        for p in range(D):
+            a = prec[k, 0, p] if kind == DIAG else prec[k, 0, 0]
+            p2 = a * a
+            m = means[k, p] - centre[p]
+            Wt[k, p] = p2
+            Wt[k, D + p] = -2.0 * p2 * m
+            off[k] += p2 * m * m
+    return Wt, off
+
+
+@_inline
+def _squares_and_rows(X, r0, C, centre, aa):
+    """aa[i] = [(x_i - c)^2, x_i - c] for i < C"""
+    D = X.shape[1]
+    for i in range(C):
+        xi = X[r0 + i]
+        ai = aa[i]
+        for p in range(D):
+            a = xi[p] - centre[p]
+            ai[p] = a * a
+            ai[D + p] = a
+
+
+# ----------------------------------------------------------------------------- one sub-chunk
+@_inline
+def _transform(kind, X, r0, C, means, prec, centre, d, Yt, aa):
+    """The rows in the form the type's products need: Yt[k] = P_k^T (x - mu_k) (full),
+    Yt[0] = P^T (x - c) and d = x - c (tied), aa = [(x - c)^2, x - c] (diag, spherical).
+    Padding rows of d and aa must be zero."""
+    if kind == FULL:
+        for k in range(means.shape[0]):
+            _centre_rows(X, r0, C, means[k], d)
+            np.dot(prec[k].T, d.T, Yt[k])
+    elif kind == TIED:
+        _centre_rows(X, r0, C, centre, d)
+        np.dot(prec[0].T, d.T, Yt[0])
     else:
-        _log_prob_vector(X, r0, C, W, off, log_norm, centre, logp, aa, dist)
+        _squares_and_rows(X, r0, C, centre, aa)
 
 
+@_inline
+def _log_prob(kind, C, log_norm, b, Wt, off, Yt, aa, logp, q, dist):
+    """logp[k, i] = log p(x_i, k) for i < C, from _transform's output."""
+    K = logp.shape[0]
+    if kind == FULL:
+        zero = np.zeros(Yt.shape[1], dtype=Yt.dtype)
+        for k in range(K):
+            _log_prob_whitened(Yt[k], C, zero, log_norm[k], logp[k], q)
+    elif kind == TIED:
+        for k in range(K):
+            _log_prob_whitened(Yt[0], C, b[k], log_norm[k], logp[k], q)
+    else:
+        np.dot(Wt, aa.T, dist)
+        for k in range(K):
+            for i in range(C):
+                logp[k, i] = log_norm[k] - 0.5 * (dist[k, i] + off[k])
+
+
+@_inline
+def _normalise(logp, C, hard, resp, row_ll, best, bits):
+    """resp[k, i] (soft: exp(logp - logsumexp); hard: one-hot argmax), each row's log p(x)
+    (hard: max_k log p(x, k)) and argmax best[i], for i < C; resp is zero on padding rows."""
+    K, rows = logp.shape
+    for i in range(C):
+        row_ll[i] = logp[0, i]
+        best[i] = 0
+    for k in range(1, K):
+        for i in range(C):
+            if logp[k, i] > row_ll[i]:
+                row_ll[i] = logp[k, i]
+                best[i] = k
+    if hard:
+        for k in range(K):
+            for i in range(C):
+                resp[k, i] = 1.0 if best[i] == k else 0.0
+    else:
+        tot = np.zeros(C)
+        for k in range(K):
+            rk = resp[k]
+            for i in range(C):
+                rk[i] = logp[k, i] - row_ll[i]
+            _exp_nonpositive(rk, C, bits)
+            for i in range(C):
+                tot[i] += rk[i]
+        for i in range(C):
+            tot[i] = 1.0 / tot[i]
+        for k in range(K):
+            for i in range(C):
+                resp[k, i] *= tot[i]
+        for i in range(C):
+            row_ll[i] -= np.log(tot[i])
+    for k in range(K):
+        for i in range(C, rows):
+            resp[k, i] = 0.0
+
+
+@_inline
+def _accumulate(kind, C, resp, n, s, second, d, Yt, aa, rd, mom, Zt, prod):
+    """Adds the sub-chunk's statistics under responsibilities resp (K, rows)."""
+    K, rows = resp.shape
+    D = s.shape[1]
+    for k in range(K):
+        for i in range(rows):
+            rd[k, i] = resp[k, i]
+    if kind == FULL:
+        for k in range(K):
+            _accumulate_whitened(Yt[k], rd[k], n, s, second, k, Zt, prod)
+        return
+    for k in range(K):
+        tot = 0.0
+        for i in range(C):
+            tot += resp[k, i]
+        n[k] += tot
+    if kind == TIED:  # the second moment about c does not depend on r
+        np.dot(d.T, d, prod)
+        for p in range(D):
+            for j in range(D):
+                second[0, p, j] += prod[p, j]
+        np.dot(rd, d, mom)
+        for k in range(K):
+            for p in range(D):
+                s[k, p] += mom[k, p]
+        return
+    np.dot(rd, aa, mom)
+    for k in range(K):
+        for p in range(D):
+            s[k, p] += mom[k, D + p]
+            if kind == DIAG:
+                second[k, 0, p] += mom[k, p]
+            else:
+                second[k, 0, 0] += mom[k, p]
+
+
+@_jit
+def _n_whitened(kind, K):
+    """Yt's length: one (D, rows) per component (full), one (tied), none (diag, spherical)."""
+    if kind == FULL:
+        return K
+    return 1 if kind == TIED else 0
+
+
+# ----------------------------------------------------------------------------- drivers
 @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
 def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, block_rows=BLOCK_ROWS):
     """Sufficient statistics of the rows of X under the current parameters.
@@ -256,42 +364,44 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, block_rows
     worst_ll = np.full(n_blocks, np.inf)
     worst_row = np.zeros(n_blocks, dtype=np.int64)
     b = _tied_offsets(kind, means, prec, centre)
-    W, off = _vector_weights(kind, means, prec, centre)
+    Wt, off = _vector_weights(kind, means, prec, centre)
+    given = resp_in.shape[0] == N
     for blk in prange(n_blocks):
-        d = np.empty((sub, D), dtype=X.dtype)
-        y = np.empty((sub, D), dtype=X.dtype)
+        d = np.zeros((sub, D), dtype=X.dtype)
+        Yt = np.empty((_n_whitened(kind, K), D, sub), dtype=X.dtype)
+        Zt = np.empty((D, sub), dtype=X.dtype)
         prod = np.empty((D, D), dtype=X.dtype)
+        aa = np.zeros((sub, 2 * D), dtype=X.dtype)
+        dist = np.empty((K, sub), dtype=X.dtype)
+        rd = np.empty((K, sub), dtype=X.dtype)
+        mom = np.empty((K, D if kind == TIED else 2 * D), dtype=X.dtype)
         q = np.empty(sub, dtype=X.dtype)
-        aa = np.empty((sub, 2 * D), dtype=X.dtype)
-        dist = np.empty((sub, K), dtype=X.dtype)
-        mom = np.empty((K, 2 * D), dtype=X.dtype)
-        logp = np.empty((sub, K))
-        resp = np.empty((sub, K))
+        logp = np.empty((K, sub))
+        resp = np.empty((K, sub))
         row_ll = np.empty(sub)
+        best = np.empty(sub, dtype=np.int64)
+        bits = np.empty(sub, dtype=np.int64)
         stop = min(N, (blk + 1) * block_rows)
         for r0 in range(blk * block_rows, stop, sub):
             C = min(sub, stop - r0)
-            if resp_in.shape[0] == N:
-                for i in range(C):
-                    row_ll[i] = 0.0
-                    for k in range(K):
-                        resp[i, k] = resp_in[r0 + i, k]
-                if kind == DIAG or kind == SPHERICAL:
-                    _squares_and_rows(X, r0, C, centre, aa)
+            if C < sub:
+                d[C:] = 0
+                aa[C:] = 0
+            _transform(kind, X, r0, C, means, prec, centre, d, Yt, aa)
+            if given:
+                for k in range(K):
+                    for i in range(sub):
+                        resp[k, i] = resp_in[r0 + i, k] if i < C else 0.0
+                row_ll[:C] = 0.0
             else:
-                _sub_chunk_log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, W, off, logp, d, y, q, aa,
-                                    dist)
-                _normalise(logp, C, hard, resp, row_ll)
+                _log_prob(kind, C, log_norm, b, Wt, off, Yt, aa, logp, q, dist)
+                _normalise(logp, C, hard, resp, row_ll, best, bits)
             for i in range(C):
                 b_ll[blk] += row_ll[i]
                 if row_ll[i] < worst_ll[blk]:
                     worst_ll[blk] = row_ll[i]
                     worst_row[blk] = r0 + i
-            if kind == FULL or kind == TIED:
-                _accumulate_matrix(kind, X, r0, C, resp, means, centre, b_n[blk], b_s[blk], b_second[blk], d, y,
-                                   prod)
-            else:
-                _accumulate_vector(kind, C, resp, b_n[blk], b_s[blk], b_second[blk], aa, dist, mom)
+            _accumulate(kind, C, resp, b_n[blk], b_s[blk], b_second[blk], d, Yt, aa, rd, mom, Zt, prod)
     # Fixed-order reduction over blocks.
     n = np.zeros(K)
     s = np.zeros((K, D))
@@ -302,6 +412,8 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, block_rows
         s += b_s[blk]
         second += b_second[blk]
         ll += b_ll[blk]
+    if kind == FULL:
+        _unwhiten(prec, s, second)
     return n, s, second, ll, worst_ll, worst_row
 
 
@@ -316,27 +428,27 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
     want_logp = out_logp.shape[0] == N
     n_sub = (N + sub - 1) // sub
     b = _tied_offsets(kind, means, prec, centre)
-    W, off = _vector_weights(kind, means, prec, centre)
+    Wt, off = _vector_weights(kind, means, prec, centre)
     for c in prange(n_sub):
-        d = np.empty((sub, D), dtype=X.dtype)
-        y = np.empty((sub, D), dtype=X.dtype)
-        aa = np.empty((sub, 2 * D), dtype=X.dtype)
-        dist = np.empty((sub, K), dtype=X.dtype)
+        d = np.zeros((sub, D), dtype=X.dtype)
+        Yt = np.empty((_n_whitened(kind, K), D, sub), dtype=X.dtype)
+        aa = np.zeros((sub, 2 * D), dtype=X.dtype)
+        dist = np.empty((K, sub), dtype=X.dtype)
         q = np.empty(sub, dtype=X.dtype)
-        logp = np.empty((sub, K))
-        resp = np.empty((sub, K))
+        logp = np.empty((K, sub))
+        resp = np.empty((K, sub))
         row_ll = np.empty(sub)
+        best = np.empty(sub, dtype=np.int64)
+        bits = np.empty(sub, dtype=np.int64)
         r0 = c * sub
         C = min(sub, N - r0)
-        _sub_chunk_log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, W, off, logp, d, y, q, aa, dist)
-        _normalise(logp, C, hard, resp, row_ll)
+        _transform(kind, X, r0, C, means, prec, centre, d, Yt, aa)
+        _log_prob(kind, C, log_norm, b, Wt, off, Yt, aa, logp, q, dist)
+        _normalise(logp, C, hard, resp, row_ll, best, bits)
         for i in range(C):
             out_ll[r0 + i] = row_ll[i]
-            best = 0
-            for k in range(1, K):
-                if logp[i, k] > logp[i, best]:
-                    best = k
-            out_label[r0 + i] = best
-            if want_logp:
+            out_label[r0 + i] = best[i]
+        if want_logp:
+            for i in range(C):
                 for k in range(K):
-                    out_logp[r0 + i, k] = logp[i, k]
+                    out_logp[r0 + i, k] = logp[k, i]
