@@ -300,9 +300,13 @@ def _accumulate(kind, C, resp, n, s, second, d, Yt, aa, rd, mom, Zt, prod):
     """Adds the sub-chunk's statistics under responsibilities resp (K, rows)."""
     K, rows = resp.shape
     D = s.shape[1]
+    # Responsibilities below the dtype's smallest normal number become zero: as float32 subnormals
+    # they would add nothing but slow every product they enter many times over.
+    tiny = np.finfo(rd.dtype).tiny
     for k in range(K):
         for i in range(rows):
-            rd[k, i] = resp[k, i]
+            r = resp[k, i]
+            rd[k, i] = r if r >= tiny else 0.0
     if kind == FULL:
         for k in range(K):
             _accumulate_whitened(Yt[k], rd[k], n, s, second, k, Zt, prod)
