@@ -15,9 +15,8 @@ and blocks are summed in index order, so the result does not depend on the numbe
 Every covariance type shares one layout, so one driver serves all four:
     prec    full (K,D,D) upper-triangular   tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
     second  full (K,D,D)                    tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
-Rows are processed in sub-chunks of SUB_ROWS. Inside one, per-row quantities are stored with the
-row index last (log p as (K, rows), whitened rows as (D, rows)), so the elementwise passes
-(squared norms, log-sum-exp, weighting) run along contiguous rows and vectorise. The products
+Rows are processed in sub-chunks of SUB_ROWS. Inside one, log-probabilities and responsibilities
+are stored as (K, rows), so the log-sum-exp runs along contiguous rows and vectorises. The products
 (centred rows by P_k, weighted rows by rows, the diag/spherical expansion below) are
 single-threaded BLAS calls inside the parallel loop over blocks: the caller limits BLAS to one
 thread (see `blas_single_thread`), so there is one level of parallelism. Arithmetic is in the
@@ -100,8 +99,10 @@ def _exp_nonpositive(a, n, bits):
 # ----------------------------------------------------------------------------- full and tied
 # The full type works in whitened coordinates y_i = P_k^T (x_i - mu_k): the E-step needs ||y_i||^2,
 # and the M-step sums r_ik y_i and r_ik y_i y_i^T, which map back to the moments about mu_k once per
-# pass (s_k = P_k^-T sum r y, S_k = P_k^-T (sum r y y^T) P_k^-1), so each row is centred and
-# multiplied by P_k once. The sub-chunk keeps every component's y: Yt (K, D, rows).
+# pass (s_k = P_k^-T sum r y, S_k = P_k^-T (sum r y y^T) P_k^-1), so each row is multiplied by P_k
+# once. Rows are centred once, on the mixture mean c, and y_i = P_k^T (x_i - c) - b_k with
+# b_k = P_k^T (mu_k - c): the rounding of y is then relative to |mu_k - c| / sigma_k rather than to
+# |x|, and the moments need no cancelling correction. The sub-chunk keeps every y: Y (K, rows, D).
 @_inline
 def _centre_rows(X, r0, C, m, d):
     """d[:C] = X[r0:r0+C] - m"""
@@ -114,41 +115,42 @@ def _centre_rows(X, r0, C, m, d):
 
 
 @_inline
-def _log_prob_whitened(Yt, C, b, log_norm_k, logp_k, q):
-    """logp_k[i] = log_norm_k - ||Yt[:, i] - b||^2 / 2 for i < C"""
+def _shift_log_prob(Y, C, b, log_norm_k, logp_k, keep):
+    """logp_k[i] = log_norm_k - ||Y[i] - b||^2 / 2 for i < C; Y[i] becomes Y[i] - b unless keep."""
     for i in range(C):
-        q[i] = 0.0
-    for p in range(Yt.shape[0]):
-        row = Yt[p]
-        bp = b[p]
-        for i in range(C):
-            v = row[i] - bp
-            q[i] += v * v
-    for i in range(C):
-        logp_k[i] = log_norm_k - 0.5 * q[i]
+        yi = Y[i]
+        acc = Y.dtype.type(0.0)
+        for p in range(Y.shape[1]):
+            v = yi[p] - b[p]
+            if not keep:
+                yi[p] = v
+            acc += v * v
+        logp_k[i] = log_norm_k - 0.5 * acc
 
 
 @_inline
-def _accumulate_whitened(Yt, r, n, s, second, k, Zt, prod):
-    """n[k] += sum r, s[k] += Yt r, second[k] += Yt diag(r) Yt^T (r (rows,) in the data's dtype,
+def _accumulate_whitened(Y, r, n, s, second, k, Z, acc, prod):
+    """n[k] += sum r, s[k] += Y^T r, second[k] += Y^T diag(r) Y (r (rows,) in the data's dtype,
     zero on padding rows)."""
-    D, rows = Yt.shape
+    rows, D = Y.shape
     tot = 0.0
     for i in range(rows):
         tot += r[i]
     if tot == 0.0:
         return  # exact zero weight adds nothing
     n[k] += tot
+    acc[:] = 0.0
+    for i in range(rows):
+        yi = Y[i]
+        zi = Z[i]
+        ri = r[i]
+        for p in range(D):
+            v = ri * yi[p]
+            zi[p] = v
+            acc[p] += v
     for p in range(D):
-        row = Yt[p]
-        zrow = Zt[p]
-        acc = Yt.dtype.type(0.0)
-        for i in range(rows):
-            v = r[i] * row[i]
-            zrow[i] = v
-            acc += v
-        s[k, p] += acc
-    np.dot(Zt, Yt.T, prod)
+        s[k, p] += acc[p]
+    np.dot(Z.T, Y, prod)
     for p in range(D):
         for j in range(D):
             second[k, p, j] += prod[p, j]
@@ -173,16 +175,17 @@ def _unwhiten(prec, s, second):
 
 
 @_jit
-def _tied_offsets(kind, means, prec, centre):
-    """b_k = P^T (mu_k - c) for the tied type (unused otherwise)."""
+def _whitened_offsets(kind, means, prec, centre):
+    """b_k = P_k^T (mu_k - c) (full; tied: P for every k), so that P_k^T (x - mu_k) = P_k^T (x - c) - b_k."""
     K, D = means.shape
     b = np.zeros((K, D), dtype=means.dtype)
-    if kind == TIED:
+    if kind == FULL or kind == TIED:
         for k in range(K):
+            P = prec[k] if kind == FULL else prec[0]
             for j in range(D):
                 acc = 0.0
                 for p in range(j + 1):
-                    acc += prec[0, p, j] * (means[k, p] - centre[p])
+                    acc += P[p, j] * (means[k, p] - centre[p])
                 b[k, j] = acc
     return b
 
@@ -224,33 +227,23 @@ def _squares_and_rows(X, r0, C, centre, aa):
 
 # ----------------------------------------------------------------------------- one sub-chunk
 @_inline
-def _transform(kind, X, r0, C, means, prec, centre, d, Yt, aa):
-    """The rows in the form the type's products need: Yt[k] = P_k^T (x - mu_k) (full),
-    Yt[0] = P^T (x - c) and d = x - c (tied), aa = [(x - c)^2, x - c] (diag, spherical).
-    Padding rows of d and aa must be zero."""
-    if kind == FULL:
-        for k in range(means.shape[0]):
-            _centre_rows(X, r0, C, means[k], d)
-            np.dot(prec[k].T, d.T, Yt[k])
-    elif kind == TIED:
+def _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp):
+    """logp[k, i] = log p(x_i, k) for i < C, leaving the rows in the form the type's M-step needs:
+    Y[k] = P_k^T (x - mu_k) = P_k^T (x - c) - b_k (full), Y[0] = P^T (x - c) and d = x - c (tied),
+    aa = [(x - c)^2, x - c] (diag, spherical). Padding rows of d and aa must be zero."""
+    K = means.shape[0]
+    if kind == FULL or kind == TIED:
         _centre_rows(X, r0, C, centre, d)
-        np.dot(prec[0].T, d.T, Yt[0])
+        if kind == TIED:
+            np.dot(d, prec[0], Y[0])
+        for k in range(K):
+            if kind == FULL:
+                np.dot(d, prec[k], Y[k])
+                _shift_log_prob(Y[k], C, b[k], log_norm[k], logp[k], False)
+            else:
+                _shift_log_prob(Y[0], C, b[k], log_norm[k], logp[k], True)
     else:
         _squares_and_rows(X, r0, C, centre, aa)
-
-
-@_inline
-def _log_prob(kind, C, log_norm, b, Wt, off, Yt, aa, logp, q, dist):
-    """logp[k, i] = log p(x_i, k) for i < C, from _transform's output."""
-    K = logp.shape[0]
-    if kind == FULL:
-        zero = np.zeros(Yt.shape[1], dtype=Yt.dtype)
-        for k in range(K):
-            _log_prob_whitened(Yt[k], C, zero, log_norm[k], logp[k], q)
-    elif kind == TIED:
-        for k in range(K):
-            _log_prob_whitened(Yt[0], C, b[k], log_norm[k], logp[k], q)
-    else:
         np.dot(Wt, aa.T, dist)
         for k in range(K):
             for i in range(C):
@@ -296,7 +289,7 @@ def _normalise(logp, C, hard, resp, row_ll, best, bits):
 
 
 @_inline
-def _accumulate(kind, C, resp, n, s, second, d, Yt, aa, rd, mom, Zt, prod):
+def _accumulate(kind, C, resp, n, s, second, d, Y, aa, rd, mom, Z, prod):
     """Adds the sub-chunk's statistics under responsibilities resp (K, rows)."""
     K, rows = resp.shape
     D = s.shape[1]
@@ -309,7 +302,7 @@ def _accumulate(kind, C, resp, n, s, second, d, Yt, aa, rd, mom, Zt, prod):
             rd[k, i] = r if r >= tiny else 0.0
     if kind == FULL:
         for k in range(K):
-            _accumulate_whitened(Yt[k], rd[k], n, s, second, k, Zt, prod)
+            _accumulate_whitened(Y[k], rd[k], n, s, second, k, Z, mom[k], prod)
         return
     for k in range(K):
         tot = 0.0
@@ -338,7 +331,7 @@ def _accumulate(kind, C, resp, n, s, second, d, Yt, aa, rd, mom, Zt, prod):
 
 @_jit
 def _n_whitened(kind, K):
-    """Yt's length: one (D, rows) per component (full), one (tied), none (diag, spherical)."""
+    """Y's length: one (D, rows) per component (full), one (tied), none (diag, spherical)."""
     if kind == FULL:
         return K
     return 1 if kind == TIED else 0
@@ -367,19 +360,18 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, block_rows
     b_ll = np.zeros(n_blocks)
     worst_ll = np.full(n_blocks, np.inf)
     worst_row = np.zeros(n_blocks, dtype=np.int64)
-    b = _tied_offsets(kind, means, prec, centre)
+    b = _whitened_offsets(kind, means, prec, centre)
     Wt, off = _vector_weights(kind, means, prec, centre)
     given = resp_in.shape[0] == N
     for blk in prange(n_blocks):
         d = np.zeros((sub, D), dtype=X.dtype)
-        Yt = np.empty((_n_whitened(kind, K), D, sub), dtype=X.dtype)
-        Zt = np.empty((D, sub), dtype=X.dtype)
+        Y = np.empty((_n_whitened(kind, K), sub, D), dtype=X.dtype)
+        Z = np.empty((sub, D), dtype=X.dtype)
         prod = np.empty((D, D), dtype=X.dtype)
         aa = np.zeros((sub, 2 * D), dtype=X.dtype)
         dist = np.empty((K, sub), dtype=X.dtype)
         rd = np.empty((K, sub), dtype=X.dtype)
         mom = np.empty((K, D if kind == TIED else 2 * D), dtype=X.dtype)
-        q = np.empty(sub, dtype=X.dtype)
         logp = np.empty((K, sub))
         resp = np.empty((K, sub))
         row_ll = np.empty(sub)
@@ -391,21 +383,20 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, block_rows
             if C < sub:
                 d[C:] = 0
                 aa[C:] = 0
-            _transform(kind, X, r0, C, means, prec, centre, d, Yt, aa)
+            _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
             if given:
                 for k in range(K):
                     for i in range(sub):
                         resp[k, i] = resp_in[r0 + i, k] if i < C else 0.0
                 row_ll[:C] = 0.0
             else:
-                _log_prob(kind, C, log_norm, b, Wt, off, Yt, aa, logp, q, dist)
                 _normalise(logp, C, hard, resp, row_ll, best, bits)
             for i in range(C):
                 b_ll[blk] += row_ll[i]
                 if row_ll[i] < worst_ll[blk]:
                     worst_ll[blk] = row_ll[i]
                     worst_row[blk] = r0 + i
-            _accumulate(kind, C, resp, b_n[blk], b_s[blk], b_second[blk], d, Yt, aa, rd, mom, Zt, prod)
+            _accumulate(kind, C, resp, b_n[blk], b_s[blk], b_second[blk], d, Y, aa, rd, mom, Z, prod)
     # Fixed-order reduction over blocks.
     n = np.zeros(K)
     s = np.zeros((K, D))
@@ -431,14 +422,13 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
     sub = SUB_ROWS
     want_logp = out_logp.shape[0] == N
     n_sub = (N + sub - 1) // sub
-    b = _tied_offsets(kind, means, prec, centre)
+    b = _whitened_offsets(kind, means, prec, centre)
     Wt, off = _vector_weights(kind, means, prec, centre)
     for c in prange(n_sub):
         d = np.zeros((sub, D), dtype=X.dtype)
-        Yt = np.empty((_n_whitened(kind, K), D, sub), dtype=X.dtype)
+        Y = np.empty((_n_whitened(kind, K), sub, D), dtype=X.dtype)
         aa = np.zeros((sub, 2 * D), dtype=X.dtype)
         dist = np.empty((K, sub), dtype=X.dtype)
-        q = np.empty(sub, dtype=X.dtype)
         logp = np.empty((K, sub))
         resp = np.empty((K, sub))
         row_ll = np.empty(sub)
@@ -446,8 +436,7 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
         bits = np.empty(sub, dtype=np.int64)
         r0 = c * sub
         C = min(sub, N - r0)
-        _transform(kind, X, r0, C, means, prec, centre, d, Yt, aa)
-        _log_prob(kind, C, log_norm, b, Wt, off, Yt, aa, logp, q, dist)
+        _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
         _normalise(logp, C, hard, resp, row_ll, best, bits)
         for i in range(C):
             out_ll[r0 + i] = row_ll[i]
