@@ -64,6 +64,8 @@ def blas_single_thread():
 _LOG2E = 1.4426950408889634
 _LN2_HI = 0.6931471803691238  # ln 2 split so that n * _LN2_HI is exact for |n| < 2^11
 _LN2_LO = 1.9082149292705877e-10
+_FLOAT32_TINY = 1.1754943508222875e-38  # smallest normal numbers
+_FLOAT64_TINY = 2.2250738585072014e-308
 _EXP_MIN = -708.0  # below this exp(t) is subnormal or zero; returned as 0 (a responsibility < 1e-307)
 
 
@@ -193,36 +195,51 @@ def _whitened_offsets(kind, means, prec, centre):
 # ------------------------------------------------------------------------- diag and spherical
 # With a = x - c (c the mixture mean) and m_k = mu_k - c, a diagonal Mahalanobis distance is
 #   sum_p prec_kp (a_p - m_kp)^2 = [prec_k, -2 prec_k m_k] . [a^2, a] + sum_p prec_kp m_kp^2,
-# so one (K x 2D) @ (2D x rows) product gives every row's distances, and one (K x rows) @ (rows x 2D)
-# product gives the weighted sums of a and a^2 (moments about c).
+# so one (K x W) @ (W x rows) product gives every row's distances, and one (K x rows) @ (rows x W)
+# product gives the weighted sums of a and a^2 (moments about c). The spherical type needs only
+# ||a||^2 of the squares, so its rows are [||a||^2, a] (W = D + 1) where diag's are [a^2, a] (W = 2D).
+@_jit
+def _n_squares(kind, D):
+    """Leading columns of a row's expansion that hold squares: D (diag), 1 (spherical)."""
+    return D if kind == DIAG else 1
+
+
 @_jit
 def _vector_weights(kind, means, prec, centre):
-    """(Wt (K, 2D), offsets (K,)) of the expansion above."""
+    """(Wt (K, W), offsets (K,)) of the expansion above."""
     K, D = means.shape
-    Wt = np.empty((K, 2 * D), dtype=means.dtype)
+    sq = _n_squares(kind, D)
+    Wt = np.zeros((K, sq + D), dtype=means.dtype)
     off = np.zeros(K)
     for k in range(K):
         for p in range(D):
             a = prec[k, 0, p] if kind == DIAG else prec[k, 0, 0]
             p2 = a * a
             m = means[k, p] - centre[p]
-            Wt[k, p] = p2
-            Wt[k, D + p] = -2.0 * p2 * m
+            Wt[k, p if kind == DIAG else 0] = p2
+            Wt[k, sq + p] = -2.0 * p2 * m
             off[k] += p2 * m * m
     return Wt, off
 
 
 @_inline
-def _squares_and_rows(X, r0, C, centre, aa):
-    """aa[i] = [(x_i - c)^2, x_i - c] for i < C"""
+def _squares_and_rows(kind, X, r0, C, centre, aa):
+    """aa[i] = [(x_i - c)^2, x_i - c] (diag) or [||x_i - c||^2, x_i - c] (spherical), i < C"""
     D = X.shape[1]
+    sq = _n_squares(kind, D)
     for i in range(C):
         xi = X[r0 + i]
         ai = aa[i]
+        tot = X.dtype.type(0.0)
         for p in range(D):
             a = xi[p] - centre[p]
-            ai[p] = a * a
-            ai[D + p] = a
+            ai[sq + p] = a
+            if kind == DIAG:
+                ai[p] = a * a
+            else:
+                tot += a * a
+        if kind != DIAG:
+            ai[0] = tot
 
 
 # ----------------------------------------------------------------------------- one sub-chunk
@@ -243,7 +260,7 @@ def _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, a
             else:
                 _shift_log_prob(Y[0], C, b[k], log_norm[k], logp[k], True)
     else:
-        _squares_and_rows(X, r0, C, centre, aa)
+        _squares_and_rows(kind, X, r0, C, centre, aa)
         np.dot(Wt, aa.T, dist)
         for k in range(K):
             for i in range(C):
@@ -251,9 +268,10 @@ def _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, a
 
 
 @_inline
-def _normalise(logp, C, hard, resp, row_ll, best, bits):
-    """resp[k, i] (soft: exp(logp - logsumexp); hard: one-hot argmax), each row's log p(x)
-    (hard: max_k log p(x, k)) and argmax best[i], for i < C; resp is zero on padding rows."""
+def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits):
+    """resp[k, i] (soft: exp(logp - logsumexp); hard: one-hot argmax, left unset when onehot_rows
+    says the caller adds rows by best alone), each row's log p(x) (hard: max_k log p(x, k)) and
+    argmax best[i], for i < C; resp is zero on padding rows."""
     K, rows = logp.shape
     for i in range(C):
         row_ll[i] = logp[0, i]
@@ -264,9 +282,10 @@ def _normalise(logp, C, hard, resp, row_ll, best, bits):
                 row_ll[i] = logp[k, i]
                 best[i] = k
     if hard:
-        for k in range(K):
-            for i in range(C):
-                resp[k, i] = 1.0 if best[i] == k else 0.0
+        if not onehot_rows:
+            for k in range(K):
+                for i in range(C):
+                    resp[k, i] = 1.0 if best[i] == k else 0.0
     else:
         tot = np.zeros(C)
         for k in range(K):
@@ -289,13 +308,24 @@ def _normalise(logp, C, hard, resp, row_ll, best, bits):
 
 
 @_inline
-def _accumulate(kind, C, resp, n, s, second, d, Y, aa, rd, mom, Z, prod):
-    """Adds the sub-chunk's statistics under responsibilities resp (K, rows)."""
+def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, rd, mom, Z, prod):
+    """Adds the sub-chunk's statistics under responsibilities resp (K, rows), or, when onehot (hard
+    mode, diag and spherical), under the one-hot best[i], adding each row to its component's sums."""
     K, rows = resp.shape
     D = s.shape[1]
+    if onehot and (kind == DIAG or kind == SPHERICAL):
+        mom[:] = 0.0
+        for i in range(C):
+            n[best[i]] += 1.0
+            mk = mom[best[i]]
+            ai = aa[i]
+            for j in range(aa.shape[1]):
+                mk[j] += ai[j]
+        _add_vector_moments(kind, mom, s, second)
+        return
     # Responsibilities below the dtype's smallest normal number become zero: as float32 subnormals
     # they would add nothing but slow every product they enter many times over.
-    tiny = np.finfo(rd.dtype).tiny
+    tiny = _FLOAT32_TINY if rd.itemsize == 4 else _FLOAT64_TINY
     for k in range(K):
         for i in range(rows):
             r = resp[k, i]
@@ -320,13 +350,22 @@ def _accumulate(kind, C, resp, n, s, second, d, Y, aa, rd, mom, Z, prod):
                 s[k, p] += mom[k, p]
         return
     np.dot(rd, aa, mom)
+    _add_vector_moments(kind, mom, s, second)
+
+
+@_inline
+def _add_vector_moments(kind, mom, s, second):
+    """s and the diag / spherical second moment += the sums of [squares, a] in mom (K, W)."""
+    K, D = s.shape
+    sq = _n_squares(kind, D)
     for k in range(K):
         for p in range(D):
-            s[k, p] += mom[k, D + p]
-            if kind == DIAG:
+            s[k, p] += mom[k, sq + p]
+        if kind == DIAG:
+            for p in range(D):
                 second[k, 0, p] += mom[k, p]
-            else:
-                second[k, 0, 0] += mom[k, p]
+        else:
+            second[k, 0, 0] += mom[k, 0]
 
 
 @_jit
@@ -339,7 +378,7 @@ def _n_whitened(kind, K):
 
 # ----------------------------------------------------------------------------- drivers
 @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
-def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, block_rows=BLOCK_ROWS):
+def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, n_workers, block_rows=BLOCK_ROWS):
     """Sufficient statistics of the rows of X under the current parameters.
 
     Returns (n (K,), s (K,D), second, loglik, worst_ll (B,), worst_row (B,)) in float64, where
@@ -347,7 +386,8 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, block_rows
     sum_i log p(x_i) (hard mode: sum_i max_k log p(x_i, k)), and worst_* hold, per block of
     rows, the lowest row log-likelihood and its row index (candidates for re-seeding).
     When resp_in has N rows it is used as the responsibilities (initialisation from given
-    responsibilities) and the log-likelihood outputs are meaningless.
+    responsibilities) and the log-likelihood outputs are meaningless. n_workers: the thread count
+    (numba.get_num_threads(); inside a kernel it would keep the kernel out of Numba's cache).
     """
     N, D = X.shape
     K = means.shape[0]
@@ -363,40 +403,45 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, block_rows
     b = _whitened_offsets(kind, means, prec, centre)
     Wt, off = _vector_weights(kind, means, prec, centre)
     given = resp_in.shape[0] == N
-    for blk in prange(n_blocks):
+    onehot_rows = hard and not given and (kind == DIAG or kind == SPHERICAL)
+    # Each of n_workers (the thread count) takes every n_workers-th block and allocates its buffers once.
+    n_workers = max(1, min(n_workers, n_blocks))
+    for w in prange(n_workers):
         d = np.zeros((sub, D), dtype=X.dtype)
         Y = np.empty((_n_whitened(kind, K), sub, D), dtype=X.dtype)
         Z = np.empty((sub, D), dtype=X.dtype)
         prod = np.empty((D, D), dtype=X.dtype)
-        aa = np.zeros((sub, 2 * D), dtype=X.dtype)
+        aa = np.zeros((sub, _n_squares(kind, D) + D), dtype=X.dtype)
         dist = np.empty((K, sub), dtype=X.dtype)
         rd = np.empty((K, sub), dtype=X.dtype)
-        mom = np.empty((K, D if kind == TIED else 2 * D), dtype=X.dtype)
+        mom = np.empty((K, D if kind == TIED else _n_squares(kind, D) + D), dtype=X.dtype)
         logp = np.empty((K, sub))
         resp = np.empty((K, sub))
         row_ll = np.empty(sub)
         best = np.empty(sub, dtype=np.int64)
         bits = np.empty(sub, dtype=np.int64)
-        stop = min(N, (blk + 1) * block_rows)
-        for r0 in range(blk * block_rows, stop, sub):
-            C = min(sub, stop - r0)
-            if C < sub:
-                d[C:] = 0
-                aa[C:] = 0
-            _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
-            if given:
-                for k in range(K):
-                    for i in range(sub):
-                        resp[k, i] = resp_in[r0 + i, k] if i < C else 0.0
-                row_ll[:C] = 0.0
-            else:
-                _normalise(logp, C, hard, resp, row_ll, best, bits)
-            for i in range(C):
-                b_ll[blk] += row_ll[i]
-                if row_ll[i] < worst_ll[blk]:
-                    worst_ll[blk] = row_ll[i]
-                    worst_row[blk] = r0 + i
-            _accumulate(kind, C, resp, b_n[blk], b_s[blk], b_second[blk], d, Y, aa, rd, mom, Z, prod)
+        for blk in range(w, n_blocks, n_workers):
+            stop = min(N, (blk + 1) * block_rows)
+            for r0 in range(blk * block_rows, stop, sub):
+                C = min(sub, stop - r0)
+                if C < sub:
+                    d[C:] = 0
+                    aa[C:] = 0
+                _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
+                if given:
+                    for k in range(K):
+                        for i in range(sub):
+                            resp[k, i] = resp_in[r0 + i, k] if i < C else 0.0
+                    row_ll[:C] = 0.0
+                else:
+                    _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits)
+                for i in range(C):
+                    b_ll[blk] += row_ll[i]
+                    if row_ll[i] < worst_ll[blk]:
+                        worst_ll[blk] = row_ll[i]
+                        worst_row[blk] = r0 + i
+                _accumulate(kind, C, resp, onehot_rows, best, b_n[blk], b_s[blk], b_second[blk], d, Y, aa,
+                            rd, mom, Z, prod)
     # Fixed-order reduction over blocks.
     n = np.zeros(K)
     s = np.zeros((K, D))
@@ -413,7 +458,7 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, block_rows
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
-def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, out_logp):
+def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, out_logp, n_workers):
     """Per-row outputs without statistics: out_label[i] = argmax_k log p(x_i, k),
     out_ll[i] = log p(x_i) (hard: max_k log p(x_i, k)), and, when out_logp has N rows,
     out_logp[i, k] = log p(x_i, k)."""
@@ -424,24 +469,29 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
     n_sub = (N + sub - 1) // sub
     b = _whitened_offsets(kind, means, prec, centre)
     Wt, off = _vector_weights(kind, means, prec, centre)
-    for c in prange(n_sub):
+    n_workers = max(1, min(n_workers, n_sub))
+    for w in prange(n_workers):
         d = np.zeros((sub, D), dtype=X.dtype)
         Y = np.empty((_n_whitened(kind, K), sub, D), dtype=X.dtype)
-        aa = np.zeros((sub, 2 * D), dtype=X.dtype)
+        aa = np.zeros((sub, _n_squares(kind, D) + D), dtype=X.dtype)
         dist = np.empty((K, sub), dtype=X.dtype)
         logp = np.empty((K, sub))
         resp = np.empty((K, sub))
         row_ll = np.empty(sub)
         best = np.empty(sub, dtype=np.int64)
         bits = np.empty(sub, dtype=np.int64)
-        r0 = c * sub
-        C = min(sub, N - r0)
-        _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
-        _normalise(logp, C, hard, resp, row_ll, best, bits)
-        for i in range(C):
-            out_ll[r0 + i] = row_ll[i]
-            out_label[r0 + i] = best[i]
-        if want_logp:
+        for c in range(w, n_sub, n_workers):
+            r0 = c * sub
+            C = min(sub, N - r0)
+            if C < sub:
+                d[C:] = 0
+                aa[C:] = 0
+            _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
+            _normalise(logp, C, hard, True, resp, row_ll, best, bits)
             for i in range(C):
-                for k in range(K):
-                    out_logp[r0 + i, k] = logp[k, i]
+                out_ll[r0 + i] = row_ll[i]
+                out_label[r0 + i] = best[i]
+            if want_logp:
+                for i in range(C):
+                    for k in range(K):
+                        out_logp[r0 + i, k] = logp[k, i]

@@ -9,6 +9,7 @@ data source (array, memmap, stream, Dask) is the same loop over chunks.
 from dataclasses import dataclass, field
 from functools import partial
 
+import numba
 import numpy as np
 
 from fastlvm.kernels import cpu
@@ -95,7 +96,8 @@ def chunk_statistics(X, cov, kparams, hard=False, row_offset=0, n_worst=0, resp=
     if resp is None:
         resp = np.empty((0, means.shape[0]))
     with cpu.blas_single_thread():
-        n, s, second, ll, worst_ll, worst_row = cpu.suff_stats(cov.kind, X, means, prec, log_norm, centre, hard, resp)
+        n, s, second, ll, worst_ll, worst_row = cpu.suff_stats(cov.kind, X, means, prec, log_norm, centre, hard, resp,
+                                                                 numba.get_num_threads())
     order = np.argsort(worst_ll, kind="stable")[:n_worst]
     worst = [(float(worst_ll[i]), int(worst_row[i]) + row_offset) for i in order]
     worst_x = {int(worst_row[i]) + row_offset: X[worst_row[i]].astype(np.float64) for i in order}
@@ -111,7 +113,7 @@ def row_scores(X, cov, kparams, hard=False, want_log_prob=False):
     labels = np.empty(N, dtype=np.int64)
     logp = np.empty((N if want_log_prob else 0, K))
     with cpu.blas_single_thread():
-        cpu.row_scores(cov.kind, X, means, prec, log_norm, centre, hard, ll, labels, logp)
+        cpu.row_scores(cov.kind, X, means, prec, log_norm, centre, hard, ll, labels, logp, numba.get_num_threads())
     return ll, labels, (logp if want_log_prob else None)
 
 
