@@ -1,12 +1,13 @@
-"""The whole benchmark: this machine's ceilings, the GMM / k-means tables, then the VAE
-tables (bench/bench_vae.py, if present), printed as one report.
+"""The whole benchmark: this machine's ceilings, the GMM / k-means tables, the scale table
+(memmap and Dask fits, bench/bench_scale.py), then the VAE tables (bench/bench_vae.py), printed as
+one report.
 
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, when set in this environment, pin numpy's BLAS to
 slower kernels. They are read when numpy loads, so every stage runs in a subprocess; the
 machine is measured with them as they are and with both unset, and the benchmarks run with
 both unset (the tests never change them).
 
-    python bench/run.py [--quick] [--cases diag-*] [--skip-vae] [--vae-args "..."]
+    python bench/run.py [--quick] [--cases diag-*] [--skip-scale] [--skip-vae] [--vae-args "..."]
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="The combined benchmark report.")
     ap.add_argument("--quick", action="store_true", help="small sizes everywhere: a smoke run")
     ap.add_argument("--cases", help="GMM cases to run (names or patterns, see bench_gmm.py --help)")
+    ap.add_argument("--skip-scale", action="store_true", help="do not run bench/bench_scale.py")
     ap.add_argument("--skip-vae", action="store_true", help="do not run bench/bench_vae.py")
     ap.add_argument("--vae-args", default="", help="arguments for bench_vae.main, as one string")
     args = ap.parse_args(argv)
@@ -124,7 +126,13 @@ def main(argv=None):
                 report += ["fastlvm at a glance:"] + summary(json.load(f))
         report.append(gmm_text.rstrip())
 
-        # 3. VAE objective, if its benchmark exists
+        # 3. GMM at scale: out-of-core memmap fits and a 2-worker Dask cluster
+        if not args.skip_scale:
+            scale = [sys.executable, os.path.join(HERE, "bench_scale.py")] + (["--quick"] if args.quick else [])
+            report.append("\n## Gaussian mixtures at scale (memmap, Dask)")
+            report.append(stage(scale, clean, tmp, "bench_scale").rstrip())
+
+        # 4. VAE objective, if its benchmark exists
         vae = os.path.join(HERE, "bench_vae.py")
         if os.path.exists(vae) and not args.skip_vae:
             code = (f"import sys, shlex; sys.path.insert(0, {HERE!r}); import bench_vae; "
