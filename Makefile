@@ -29,8 +29,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not triton_interpret" tests
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton_interpret tests
 
-# Peers for the GMM tables, installed without their dependency pins (pomegranate's would replace
-# the CPU torch build); a peer that fails to install is left out of the tables, not fatal.
+# Peers for the GMM tables, installed with --no-deps so that no pin of theirs can replace the CPU
+# torch build; a peer that fails to install is left out of the tables, not fatal.
 BENCH_PEERS := pomegranate==1.1.2 apricot-select==0.6.1 torchgmm==0.1.4 pytorch-lightning==2.6.6 \
                torchmetrics==1.9.0 lightning-utilities==0.15.3
 
