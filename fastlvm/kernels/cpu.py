@@ -247,7 +247,7 @@ def _squares_and_rows(kind, X, r0, C, centre, aa):
 def _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp):
     """logp[k, i] = log p(x_i, k) for i < C, leaving the rows in the form the type's M-step needs:
     Y[k] = P_k^T (x - mu_k) = P_k^T (x - c) - b_k (full), Y[0] = P^T (x - c) and d = x - c (tied),
-    aa = [(x - c)^2, x - c] (diag, spherical). Padding rows of d and aa must be zero."""
+    aa as _squares_and_rows makes it (diag, spherical). Padding rows of d and aa must be zero."""
     K = means.shape[0]
     if kind == FULL or kind == TIED:
         _centre_rows(X, r0, C, centre, d)
@@ -268,10 +268,10 @@ def _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, a
 
 
 @_inline
-def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits):
+def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot):
     """resp[k, i] (soft: exp(logp - logsumexp); hard: one-hot argmax, left unset when onehot_rows
     says the caller adds rows by best alone), each row's log p(x) (hard: max_k log p(x, k)) and
-    argmax best[i], for i < C; resp is zero on padding rows."""
+    argmax best[i], for i < C; resp is zero on padding rows. bits, tot: scratch (rows,)."""
     K, rows = logp.shape
     for i in range(C):
         row_ll[i] = logp[0, i]
@@ -287,7 +287,7 @@ def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits):
                 for i in range(C):
                     resp[k, i] = 1.0 if best[i] == k else 0.0
     else:
-        tot = np.zeros(C)
+        tot[:C] = 0.0
         for k in range(K):
             rk = resp[k]
             for i in range(C):
@@ -313,7 +313,7 @@ def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, rd, mom, Z,
     mode, diag and spherical), under the one-hot best[i], adding each row to its component's sums."""
     K, rows = resp.shape
     D = s.shape[1]
-    if onehot and (kind == DIAG or kind == SPHERICAL):
+    if onehot:
         mom[:] = 0.0
         for i in range(C):
             n[best[i]] += 1.0
@@ -420,6 +420,7 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, n_workers,
         row_ll = np.empty(sub)
         best = np.empty(sub, dtype=np.int64)
         bits = np.empty(sub, dtype=np.int64)
+        scratch = np.empty(sub)
         for blk in range(w, n_blocks, n_workers):
             stop = min(N, (blk + 1) * block_rows)
             for r0 in range(blk * block_rows, stop, sub):
@@ -434,7 +435,7 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, n_workers,
                             resp[k, i] = resp_in[r0 + i, k] if i < C else 0.0
                     row_ll[:C] = 0.0
                 else:
-                    _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits)
+                    _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, scratch)
                 for i in range(C):
                     b_ll[blk] += row_ll[i]
                     if row_ll[i] < worst_ll[blk]:
@@ -480,6 +481,7 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
         row_ll = np.empty(sub)
         best = np.empty(sub, dtype=np.int64)
         bits = np.empty(sub, dtype=np.int64)
+        scratch = np.empty(sub)
         for c in range(w, n_sub, n_workers):
             r0 = c * sub
             C = min(sub, N - r0)
@@ -487,7 +489,7 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
                 d[C:] = 0
                 aa[C:] = 0
             _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
-            _normalise(logp, C, hard, True, resp, row_ll, best, bits)
+            _normalise(logp, C, hard, True, resp, row_ll, best, bits, scratch)
             for i in range(C):
                 out_ll[r0 + i] = row_ll[i]
                 out_label[r0 + i] = best[i]
