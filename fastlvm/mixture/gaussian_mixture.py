@@ -3,7 +3,7 @@
 One EM iteration is one pass over the rows: the kernel turns each chunk into sufficient
 statistics under the current parameters (E-step), their sum gives the new parameters in closed
 form (M-step, fastlvm.mixture.em). No N x K array is allocated during a fit. The rows come from a
-data source (fastlvm.mixture.sources): an in-memory array, anything sliceable by rows (memmap,
+data source (fastlvm.data): an in-memory array, anything sliceable by rows (memmap,
 HDF5, Zarr), a callable yielding chunks, or a Dask array whose blocks are processed by workers.
 """
 
@@ -29,8 +29,8 @@ from fastlvm.mixture.init import kmeans_plusplus, random_rows
 from fastlvm.mixture.kmeans import KMeans
 from fastlvm.mixture.online import step_size, stepwise_update
 from fastlvm.mixture.prior import GaussianMixturePrior
-from fastlvm.mixture.sources import ArraySource, as_source, default_chunk_rows
-from fastlvm.mixture.stats import kernel_parameters, rows_output, statistics
+from fastlvm.data.sources import ArraySource, as_source
+from fastlvm.mixture.stats import default_chunk_rows, kernel_parameters, rows_output, statistics
 
 # Rows used to initialise from data that is not an in-memory array (a uniform random sample).
 DEFAULT_INIT_SIZE = 100_000

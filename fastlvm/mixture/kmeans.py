@@ -12,8 +12,7 @@ from fastlvm._validation import check_finite, check_scalar
 from fastlvm.kernels import cpu
 from fastlvm.mixture.covariance import COVARIANCE_TYPES
 from fastlvm.mixture.init import isotropic_parameters, kmeans_plusplus, random_rows, squared_distances
-from fastlvm.mixture.sources import default_chunk_rows
-from fastlvm.mixture.stats import scores, statistics
+from fastlvm.mixture.stats import default_chunk_rows, scores, statistics
 
 _SPHERICAL = COVARIANCE_TYPES["spherical"]
 

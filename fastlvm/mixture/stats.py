@@ -13,7 +13,20 @@ import numba
 import numpy as np
 
 from fastlvm.kernels import cpu
-from fastlvm.mixture.sources import ArraySource, Source, iter_chunks
+from fastlvm.data.base import Source, iter_chunks
+from fastlvm.data.sources import ArraySource
+
+# Partial statistics of one kernel call stay below this many bytes (they scale with chunk rows).
+_PARTIALS_BUDGET = 32 * 2**20
+MAX_CHUNK_ROWS = 2**18
+
+
+def default_chunk_rows(K, D, block_rows):
+    """Rows per kernel call: large enough to keep both cores busy, small enough that the
+    per-block partial statistics (K D^2 doubles per block for full) stay within budget."""
+    per_block = 8 * (K * D * D + K * D + K + 4)
+    blocks = max(2, _PARTIALS_BUDGET // per_block)
+    return int(min(MAX_CHUNK_ROWS, blocks * block_rows))
 
 
 @dataclass

@@ -10,7 +10,7 @@ from functools import partial
 
 import numpy as np
 
-from fastlvm.mixture.sources import Source, _check_shape, _select_rows, check_chunk, fit_dtype
+from fastlvm.data.base import Source, _check_shape, _select_rows, check_chunk, fit_dtype
 
 
 def _import_dask():
