@@ -10,8 +10,11 @@ iteration count, lower bound and history, and the best finished run of earlier i
 import os
 import tempfile
 import zipfile
+from typing import NamedTuple
 
 import numpy as np
+
+from fastlvm.mixture.em import Run
 
 FORMAT = 1
 _PARAMS = ("weights", "means", "covariances", "precisions_cholesky")
@@ -43,33 +46,42 @@ def _write_atomic(path, arrays):
         os.close(dir_fd)
 
 
+class Resumed(NamedTuple):
+    """What a checkpoint holds: the initialisation in progress, the random state right after its
+    parameters were drawn, its run so far, and the best finished run of earlier ones (or None)."""
+
+    init: int
+    rng_state: tuple
+    run: Run
+    best: object
+
+
 def _pack_run(prefix, run):
-    params, lower_bound, n_iter, converged, history = run
-    out = {f"{prefix}{name}": np.asarray(a, dtype=np.float64) for name, a in zip(_PARAMS, params)}
-    out.update({f"{prefix}lower_bound": np.float64(lower_bound), f"{prefix}n_iter": np.int64(n_iter),
-                f"{prefix}converged": np.bool_(converged),
-                f"{prefix}lower_bounds": np.asarray(history, dtype=np.float64).reshape(-1)})
+    out = {f"{prefix}{name}": np.asarray(a, dtype=np.float64) for name, a in zip(_PARAMS, run.params)}
+    out.update({f"{prefix}lower_bound": np.float64(run.objective), f"{prefix}n_iter": np.int64(run.n_iter),
+                f"{prefix}converged": np.bool_(run.converged),
+                f"{prefix}lower_bounds": np.asarray(run.history, dtype=np.float64).reshape(-1)})
     return out
 
 
-def _unpack_run(prefix, z):
-    params = tuple(z[f"{prefix}{name}"] for name in _PARAMS)
-    return (params, float(z[f"{prefix}lower_bound"]), int(z[f"{prefix}n_iter"]), bool(z[f"{prefix}converged"]),
-            [float(v) for v in z[f"{prefix}lower_bounds"]])
+def _unpack_run(prefix, z, params_type):
+    params = params_type(*(z[f"{prefix}{name}"] for name in _PARAMS))
+    return Run(params, float(z[f"{prefix}lower_bound"]), int(z[f"{prefix}n_iter"]), bool(z[f"{prefix}converged"]),
+               tuple(float(v) for v in z[f"{prefix}lower_bounds"]))
 
 
 class Checkpoint:
-    """The checkpoint file of one model; `identity` (name -> value) must match to resume."""
+    """The checkpoint file of one model; `identity` (name -> value) must match to resume.
+    params_type builds a run's parameters from its four arrays (weights, means, covariances,
+    precisions_cholesky)."""
 
-    def __init__(self, path, **identity):
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"checkpoint must be None, a str or an os.PathLike, got {type(path).__name__}")
+    def __init__(self, path, params_type, **identity):
         self.path = os.fspath(path)
+        self.params_type = params_type
         self.identity = identity
 
     def load(self):
-        """(init, random state, current run, best earlier run or None), or None without a file.
-        A run is (params, lower_bound, n_iter, converged, history)."""
+        """A Resumed record, or None without a file."""
         if not os.path.exists(self.path):
             return None
         try:
@@ -84,8 +96,8 @@ class Checkpoint:
                                     f"there but {value!r} here. Use another checkpoint path or delete the file.")
             rng_state = ("MT19937", z["rng_keys"], int(z["rng_pos"]), int(z["rng_has_gauss"]),
                          float(z["rng_cached_gaussian"]))
-            best = _unpack_run("best_", z) if "best_n_iter" in z else None
-            return int(z["init"]), rng_state, _unpack_run("", z), best
+            best = _unpack_run("best_", z, self.params_type) if "best_n_iter" in z else None
+            return Resumed(int(z["init"]), rng_state, _unpack_run("", z, self.params_type), best)
         except _Mismatch as e:
             raise ValueError(str(e)) from None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:

@@ -11,7 +11,7 @@ steps satisfy sum rho = inf, sum rho^2 < inf (Robbins-Monro), and the estimate c
 stationary point of the likelihood.
 """
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 
 def step_size(t, learning_offset, learning_decay):
@@ -27,3 +27,13 @@ def stepwise_update(running, batch, rho):
         return mean
     blended = running.recentred(batch.shift).scaled(1.0 - rho) + mean.scaled(rho)
     return replace(blended, worst=batch.worst, worst_x=batch.worst_x)
+
+
+@dataclass(frozen=True)
+class OnlineState:
+    """What partial_fit carries between batches: the running per-row statistics, the number of
+    batches seen and each batch's mean log-likelihood before its update."""
+
+    running: object
+    t: int = 0
+    history: tuple = ()
