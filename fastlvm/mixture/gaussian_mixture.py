@@ -141,16 +141,21 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     def _chunk_rows(self, D):
         return self.chunk_size or default_chunk_rows(self.n_components, D, cpu.BLOCK_ROWS)
 
-    def _context(self, data, rng, prior=None):
-        """The fit's context, after the checks that need the data's shape. The rows to initialise on
-        are drawn from rng: out-of-core data (and any data when init_size is set) is initialised on
-        a uniform random sample."""
+    def _check_start(self, data):
+        """The checks that need the data's shape (scikit-learn's order); the user's initial arrays."""
         K, N = self.n_components, data.n_rows
         if N < K:
             raise ValueError(f"Expected n_samples >= n_components but got n_components = {K}, n_samples = {N}")
         if self.init_size is not None and self.init_size < K:
             raise ValueError(f"The 'init_size' parameter of {type(self).__name__} must be >= n_components = {K}. "
                              f"Got {self.init_size} instead.")
+        return check_initial_arrays(self.weights_init, self.means_init, self.precisions_init,
+                                    get_covariance_type(self.covariance_type), K, data.n_features)
+
+    def _context(self, data, rng, prior=None):
+        """The fit's context. The rows to initialise on are drawn from rng: out-of-core data (and any
+        data when init_size is set) is initialised on a uniform random sample."""
+        K, N = self.n_components, data.n_rows
         if isinstance(prior, dict):
             prior = GaussianMixturePrior(**prior)
         cov = get_covariance_type(self.covariance_type)
@@ -172,11 +177,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         X: array-like (N, D), np.memmap, h5py/Zarr dataset, dask.array, or a callable returning a
         fresh iterable of (rows, D) arrays on every call."""
         continuing = self.warm_start and hasattr(self, "converged_")
+        vars(self).pop("_online", None)  # a later partial_fit starts its running statistics afresh
         data = self._data(X, reset=not continuing, min_rows=2)
+        init = self._check_start(data)
         rng = check_random_state(self.random_state)
         ctx = self._context(data, rng, self.prior)
-        init = check_initial_arrays(self.weights_init, self.means_init, self.precisions_init, ctx.cov,
-                                    self.n_components, data.n_features)
         n_inits = 1 if continuing else self.n_init
         checkpoint = resumed = best = None
         if self.checkpoint is not None:
@@ -289,9 +294,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             params = self._fitted_parameters()
             state = getattr(self, "_online", None) or OnlineState(None)
         else:
+            init = self._check_start(data)
             ctx = self._context(data, rng)
-            init = check_initial_arrays(self.weights_init, self.means_init, self.precisions_init, ctx.cov,
-                                        self.n_components, data.n_features)
             params = self._initial_parameters(ctx, rng, init)
             state = OnlineState(None)
         st = ctx.statistics(params)
