@@ -7,6 +7,10 @@ Cases (float32):
         loss-level ``negative_elbo`` whose reduction is inside the kernel.
   iwae  forward + backward of -mean(iwae_bound), S=1000, B=256, Dz=32.
 Peers: the reference (fastlvm/reference/vae.py) run eagerly, and torch.compile of it.
+fastlvm runs on the C++ kernels' ISA clone in use (FASTLVM_ISA, or the widest this CPU runs)
+and, as extra contenders marked [isa], on every other clone this CPU runs, so both paths are
+measured on one machine. The machine (fastlvm.show_config and its measured limits,
+bench/machine.py) is printed first.
 
 For each case it prints the time (best and median of interleaved rounds: all contenders are
 timed round-robin so that a noisy, shared machine slows them alike), the ratios, and the
@@ -24,16 +28,19 @@ on those tens of MB; ``--keep-freed-memory`` sets glibc's mmap and trim threshol
 so that freed memory is reused, as a caching allocator (jemalloc, tcmalloc) would.
 
     python bench/bench_vae.py [--device cuda] [--rounds 30] [--threads N] [--no-compile]
-                              [--keep-freed-memory]
+                              [--keep-freed-memory] [--machine FILE] [--quick-machine]
 """
 
 import argparse
+import json
 import statistics
 import time
 
 import torch
 
 import fastlvm.functional as F
+import machine
+from fastlvm import _C
 from fastlvm.reference import vae as ref
 
 
@@ -140,6 +147,32 @@ def iwae_case(device, dtype, samples=1000, batch=256, dz=32):
 
 
 COPY = "copy (same bytes)"
+# The issue's targets for the loss-level objective (elbo case).
+TARGETS = {"copy": 0.70, "compile": 1.5, "eager": 8.0}
+
+
+def on_clone(isa, fn):
+    """fn run on the C++ kernels' clone `isa`, then back to the clone in use."""
+    def run():
+        before = _C.isa()
+        _C.set_isa(isa)
+        try:
+            return fn()
+        finally:
+            _C.set_isa(before)
+    return run
+
+
+def other_clones(contenders):
+    """A contender [isa] per other ISA clone this CPU runs, for fastlvm's loss-level entry."""
+    extra = {}
+    for isa in _C.isa_supported():
+        if isa == _C.isa():
+            continue
+        for label, fn in contenders.items():
+            if label in ("fastlvm negative_elbo", "fastlvm"):
+                extra[f"{label} [{isa}]"] = on_clone(isa, fn)
+    return extra
 
 
 def run_case(name, case, device, dtype, rounds, compile_peer):
@@ -151,6 +184,8 @@ def run_case(name, case, device, dtype, rounds, compile_peer):
                 continue
             fn = torch.compile(fn)
         contenders[label] = step(fn)
+    if device.type == "cpu":
+        contenders.update(other_clones(contenders))
     t0 = time.perf_counter()
     for label, fn in contenders.items():  # compile (and check it runs) outside the timing
         fn()
@@ -161,18 +196,26 @@ def run_case(name, case, device, dtype, rounds, compile_peer):
     best = {label: ts[0] for label, ts in times.items()}
     print(f"\n{name}: {nbytes / 1e6:.1f} MB moved at best; the copy moving as many bytes "
           f"ran at {nbytes / best[COPY] / 1e9:.1f} GB/s (setup incl. compile {setup:.0f} s)")
-    print(f"  {'':24s} {'best ms':>8s} {'median ms':>10s} {'vs eager':>9s} {'vs compile':>11s} "
+    print(f"  {'':32s} {'best ms':>8s} {'median ms':>10s} {'vs eager':>9s} {'vs compile':>11s} "
           f"{'of copy bw':>11s}")
     rows = []
     for label, ts in times.items():
         vs_eager = best["torch eager"] / ts[0]
         vs_comp = best["torch.compile"] / ts[0] if "torch.compile" in best else float("nan")
         frac = best[COPY] / ts[0]
-        print(f"  {label:24s} {ts[0] * 1e3:8.2f} {statistics.median(ts) * 1e3:10.2f} "
+        print(f"  {label:32s} {ts[0] * 1e3:8.2f} {statistics.median(ts) * 1e3:10.2f} "
               f"{vs_eager:8.2f}x {vs_comp:10.2f}x {frac:10.0%}")
         rows.append({"case": name, "impl": label, "best_s": ts[0],
                      "median_s": statistics.median(ts), "speedup_vs_eager": vs_eager,
                      "speedup_vs_compile": vs_comp, "fraction_of_copy_bandwidth": frac})
+    for r in rows:
+        if r["impl"].startswith("fastlvm negative_elbo"):
+            checks = [(r["fraction_of_copy_bandwidth"], TARGETS["copy"], "of copy bw"),
+                      (r["speedup_vs_compile"], TARGETS["compile"], "vs compile"),
+                      (r["speedup_vs_eager"], TARGETS["eager"], "vs eager")]
+            print(f"  targets, {r['impl']}: " + ", ".join(
+                f"{what} {got:.2f} >= {want:g}: {'met' if got >= want else 'NOT met'}"
+                for got, want, what in checks))
     return rows
 
 
@@ -188,7 +231,15 @@ def main(argv=None):
                              "OpenMP kernels of fastlvm._C follow too); default: all")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="reuse freed memory (glibc mallopt) instead of page-faulting afresh")
+    parser.add_argument("--machine", help="bench/machine.py --json output (else measured now)")
+    parser.add_argument("--quick-machine", action="store_true",
+                        help="measure the machine's limits on small sizes")
     args = parser.parse_args(argv)
+    if args.machine:
+        with open(args.machine) as f:
+            print(machine.describe(json.load(f)))
+    else:
+        print(machine.describe(machine.measure(quick=args.quick_machine)))
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.keep_freed_memory:
         keep_freed_memory()
@@ -196,7 +247,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     dram = copy_bandwidth(device, 2**30)
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
-    print(f"device {device}, {args.dtype}, threads {threads}, load average {_load()}, "
+    isa = f"C++ ISA path {_C.isa()}, " if device.type == "cpu" else ""
+    print(f"device {device}, {args.dtype}, {isa}threads {threads}, load average {_load()}, "
           f"freed memory {'kept' if args.keep_freed_memory else 'returned (glibc default)'}; "
           f"copy bandwidth for 1 GiB moved: {dram / 1e9:.1f} GB/s")
     cases = {"elbo": elbo_case, "iwae": iwae_case}

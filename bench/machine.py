@@ -1,7 +1,9 @@
-"""This machine's ceilings, measured now: large-GEMM GFLOP/s and parallel copy bandwidth.
+"""This machine's ceilings, measured now: large-GEMM GFLOP/s and parallel copy bandwidth,
+beside what it is and which code paths run (fastlvm.show_config: CPU model, ISA features, the
+C++ kernels' ISA path, Numba's target CPU, BLAS core type and threads).
 
 The benchmark tables divide by these figures, so a ratio means the same thing on a
-busy machine as on a quiet one. OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are read by
+busy machine as on a quiet one. Every bench prints ``describe(measure())`` first. OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are read by
 OpenBLAS when numpy is first imported, so their effect can only be seen from a fresh
 process: bench/run.py runs this script with and without them.
 
@@ -81,6 +83,10 @@ def measure(quick: bool = False) -> dict:
     out["copy_mib"] = mib
     out["copy_gbs"] = copy_bandwidth(mib * 2**20)
     out["cpus"] = os.cpu_count()
+    from fastlvm._config import config, format_config
+
+    out["config"] = config()
+    out["config_text"] = format_config(out["config"])  # so describe() needs no import
     return out
 
 
@@ -88,6 +94,7 @@ def describe(m: dict) -> str:
     env = ", ".join(f"{k}={v}" for k, v in m["env"].items() if v is not None) or "neither set"
     g = m["gemm_gflops"]
     return (
+        (m["config_text"] + "\n" if "config_text" in m else "") +
         f"BLAS {m['blas']} core type {m['core_type']} ({m['blas_threads']} threads; "
         f"OPENBLAS vars: {env})\n"
         f"GEMM {m['gemm_n']}^3: {g['float32']:.0f} GFLOP/s float32, {g['float64']:.0f} GFLOP/s float64; "

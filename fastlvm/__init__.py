@@ -2,9 +2,10 @@
 
 __version__ = "0.1.0"
 
+from fastlvm._config import show_config
 from fastlvm.mixture import GaussianMixture, GaussianMixturePrior, KMeans
 
-__all__ = ["GaussianMixture", "GaussianMixturePrior", "KMeans", "functional"]
+__all__ = ["GaussianMixture", "GaussianMixturePrior", "KMeans", "functional", "show_config"]
 
 
 def __getattr__(name):

@@ -1,16 +1,20 @@
 """The kernel-level API of the VAE objective over the C++ kernels of ``fastlvm._C``.
 
 Torch CPU tensors in and out: inputs arrive contiguous and of one dtype (fastlvm.functional
-sees to it); outputs are allocated here with torch and handed to C++ as NumPy views, so no
-data is copied either way. Beyond the shared API, the ``*_fwd_grad`` functions compute the
+sees to it); outputs are allocated by ``_C.empty`` (memory kept for reuse once the tensor is
+freed: no page faults on the gradients every step) and shared with torch, so no data is copied
+either way. Beyond the shared API, the ``*_fwd_grad`` functions compute the
 gradients during the forward pass (``need`` says which), for a backward that only scales.
 """
 
+import numpy as np
 import torch
 
 try:
     from fastlvm import _C
 except ImportError as err:  # pragma: no cover - depends on the installation
+    if "FASTLVM_ISA" in str(err):  # built, but the environment asks for an unknown clone
+        raise
     raise ImportError(
         "fastlvm._C, the compiled CPU kernels, is not built: reinstall fastlvm from source "
         "(pip install -e .) or pass backend='torch'") from err
@@ -25,8 +29,15 @@ def _np(t):
     return None if t is None else t.detach().numpy()
 
 
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 def _empty(like, *shape):
-    return torch.empty(shape, dtype=like.dtype)
+    return torch.from_numpy(_C.empty(shape, np.dtype(_NP_DTYPES[like.dtype])))
+
+
+def _empty_like(t):
+    return _empty(t, *t.shape)
 
 
 def _empty_if(flag, like, *shape):
@@ -51,7 +62,7 @@ def _reparam_fwd(mu, logvar, eps, n_samples, seed):
 
 
 def _reparam_bwd(mu, logvar, eps, n_samples, seed, grad_z, grad_kl):
-    grad_mu, grad_logvar = torch.empty_like(mu), torch.empty_like(logvar)
+    grad_mu, grad_logvar = _empty_like(mu), _empty_like(logvar)
     _C.reparam_bwd(_np(mu), _np(logvar), _np(eps), seed, n_samples, _np(grad_z), _np(grad_kl),
                    _np(grad_mu), _np(grad_logvar))
     return grad_mu, grad_logvar
@@ -98,7 +109,7 @@ def gaussian_ll_fwd(x, mean, logvar):
 
 
 def _grads_like(operands, need):
-    return [torch.empty_like(t) if flag else None for t, flag in zip(operands, need)]
+    return [_empty_like(t) if flag else None for t, flag in zip(operands, need)]
 
 
 def gaussian_ll_fwd_grad(x, mean, logvar, need, scale=1.0):
@@ -111,8 +122,8 @@ def gaussian_ll_fwd_grad(x, mean, logvar, need, scale=1.0):
 
 
 def gaussian_ll_bwd(x, mean, logvar, grad_out):
-    grads = (torch.empty_like(x), torch.empty_like(mean),
-             None if logvar is None else torch.empty_like(logvar))
+    grads = (_empty_like(x), _empty_like(mean),
+             None if logvar is None else _empty_like(logvar))
     _C.gaussian_ll_bwd(_np(x), _np(mean), _np(logvar), _np(grad_out), *map(_np, grads))
     return grads
 
@@ -132,7 +143,7 @@ def bernoulli_ll_fwd_grad(x, logits, need, scale=1.0):
 
 
 def bernoulli_ll_bwd(x, logits, grad_out):
-    grads = torch.empty_like(x), torch.empty_like(logits)
+    grads = _empty_like(x), _empty_like(logits)
     _C.bernoulli_ll_bwd(_np(x), _np(logits), _np(grad_out), *map(_np, grads))
     return grads
 
@@ -160,7 +171,7 @@ def iwae_fwd_grad(log_px_given_z, mu, logvar, eps):
 
 
 def iwae_bwd(log_px_given_z, mu, logvar, eps, w, grad_bound):
-    grads = torch.empty_like(log_px_given_z), torch.empty_like(mu), torch.empty_like(logvar)
+    grads = _empty_like(log_px_given_z), _empty_like(mu), _empty_like(logvar)
     _C.iwae_bwd(_np(log_px_given_z), _np(mu), _np(logvar), _np(eps), _np(w), _np(grad_bound),
                 *map(_np, grads))
     return grads
