@@ -12,29 +12,24 @@ not depend on r; diag and spherical moments about one c come out of a single mat
 Hard mode replaces r_ik by the one-hot argmax (K-means). A block of rows is reduced serially
 and blocks are summed in index order, so the result does not depend on the number of threads.
 
-Every covariance type shares one layout, so one driver serves all four:
+Every covariance type shares one layout, so one driver's code serves all four (compiled once per
+type, see the drivers):
     prec    full (K,D,D) upper-triangular   tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
     second  full (K,D,D)                    tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
 Rows are processed in sub-chunks of SUB_ROWS. Inside one, log-probabilities and responsibilities
 are stored as (K, rows), so the log-sum-exp runs along contiguous rows and vectorises. The products
 (centred rows by P_k, weighted rows by rows, the diag/spherical expansion below) are
-single-threaded BLAS calls inside the parallel loop over blocks: the caller limits BLAS to one
-thread (see `blas_single_thread`), so there is one level of parallelism. Arithmetic is in the
+single-threaded BLAS calls inside serial kernels, one per thread over fixed blocks: the caller
+limits BLAS to one thread (see `blas_single_thread`), so there is one level of parallelism. Arithmetic is in the
 data's dtype, log-probabilities and responsibilities in float64, and statistics accumulate in
 float64 across sub-chunks. The last sub-chunk of a block is padded with zero rows, which carry
 zero responsibility, so every product has the same shape.
 """
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
-# OpenMP workers that busy-wait between parallel regions steal the cores from everything that
-# runs next (BLAS, other processes); on a busy machine that made small kernel calls 100x slower.
-# Read once when Numba first loads its OpenMP layer; a user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-
-import numpy as np  # noqa: E402
-from numba import njit  # noqa: E402
+import numpy as np
+from numba import njit
 
 FULL, TIED, DIAG, SPHERICAL = 0, 1, 2, 3
 BLOCK_ROWS = 4096  # rows reduced serially into one partial; fixed, so results ignore threads
