@@ -1,4 +1,5 @@
-# Every target creates or reuses .venv and installs what it needs.
+# Every target creates or reuses .venv and installs what it needs. Installing also compiles the
+# Numba kernels once (fastlvm.warm), so that no first fit pays for compilation.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -16,6 +17,7 @@ $(STAMP): $(PY) pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet scikit-build-core pybind11
 	$(PY) -m pip install --quiet --no-build-isolation -e '.[test,plot,triton,dask]'
+	$(PY) -m fastlvm.warm
 	touch $@
 
 install: $(STAMP)

@@ -12,28 +12,24 @@ not depend on r; diag and spherical moments about one c come out of a single mat
 Hard mode replaces r_ik by the one-hot argmax (K-means). A block of rows is reduced serially
 and blocks are summed in index order, so the result does not depend on the number of threads.
 
-Every covariance type shares one layout, so one driver serves all four:
+Every covariance type shares one layout, so one driver's code serves all four (compiled once per
+type, see the drivers):
     prec    full (K,D,D) upper-triangular   tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
     second  full (K,D,D)                    tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
 Rows are processed in sub-chunks of SUB_ROWS. Inside one, log-probabilities and responsibilities
 are stored as (K, rows), so the log-sum-exp runs along contiguous rows and vectorises. The products
 (centred rows by P_k, weighted rows by rows, the diag/spherical expansion below) are
-single-threaded BLAS calls inside the parallel loop over blocks: the caller limits BLAS to one
-thread (see `blas_single_thread`), so there is one level of parallelism. Arithmetic is in the
+single-threaded BLAS calls inside serial kernels, one per thread over fixed blocks: the caller
+limits BLAS to one thread (see `blas_single_thread`), so there is one level of parallelism. Arithmetic is in the
 data's dtype, log-probabilities and responsibilities in float64, and statistics accumulate in
 float64 across sub-chunks. The last sub-chunk of a block is padded with zero rows, which carry
 zero responsibility, so every product has the same shape.
 """
 
-import os
+from concurrent.futures import ThreadPoolExecutor
 
-# OpenMP workers that busy-wait between parallel regions steal the cores from everything that
-# runs next (BLAS, other processes); on a busy machine that made small kernel calls 100x slower.
-# Read once when Numba first loads its OpenMP layer; a user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-
-import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
+import numpy as np
+from numba import njit
 
 FULL, TIED, DIAG, SPHERICAL = 0, 1, 2, 3
 BLOCK_ROWS = 4096  # rows reduced serially into one partial; fixed, so results ignore threads
@@ -158,38 +154,21 @@ def _accumulate_whitened(Y, r, n, s, second, k, Z, acc, prod):
             second[k, p, j] += prod[p, j]
 
 
-@_jit
 def _unwhiten(prec, s, second):
     """Moments from whitened sums, in place: s_k <- A_k^T s_k, S_k <- A_k^T S_k A_k, A_k = P_k^-1."""
-    K, D = s.shape
-    for k in range(K):
-        P = prec[k].astype(np.float64)
-        A = np.zeros((D, D))
-        for j in range(D):  # back substitution of P A = I, P upper triangular
-            A[j, j] = 1.0 / P[j, j]
-            for i in range(j - 1, -1, -1):
-                acc = 0.0
-                for m in range(i + 1, j + 1):
-                    acc += P[i, m] * A[m, j]
-                A[i, j] = -acc / P[i, i]
-        s[k] = s[k] @ A
-        second[k] = A.T @ (second[k] @ A)
+    D = s.shape[1]
+    A = np.linalg.solve(np.triu(prec).astype(np.float64), np.eye(D))  # P_k A_k = I
+    s[:] = np.einsum("kp,kpj->kj", s, A)
+    second[:] = np.swapaxes(A, 1, 2) @ second @ A
 
 
-@_jit
 def _whitened_offsets(kind, means, prec, centre):
     """b_k = P_k^T (mu_k - c) (full; tied: P for every k), so that P_k^T (x - mu_k) = P_k^T (x - c) - b_k."""
-    K, D = means.shape
-    b = np.zeros((K, D), dtype=means.dtype)
-    if kind == FULL or kind == TIED:
-        for k in range(K):
-            P = prec[k] if kind == FULL else prec[0]
-            for j in range(D):
-                acc = 0.0
-                for p in range(j + 1):
-                    acc += P[p, j] * (means[k, p] - centre[p])
-                b[k, j] = acc
-    return b
+    if kind != FULL and kind != TIED:
+        return np.zeros((0, means.shape[1]), dtype=means.dtype)
+    P = np.triu(prec).astype(np.float64)
+    m = means.astype(np.float64) - centre
+    return np.einsum("kpj,kp->kj", np.broadcast_to(P, (means.shape[0],) + P.shape[1:]), m).astype(means.dtype)
 
 
 # ------------------------------------------------------------------------- diag and spherical
@@ -198,28 +177,21 @@ def _whitened_offsets(kind, means, prec, centre):
 # so one (K x W) @ (W x rows) product gives every row's distances, and one (K x rows) @ (rows x W)
 # product gives the weighted sums of a and a^2 (moments about c). The spherical type needs only
 # ||a||^2 of the squares, so its rows are [||a||^2, a] (W = D + 1) where diag's are [a^2, a] (W = 2D).
-@_jit
+@_inline
 def _n_squares(kind, D):
     """Leading columns of a row's expansion that hold squares: D (diag), 1 (spherical)."""
     return D if kind == DIAG else 1
 
 
-@_jit
 def _vector_weights(kind, means, prec, centre):
     """(Wt (K, W), offsets (K,)) of the expansion above."""
     K, D = means.shape
-    sq = _n_squares(kind, D)
-    Wt = np.zeros((K, sq + D), dtype=means.dtype)
-    off = np.zeros(K)
-    for k in range(K):
-        for p in range(D):
-            a = prec[k, 0, p] if kind == DIAG else prec[k, 0, 0]
-            p2 = a * a
-            m = means[k, p] - centre[p]
-            Wt[k, p if kind == DIAG else 0] = p2
-            Wt[k, sq + p] = -2.0 * p2 * m
-            off[k] += p2 * m * m
-    return Wt, off
+    if kind != DIAG and kind != SPHERICAL:
+        return np.zeros((K, 0), dtype=means.dtype), np.zeros(K)
+    p2 = np.broadcast_to(prec[:, 0, :].astype(np.float64) ** 2, (K, D))
+    m = means.astype(np.float64) - centre
+    squares = p2 if kind == DIAG else p2[:, :1]
+    return np.hstack([squares, -2.0 * p2 * m]).astype(means.dtype), (p2 * m * m).sum(axis=1)
 
 
 @_inline
@@ -368,7 +340,7 @@ def _add_vector_moments(kind, mom, s, second):
             second[k, 0, 0] += mom[k, 0]
 
 
-@_jit
+@_inline
 def _n_whitened(kind, K):
     """Y's length: one (D, rows) per component (full), one (tied), none (diag, spherical)."""
     if kind == FULL:
@@ -377,36 +349,21 @@ def _n_whitened(kind, K):
 
 
 # ----------------------------------------------------------------------------- drivers
-@njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
-def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, n_workers, block_rows=BLOCK_ROWS):
-    """Sufficient statistics of the rows of X under the current parameters.
-
-    Returns (n (K,), s (K,D), second, loglik, worst_ll (B,), worst_row (B,)) in float64, where
-    s and second are centred on means[k] (full) or on `centre` (tied, diag, spherical), loglik is
-    sum_i log p(x_i) (hard mode: sum_i max_k log p(x_i, k)), and worst_* hold, per block of
-    rows, the lowest row log-likelihood and its row index (candidates for re-seeding).
-    When resp_in has N rows it is used as the responsibilities (initialisation from given
-    responsibilities) and the log-likelihood outputs are meaningless. n_workers: the thread count
-    (numba.get_num_threads(); inside a kernel it would keep the kernel out of Numba's cache).
-    """
-    N, D = X.shape
-    K = means.shape[0]
-    sub = SUB_ROWS
-    n_blocks = (N + block_rows - 1) // block_rows
-    sh = prec.shape
-    b_n = np.zeros((n_blocks, K))
-    b_s = np.zeros((n_blocks, K, D))
-    b_second = np.zeros((n_blocks, sh[0], sh[1], sh[2]))
-    b_ll = np.zeros(n_blocks)
-    worst_ll = np.full(n_blocks, np.inf)
-    worst_row = np.zeros(n_blocks, dtype=np.int64)
-    b = _whitened_offsets(kind, means, prec, centre)
-    Wt, off = _vector_weights(kind, means, prec, centre)
-    given = resp_in.shape[0] == N
-    onehot_rows = hard and not given and (kind == DIAG or kind == SPHERICAL)
-    # Each of n_workers (the thread count) takes every n_workers-th block and allocates its buffers once.
-    n_workers = max(1, min(n_workers, n_blocks))
-    for w in prange(n_workers):
+# One compiled kernel per covariance type: `kind` is a constant of the closure, so a fit compiles
+# only its own type's code (Numba caches each closure under its constant). The kernels are serial
+# and release the GIL; `_on_workers` runs one per thread, each on every n_workers-th block. Plain
+# threads rather than Numba's parallel loops: a parallel loop compiles several times slower.
+def _stats_kernel(kind):
+    @_jit
+    def suff_stats_blocks(X, means, prec, log_norm, centre, b, Wt, off, hard, resp_in, block_rows,
+                          b_n, b_s, b_second, b_ll, worst_ll, worst_row, first, step):
+        """Statistics of blocks first, first + step, ... of block_rows rows, into the block's slot
+        of the b_* / worst_* partials (see suff_stats)."""
+        N, D = X.shape
+        K = means.shape[0]
+        sub = SUB_ROWS
+        given = resp_in.shape[0] == N
+        onehot_rows = hard and not given and (kind == DIAG or kind == SPHERICAL)
         d = np.zeros((sub, D), dtype=X.dtype)
         Y = np.empty((_n_whitened(kind, K), sub, D), dtype=X.dtype)
         Z = np.empty((sub, D), dtype=X.dtype)
@@ -421,7 +378,7 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, n_workers,
         best = np.empty(sub, dtype=np.int64)
         bits = np.empty(sub, dtype=np.int64)
         scratch = np.empty(sub)
-        for blk in range(w, n_blocks, n_workers):
+        for blk in range(first, b_ll.shape[0], step):
             stop = min(N, (blk + 1) * block_rows)
             for r0 in range(blk * block_rows, stop, sub):
                 C = min(sub, stop - r0)
@@ -443,35 +400,18 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, n_workers,
                         worst_row[blk] = r0 + i
                 _accumulate(kind, C, resp, onehot_rows, best, b_n[blk], b_s[blk], b_second[blk], d, Y, aa,
                             rd, mom, Z, prod)
-    # Fixed-order reduction over blocks.
-    n = np.zeros(K)
-    s = np.zeros((K, D))
-    second = np.zeros(sh)
-    ll = 0.0
-    for blk in range(n_blocks):
-        n += b_n[blk]
-        s += b_s[blk]
-        second += b_second[blk]
-        ll += b_ll[blk]
-    if kind == FULL:
-        _unwhiten(prec, s, second)
-    return n, s, second, ll, worst_ll, worst_row
+
+    return suff_stats_blocks
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
-def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, out_logp, n_workers):
-    """Per-row outputs without statistics: out_label[i] = argmax_k log p(x_i, k),
-    out_ll[i] = log p(x_i) (hard: max_k log p(x_i, k)), and, when out_logp has N rows,
-    out_logp[i, k] = log p(x_i, k)."""
-    N, D = X.shape
-    K = means.shape[0]
-    sub = SUB_ROWS
-    want_logp = out_logp.shape[0] == N
-    n_sub = (N + sub - 1) // sub
-    b = _whitened_offsets(kind, means, prec, centre)
-    Wt, off = _vector_weights(kind, means, prec, centre)
-    n_workers = max(1, min(n_workers, n_sub))
-    for w in prange(n_workers):
+def _scores_kernel(kind):
+    @_jit
+    def row_scores_subs(X, means, prec, log_norm, centre, b, Wt, off, hard, out_ll, out_label, out_logp, first, step):
+        """row_scores on sub-chunks first, first + step, ... of SUB_ROWS rows."""
+        N, D = X.shape
+        K = means.shape[0]
+        sub = SUB_ROWS
+        want_logp = out_logp.shape[0] == N
         d = np.zeros((sub, D), dtype=X.dtype)
         Y = np.empty((_n_whitened(kind, K), sub, D), dtype=X.dtype)
         aa = np.zeros((sub, _n_squares(kind, D) + D), dtype=X.dtype)
@@ -482,7 +422,7 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
         best = np.empty(sub, dtype=np.int64)
         bits = np.empty(sub, dtype=np.int64)
         scratch = np.empty(sub)
-        for c in range(w, n_sub, n_workers):
+        for c in range(first, (N + sub - 1) // sub, step):
             r0 = c * sub
             C = min(sub, N - r0)
             if C < sub:
@@ -497,3 +437,66 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
                 for i in range(C):
                     for k in range(K):
                         out_logp[r0 + i, k] = logp[k, i]
+
+    return row_scores_subs
+
+
+_KINDS = (FULL, TIED, DIAG, SPHERICAL)
+_STATS = {kind: _stats_kernel(kind) for kind in _KINDS}
+_SCORES = {kind: _scores_kernel(kind) for kind in _KINDS}
+_pool = None
+
+
+def _on_workers(fn, n_workers, *args):
+    """fn(*args, w, n_workers) for w < n_workers, on n_workers threads (the caller's among them)."""
+    global _pool
+    if n_workers == 1:
+        fn(*args, 0, 1)
+        return
+    if _pool is None or _pool._max_workers < n_workers - 1:
+        _pool = ThreadPoolExecutor(n_workers - 1, thread_name_prefix="fastlvm")
+    futures = [_pool.submit(fn, *args, w, n_workers) for w in range(1, n_workers)]
+    fn(*args, 0, n_workers)
+    for f in futures:
+        f.result()
+
+
+def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, n_workers, block_rows=BLOCK_ROWS):
+    """Sufficient statistics of the rows of X under the current parameters.
+
+    Returns (n (K,), s (K,D), second, loglik, worst_ll (B,), worst_row (B,)) in float64, where
+    s and second are centred on means[k] (full) or on `centre` (tied, diag, spherical), loglik is
+    sum_i log p(x_i) (hard mode: sum_i max_k log p(x_i, k)), and worst_* hold, per block of
+    rows, the lowest row log-likelihood and its row index (candidates for re-seeding).
+    When resp_in has N rows it is used as the responsibilities (initialisation from given
+    responsibilities) and the log-likelihood outputs are meaningless. n_workers: threads to use.
+    """
+    N, D = X.shape
+    K = means.shape[0]
+    n_blocks = (N + block_rows - 1) // block_rows
+    b_n = np.zeros((n_blocks, K))
+    b_s = np.zeros((n_blocks, K, D))
+    b_second = np.zeros((n_blocks,) + prec.shape)
+    b_ll = np.zeros(n_blocks)
+    worst_ll = np.full(n_blocks, np.inf)
+    worst_row = np.zeros(n_blocks, dtype=np.int64)
+    b = _whitened_offsets(kind, means, prec, centre)
+    Wt, off = _vector_weights(kind, means, prec, centre)
+    _on_workers(_STATS[kind], max(1, min(n_workers, n_blocks)), X, means, prec, log_norm, centre, b, Wt, off,
+                bool(hard), resp_in, block_rows, b_n, b_s, b_second, b_ll, worst_ll, worst_row)
+    # Fixed-order reduction over blocks.
+    n, s, second, ll = b_n.sum(axis=0), b_s.sum(axis=0), b_second.sum(axis=0), float(b_ll.sum())
+    if kind == FULL:
+        _unwhiten(prec, s, second)
+    return n, s, second, ll, worst_ll, worst_row
+
+
+def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, out_logp, n_workers):
+    """Per-row outputs without statistics: out_label[i] = argmax_k log p(x_i, k),
+    out_ll[i] = log p(x_i) (hard: max_k log p(x_i, k)), and, when out_logp has N rows,
+    out_logp[i, k] = log p(x_i, k)."""
+    n_sub = (X.shape[0] + SUB_ROWS - 1) // SUB_ROWS
+    b = _whitened_offsets(kind, means, prec, centre)
+    Wt, off = _vector_weights(kind, means, prec, centre)
+    _on_workers(_SCORES[kind], max(1, min(n_workers, n_sub)), X, means, prec, log_norm, centre, b, Wt, off,
+                bool(hard), out_ll, out_label, out_logp)

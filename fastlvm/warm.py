@@ -1,0 +1,41 @@
+"""Compiles and caches the Numba kernels once, so that no later fit pays for compilation:
+a tiny fit (and the per-row methods) of every covariance type in float32 and float64, and of
+KMeans, through the public estimators, so every kernel they reach is warmed.
+
+    python -m fastlvm.warm
+
+Numba keeps the compiled code in NUMBA_CACHE_DIR (by default __pycache__ beside the package);
+on a cluster, run this once per CPU type with NUMBA_CACHE_DIR on a shared file system.
+"""
+
+import time
+import warnings
+
+import numpy as np
+
+from fastlvm.mixture import GaussianMixture, KMeans
+
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+
+
+def warm(verbose=True):
+    X = np.random.default_rng(0).normal(size=(300, 3))
+    for dtype in (np.float32, np.float64):
+        Xd = X.astype(dtype)
+        for cov in COVARIANCE_TYPES:
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                gm = GaussianMixture(2, covariance_type=cov, max_iter=2, random_state=0).fit(Xd)
+            gm.predict_proba(Xd)
+            gm.score_samples(Xd)
+            if verbose:
+                print(f"fastlvm.warm: GaussianMixture {cov} {np.dtype(dtype).name}: {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        KMeans(2, n_init=1, random_state=0).fit(Xd).predict(Xd)
+        if verbose:
+            print(f"fastlvm.warm: KMeans {np.dtype(dtype).name}: {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    warm()
