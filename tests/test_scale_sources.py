@@ -172,7 +172,9 @@ def chunker(X, size):
 def test_chunk_callable_matches_array(piece):
     """Pieces of any size are re-chunked to chunk_size, so the fit is the in-memory fit."""
     X = mixture_data(20_000, seed=4)
-    kw = dict(max_iter=6, tol=0, chunk_size=3_000, random_state=0, n_init=2)
+    # One start: two starts that reach the same optimum (labels permuted) tie to 1e-15, and which
+    # one wins would then be decided by rounding, not by the data source.
+    kw = dict(max_iter=6, tol=0, chunk_size=3_000, random_state=0, n_init=1)
     ref = quiet_fit(GaussianMixture(3, **kw), X)
     est = quiet_fit(GaussianMixture(3, **kw), chunker(X, piece))
     for name in FITTED:
