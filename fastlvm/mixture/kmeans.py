@@ -21,7 +21,7 @@ from sklearn.utils.validation import _check_sample_weight, _is_arraylike_not_sca
 
 from fastlvm._validation import check_finite
 from fastlvm.data import as_source
-from fastlvm.kernels.kmeans import LloydState, Rows
+from fastlvm.kernels.kmeans import LloydState, Rows, column_sq_sums
 from fastlvm.mixture.init import kmeans_plusplus, random_rows
 
 INIT_SAMPLE_ROWS = 100_000  # rows a streamed source's initial centres are chosen from
@@ -85,7 +85,7 @@ class _Streamed:
         self._d2 = None
 
     def assign(self, C, moves):
-        parts = self.source.map(partial(_centred_chunk_pass, C, self.weights, self.mean), CHUNK_ROWS)
+        parts = list(self.source.map(partial(_centred_chunk_pass, C, self.weights, self.mean), CHUNK_ROWS))
         sums = sum(p[0] for p in parts)
         counts = sum(p[1] for p in parts)
         labels = np.concatenate([p[2] for p in parts])
@@ -161,19 +161,18 @@ def lloyd(data, weights, centres, max_iter, tol, verbose=0):
     return LloydRun(C, data.labels.copy(), inertia, i + 1, strict)
 
 
-def _column_moments(chunks, weights=None):
-    """Mean and (unweighted) variance of every column, summed chunk by chunk about the first row."""
-    n, shift, s, ss = 0, None, 0.0, 0.0
-    for chunk in chunks:
-        chunk = np.asarray(chunk, dtype=np.float64)
-        if shift is None:
-            shift = chunk[0].copy()
-        y = chunk - shift
-        n += y.shape[0]
-        s = s + y.sum(axis=0)
-        ss = ss + (y * y).sum(axis=0)
-    mean = s / n
-    return shift + mean, np.maximum(ss / n - mean**2, 0.0)
+def _shifted_moments(shift, offset, chunk):
+    y = np.asarray(chunk, dtype=np.float64) - shift
+    return y.shape[0], y.sum(axis=0), (y * y).sum(axis=0)
+
+
+def _column_moments(source):
+    """Mean and variance of every column of a source, summed chunk by chunk about its first row."""
+    shift = np.asarray(source.head()[0], dtype=np.float64)
+    parts = list(source.map(partial(_shifted_moments, shift), CHUNK_ROWS))
+    n = sum(p[0] for p in parts)
+    mean = sum(p[1] for p in parts) / n
+    return shift + mean, np.maximum(sum(p[2] for p in parts) / n - mean**2, 0.0)
 
 
 def _same_clustering(labels1, labels2, n_clusters):
@@ -281,7 +280,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
 
         # Centre dense data (as scikit-learn does) so that ||c||^2 - 2 x.c does not cancel.
         if source is not None:
-            mean, variances = _column_moments(c for _, c in source.chunks(CHUNK_ROWS))
+            mean, variances = _column_moments(source)
             data = _Streamed(source, weights, mean)
             sample = np.sort(random_state.permutation(n_samples)[:INIT_SAMPLE_ROWS]) \
                 if n_samples > INIT_SAMPLE_ROWS else np.arange(n_samples)
@@ -294,8 +293,8 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
             init_X, init_rows, init_weights = X, data.rows, weights
         else:
             mean = X.mean(axis=0, dtype=np.float64)
-            variances = _column_moments(X[i : i + CHUNK_ROWS] for i in range(0, n_samples, CHUNK_ROWS))[1]
             X -= mean.astype(dtype)
+            variances = column_sq_sums(X) / n_samples  # about the mean, as X is now centred
             data = _InMemory(X, weights)
             init_X, init_rows, init_weights = X, data.rows, weights
         tol = float(np.mean(variances) * self.tol) if self.tol else 0.0
