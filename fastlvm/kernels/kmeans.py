@@ -71,6 +71,22 @@ def _add_row(X, data, indices, indptr, sparse, i, w, sums, k):
 
 
 @_inline
+def _move_row(X, data, indices, indptr, sparse, i, w, sums, counts, old, new):
+    """Row i (weight w) leaves cluster `old` (none when old < 0) for `new` in the partial sums."""
+    _add_row(X, data, indices, indptr, sparse, i, w, sums, new)
+    counts[new] += w
+    if old >= 0:
+        _add_row(X, data, indices, indptr, sparse, i, -w, sums, old)
+        counts[old] -= w
+
+
+@_inline
+def _zero(sums, counts):
+    sums[:] = 0.0
+    counts[:] = 0.0
+
+
+@_inline
 def _product(X, data, indices, indptr, sparse, i, C, k):
     """x_i . c_k in the rows' dtype."""
     acc = C.dtype.type(0)
@@ -111,10 +127,7 @@ def yinyang_pass(X, data, indices, indptr, sparse, weights, x_norms, C, c_norms,
         n_changed = 0
         scored = np.zeros(G, dtype=np.bool_)
         scores = np.empty(K)
-        for k in range(K):
-            counts[b, k] = 0.0
-            for d in range(sums.shape[2]):
-                sums[b, k, d] = 0.0
+        _zero(sums[b], counts[b])
         for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
             a = labels[i]
             u = upper[i] + moves[a]
@@ -166,13 +179,9 @@ def yinyang_pass(X, data, indices, indptr, sparse, weights, x_norms, C, c_norms,
                     lower[i, ga] = min(lower[i, ga], _low(x_norms[i] + s_a, margin, shrink))
             upper[i] = np.sqrt(max(x_norms[i] + s_best, 0.0) + eps * (x_norms[i] + c_norms[best]))
             if best != a:
-                w = weights[i]
                 labels[i] = best
                 n_changed += 1
-                _add_row(X, data, indices, indptr, sparse, i, w, sums[b], best)
-                counts[b, best] += w
-                _add_row(X, data, indices, indptr, sparse, i, -w, sums[b], a)
-                counts[b, a] -= w
+                _move_row(X, data, indices, indptr, sparse, i, weights[i], sums[b], counts[b], a, best)
         changed[b] = n_changed
 
 
@@ -206,10 +215,7 @@ def finish_rows(G, rows, X, data, indices, indptr, sparse, weights, x_norms, c_n
         c_max = max(c_max, c_norms[k])
     for b in prange(sums.shape[0]):
         n_changed = 0
-        for k in range(K):
-            counts[b, k] = 0.0
-            for d in range(sums.shape[2]):
-                sums[b, k, d] = 0.0
+        _zero(sums[b], counts[b])
         for r in range(b * BLOCK_ROWS, min(T, (b + 1) * BLOCK_ROWS)):
             i = rows[r]
             best = 0
@@ -229,14 +235,9 @@ def finish_rows(G, rows, X, data, indices, indptr, sparse, weights, x_norms, c_n
                 lower[i, g] = _low(x_norms[i] + low2, margin, shrink)
             a = labels[i]
             if best != a:
-                w = weights[i]
                 labels[i] = best
                 n_changed += 1
-                _add_row(X, data, indices, indptr, sparse, i, w, sums[b], best)
-                counts[b, best] += w
-                if a >= 0:
-                    _add_row(X, data, indices, indptr, sparse, i, -w, sums[b], a)
-                    counts[b, a] -= w
+                _move_row(X, data, indices, indptr, sparse, i, weights[i], sums[b], counts[b], a, best)
         changed[b] = n_changed
 
 
