@@ -186,13 +186,13 @@ def yinyang_pass(X, data, indices, indptr, sparse, weights, x_norms, C, c_norms,
 
 
 @_par
-def sparse_products(data, indices, indptr, rows, CT, out):
-    """out[r, k] = x_{rows[r]} . c_k for CSR rows, along the transposed centres CT (D, K): one
+def sparse_products(data, indices, indptr, first, CT, out):
+    """out[r, k] = x_{first + r} . c_k for CSR rows, along the transposed centres CT (D, K): one
     axpy over the K centres per non-zero."""
     T, K = out.shape
     for b in prange(n_blocks(T)):
         for r in range(b * BLOCK_ROWS, min(T, (b + 1) * BLOCK_ROWS)):
-            i = rows[r]
+            i = first + r
             for k in range(K):
                 out[r, k] = 0.0
             for j in range(indptr[i], indptr[i + 1]):
@@ -203,9 +203,9 @@ def sparse_products(data, indices, indptr, rows, CT, out):
 
 
 @_par
-def finish_rows(G, rows, X, data, indices, indptr, sparse, weights, x_norms, c_norms, members, group_start,
+def finish_rows(G, first, X, data, indices, indptr, sparse, weights, x_norms, c_norms, members, group_start,
                 eps, shrink, labels, upper, lower, sums, counts, changed):
-    """Labels of the rows `rows` from their products G[r, k] = x . c_k (argmin of
+    """Labels of the rows first + r from their products G[r, k] = x . c_k (argmin of
     ||c_k||^2 - 2 x . c_k, ties to the lowest k), their bounds (distance to the nearest centre and
     to each group's nearest other centre, widened by the rounding margin), and per block of G the
     changes of the weighted sums (sums (B, K, D), counts (B, K), changed (B,))."""
@@ -217,7 +217,7 @@ def finish_rows(G, rows, X, data, indices, indptr, sparse, weights, x_norms, c_n
         n_changed = 0
         _zero(sums[b], counts[b])
         for r in range(b * BLOCK_ROWS, min(T, (b + 1) * BLOCK_ROWS)):
-            i = rows[r]
+            i = first + r
             best = 0
             s_best = c_norms[0] - 2.0 * G[r, 0]
             for k in range(1, K):
@@ -398,14 +398,14 @@ class LloydState:
             return int(self._changed[:B].sum())
         n_changed = 0
         for start in range(0, rows.n_rows, self.tile):
-            tile = np.arange(start, min(rows.n_rows, start + self.tile))
+            size = min(rows.n_rows - start, self.tile)
             if rows.sparse:
-                G = np.empty((tile.size, Cd.shape[0]), dtype=rows.dtype)
-                sparse_products(rows.data, rows.indices, rows.indptr, tile, CT, G)
+                G = np.empty((size, Cd.shape[0]), dtype=rows.dtype)
+                sparse_products(rows.data, rows.indices, rows.indptr, start, CT, G)
             else:
-                G = rows.X[start : start + tile.size] @ CT
-            B = n_blocks(tile.size)
-            finish_rows(G, tile, *rows.args(), self.weights, rows.norms, c_norms, members, group_start, self.eps,
+                G = rows.X[start : start + size] @ CT
+            B = n_blocks(size)
+            finish_rows(G, start, *rows.args(), self.weights, rows.norms, c_norms, members, group_start, self.eps,
                         self.shrink, self.labels, self.upper, self.lower, self._sums[:B], self._counts[:B],
                         self._changed[:B])
             self._reduce(B)

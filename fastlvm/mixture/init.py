@@ -22,13 +22,15 @@ def kmeans_plusplus(X, n_clusters, rng, chunk_rows=None, sample_weight=None):
     potential = closest @ w
     for c in range(1, n_clusters):
         draws = rng.uniform(size=n_trials) * potential
-        candidates = np.minimum(np.searchsorted(np.cumsum(w * closest), draws), N - 1)
+        cumulative = w * closest
+        candidates = np.minimum(np.searchsorted(np.cumsum(cumulative, out=cumulative), draws), N - 1)
         candidate_rows = rows.rows(candidates)
-        dist = np.minimum(closest[:, None], rows.sq_distances(candidate_rows))
+        dist = rows.sq_distances(candidate_rows)
+        np.minimum(dist, closest[:, None], out=dist)
         potentials = w @ dist
         best = int(np.argmin(potentials))
         potential = potentials[best]
-        closest = dist[:, best]
+        closest = dist[:, best].copy()  # not a view: the candidates' distances can go
         centres[c] = candidate_rows[best]
     return centres
 

@@ -93,7 +93,7 @@ class _Streamed:
         self.labels, self._d2 = labels, np.concatenate([p[3] for p in parts])
         return sums, counts, n_changed
 
-    def own_sq_distances(self, C):  # the distances of the last pass, whose centres C are
+    def own_sq_distances(self, C):  # kept from the last pass, which was made with these C
         return self._d2
 
     def take(self, index):
@@ -282,19 +282,21 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
         if source is not None:
             mean, variances = _column_moments(source)
             data = _Streamed(source, weights, mean)
-            sample = np.sort(random_state.permutation(n_samples)[:INIT_SAMPLE_ROWS]) \
-                if n_samples > INIT_SAMPLE_ROWS else np.arange(n_samples)
-            init_X = np.ascontiguousarray(source.take(sample, CHUNK_ROWS) - mean, dtype=dtype)
-            init_rows, init_weights = Rows(init_X), weights[sample]
+            init_X = init_rows = init_weights = None
+            if init_array is None:  # centres are chosen from a sample read in one pass
+                sample = np.sort(random_state.permutation(n_samples)[:INIT_SAMPLE_ROWS]) \
+                    if n_samples > INIT_SAMPLE_ROWS else np.arange(n_samples)
+                init_X = np.ascontiguousarray(source.take(sample, CHUNK_ROWS) - mean, dtype=dtype)
+                init_rows, init_weights = Rows(init_X), weights[sample]
         elif sp.issparse(X):
             mean = np.zeros(n_features)
-            variances = _sparse_variances(X)
+            variances = _sparse_variances(X) if self.tol else 0.0
             data = _InMemory(X, weights)
             init_X, init_rows, init_weights = X, data.rows, weights
         else:
             mean = X.mean(axis=0, dtype=np.float64)
             X -= mean.astype(dtype)
-            variances = column_sq_sums(X) / n_samples  # about the mean, as X is now centred
+            variances = column_sq_sums(X) / n_samples if self.tol else 0.0  # X is now centred
             data = _InMemory(X, weights)
             init_X, init_rows, init_weights = X, data.rows, weights
         tol = float(np.mean(variances) * self.tol) if self.tol else 0.0
