@@ -165,6 +165,7 @@ def main(argv=None):
              f"GEMM {gemm['float32']:.0f} / {gemm['float64']:.0f} GFLOP/s f32 / f64 on this machine ({os.cpu_count()} CPUs)"]
     for c in cases:
         kind = f"CSR density {c.density:g}" if c.sparse else "dense"
+        first = len(lines)
         lines.append(f"\n{c.name}: N={c.n:,} D={c.d:,} K={c.k} {c.dtype} {kind}, {c.iters} iterations "
                      f"(target >= {c.target:g}x sklearn-lloyd)")
         res, notes = run_case(c, libs, args.rounds)
@@ -180,14 +181,14 @@ def main(argv=None):
             r = res[lib]
             flop = 2.0 * c.n * c.k * c.d
             gemm_part = "" if c.sparse else f"  {flop / r['s_per_iter'] / 1e9 / gemm[c.dtype]:6.1%} of GEMM"
-            vs = f"  fastlvm {r['s_per_iter'] / fast['s_per_iter']:5.2f}x faster" if fast and lib != "fastlvm" else ""
+            vs = f"  fastlvm speed-up {r['s_per_iter'] / fast['s_per_iter']:5.2f}x" if fast and lib != "fastlvm" else ""
             ratio = f"  {ref['s_per_iter'] / r['s_per_iter']:5.2f}x sklearn-lloyd" if ref else ""
             lines.append(f"  {lib:<14}{fmt_ms(r['s_per_iter'])}/iter  n_iter_={r['n_iter']:<4}{ratio}{gemm_part}{vs}")
             out["results"].append({"case": c.name, "lib": lib, **r})
         if fast and ref:
             ratio = ref["s_per_iter"] / fast["s_per_iter"]
             lines.append(f"  -> fastlvm {ratio:.2f}x sklearn-lloyd: target {'met' if ratio >= c.target else 'NOT met'}")
-        print("\n".join(lines[-(len(libs) + 3):]), file=sys.stderr, flush=True)
+        print("\n".join(lines[first:]), file=sys.stderr, flush=True)
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:
