@@ -60,7 +60,11 @@ def make_data(c: Case):
     if c.sparse:
         import scipy.sparse as sp
 
-        X = sp.random(c.n, c.d, density=c.density, format="csr", random_state=SEED, dtype=c.dtype)
+        per_row = max(1, int(round(c.density * c.d)))  # (scipy's sp.random would draw from all n*d cells)
+        cols = rng.integers(c.d, size=(c.n, per_row))
+        X = sp.csr_matrix((rng.random(c.n * per_row).astype(c.dtype), cols.ravel(),
+                           np.arange(0, c.n * per_row + 1, per_row)), shape=(c.n, c.d))
+        X.sum_duplicates()
         init = X[rng.choice(c.n, c.k, replace=False)].toarray()
         return X, init
     means = rng.normal(size=(c.k, c.d))
