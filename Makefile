@@ -35,9 +35,13 @@ test: $(STAMP)
 # torch build; a peer that fails to install is left out of the tables, not fatal.
 BENCH_PEERS := pomegranate==1.1.2 apricot-select==0.6.1 torchgmm==0.1.4 pytorch-lightning==2.6.6 \
                torchmetrics==1.9.0 lightning-utilities==0.15.3
+# Peers for the k-means table (oneDAL through scikit-learn-intelex, and faiss), installed apart so
+# that one failing cannot keep the GMM peers out.
+KMEANS_PEERS := scikit-learn-intelex==2026.2.0 daal==2026.2.0 tbb==2023.2.0 faiss-cpu==1.15.1
 
 bench: $(STAMP)
 	-$(PY) -m pip install --quiet --no-deps $(BENCH_PEERS)
+	-$(PY) -m pip install --quiet --no-deps $(KMEANS_PEERS)
 	-$(PY) -m pip install --quiet tqdm
 	$(PY) bench/run.py
 

@@ -1,4 +1,5 @@
-"""The whole benchmark: this machine's ceilings, the GMM / k-means tables, the scale table
+"""The whole benchmark: this machine's ceilings, the GMM / k-means tables, the k-means peers table
+(bench/bench_kmeans.py), the scale table
 (memmap and Dask fits, bench/bench_scale.py), then the VAE tables (bench/bench_vae.py), printed as
 one report.
 
@@ -152,6 +153,11 @@ def main(argv=None):
             report.append(gmm_text.rstrip())
         if not avx512:
             report.append(f"\n### Numba path: AVX-512: not supported by this CPU ({cpu_name}); not timed")
+
+        # 2b. k-means against scikit-learn (lloyd, elkan), oneDAL and faiss
+        km = [sys.executable, os.path.join(HERE, "bench_kmeans.py"), "--machine", machine_json]
+        report.append("\n## k-means (Lloyd) against every CPU k-means")
+        report.append(stage(km + (["--quick"] if args.quick else []), clean, tmp, "bench_kmeans").rstrip())
 
         # 3. GMM at scale: out-of-core memmap fits and a 2-worker Dask cluster
         if not args.skip_scale:

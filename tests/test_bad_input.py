@@ -93,7 +93,7 @@ def test_invalid_parameters(params, exc, match):
         (dict(n_clusters=0), ValueError, "n_clusters"),
         (dict(n_clusters=2.0), TypeError, "n_clusters"),
         (dict(init="nope"), ValueError, "init"),
-        (dict(n_clusters=2, init=np.zeros((3, 3))), ValueError, "init array"),
+        (dict(n_clusters=2, init=np.zeros((3, 3))), ValueError, "initial centers"),
         (dict(max_iter=0), ValueError, "max_iter"),
         (dict(tol=-1), ValueError, "tol"),
     ],

@@ -1,139 +1,386 @@
-"""K-means: hard EM with equal weights and unit isotropic variance, on the mixture kernel."""
+"""K-means: scikit-learn's KMeans (Lloyd's algorithm) on fastlvm's own k-means kernels.
 
-import numbers
-import time
+A fit reads as the algorithm does: data source -> initial centres -> repeat (assign -> update).
+In-memory data (dense or CSR) keeps Hamerly bounds and running sums between passes, so rows whose
+label cannot change are not read; a streamed source (memmap, HDF5/Zarr, chunk callable, Dask)
+is assigned chunk by chunk from scratch on every pass. Both give Lloyd's labels.
+"""
+
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from numbers import Integral, Real
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
+import scipy.sparse as sp
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, _fit_context
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import _check_sample_weight, _is_arraylike_not_scalar, check_array, check_is_fitted, validate_data
 
-from fastlvm._validation import check_finite, check_scalar
-from fastlvm.kernels import cpu
-from fastlvm.mixture.covariance import COVARIANCE_TYPES
-from fastlvm.mixture.init import isotropic_parameters, kmeans_plusplus, random_rows, squared_distances
-from fastlvm.mixture.stats import default_chunk_rows, scores, statistics
+from fastlvm._validation import check_finite
+from fastlvm.data import as_source
+from fastlvm.kernels.kmeans import LloydState, Rows, column_sq_sums
+from fastlvm.mixture.init import kmeans_plusplus, random_rows
 
-_SPHERICAL = COVARIANCE_TYPES["spherical"]
+INIT_SAMPLE_ROWS = 100_000  # rows a streamed source's initial centres are chosen from
+CHUNK_ROWS = 65_536
 
 
-class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
-    """K-means clustering by Lloyd iterations on fastlvm's fused mixture kernel.
+@dataclass
+class LloydRun:
+    """The outcome of one k-means run."""
 
-    Each iteration is one pass: every row is assigned to its nearest centre and the per-cluster
-    row counts, centred sums and squared distances are accumulated; centres move to the means.
-    Iterations match scikit-learn's Lloyd algorithm from the same initial centres, and stop when
-    the total squared centre shift is at most tol * mean feature variance. An empty cluster is
-    moved onto the row farthest from its centre.
+    centres: np.ndarray
+    labels: np.ndarray
+    inertia: float
+    n_iter: int
+    strict: bool  # stopped because no label changed
+
+
+class _InMemory:
+    """Dense or CSR rows held in memory: Hamerly bounds and running sums across passes."""
+
+    def __init__(self, X, weights):
+        self.rows = Rows(X)
+        self.weights = weights
+
+    def start(self, n_clusters):
+        self.state = LloydState(self.rows, self.weights, n_clusters)
+
+    def assign(self, C, moves):
+        n_changed = self.state.assign(C, moves)
+        return self.state.sums, self.state.counts, n_changed
+
+    @property
+    def labels(self):
+        return self.state.labels
+
+    def own_sq_distances(self, C):
+        return self.rows.own_sq_distances(C, self.labels)
+
+    def take(self, index):
+        return self.rows.rows(index)
+
+
+def _chunk_pass(C, weights, offset, chunk):
+    """A fresh assignment of one chunk: (sums, counts, labels, squared distance to own centre)."""
+    rows = Rows(chunk)
+    state = LloydState(rows, weights[offset : offset + chunk.shape[0]], C.shape[0])
+    state.assign(C, np.zeros(C.shape[0]))
+    return state.sums, state.counts, state.labels, rows.own_sq_distances(C, state.labels)
+
+
+class _Streamed:
+    """A source read chunk by chunk: every pass assigns every row afresh (no per-row bounds)."""
+
+    def __init__(self, source, weights, mean):
+        self.source = source
+        self.weights = weights
+        self.mean = mean
+
+    def start(self, n_clusters):
+        self.labels = np.full(self.source.n_rows, -1, dtype=np.int32)
+        self._d2 = None
+
+    def assign(self, C, moves):
+        parts = list(self.source.map(partial(_centred_chunk_pass, C, self.weights, self.mean), CHUNK_ROWS))
+        sums = sum(p[0] for p in parts)
+        counts = sum(p[1] for p in parts)
+        labels = np.concatenate([p[2] for p in parts])
+        n_changed = int((labels != self.labels).sum())
+        self.labels, self._d2 = labels, np.concatenate([p[3] for p in parts])
+        return sums, counts, n_changed
+
+    def own_sq_distances(self, C):  # kept from the last pass, which was made with these C
+        return self._d2
+
+    def take(self, index):
+        order = np.argsort(index)
+        rows = np.empty((len(index), self.source.n_features))
+        rows[order] = self.source.take(np.asarray(index)[order], CHUNK_ROWS) - self.mean
+        return rows
+
+
+def _centred_chunk_pass(C, weights, mean, offset, chunk):
+    return _chunk_pass(C, weights, offset, chunk - mean.astype(chunk.dtype))
+
+
+def _updated_centres(data, weights, sums, counts, C):
+    """Lloyd's update as scikit-learn makes it: each empty cluster takes the row farthest from its
+    centre, which leaves its old cluster's mean; a cluster still empty sits on the heaviest one."""
+    counts = np.where(counts <= 1e-12 * np.abs(counts).sum(), 0.0, counts)
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        d2 = data.own_sq_distances(C)
+        if d2.max() > 0:
+            sums, counts = sums.copy(), counts.copy()
+            far = np.argpartition(d2, -empty.size)[: -empty.size - 1 : -1]
+            for k, i, x in zip(empty, far, data.take(far)):
+                w, old = weights[i], data.labels[i]
+                sums[old] -= w * x
+                sums[k] = w * x
+                counts[k] = w
+                counts[old] -= w
+    filled = counts > 0
+    new = np.where(filled[:, None], sums / np.where(filled, counts, 1.0)[:, None], 0.0)
+    new[~filled] = new[np.argmax(counts)]
+    return new
+
+
+def lloyd(data, weights, centres, max_iter, tol, verbose=0):
+    """Lloyd's iterations from `centres`, stopping as scikit-learn does: when no label changes
+    (strict convergence) or when the squared centre shift is at most tol; a run that did not stop
+    strictly is followed by one more assignment, so labels match the final centres."""
+    K = centres.shape[0]
+    data.start(K)
+    C = np.array(centres, dtype=np.float64)
+    moves = np.zeros(K)
+    strict = False
+    for i in range(max_iter):
+        sums, counts, n_changed = data.assign(C, moves)
+        if verbose:
+            print(f"Iteration {i}, inertia {float(weights @ data.own_sq_distances(C))}.")
+        new = _updated_centres(data, weights, sums, counts, C)
+        moves = np.sqrt(((new - C) ** 2).sum(axis=1))
+        C = new
+        if i > 0 and n_changed == 0:
+            if verbose:
+                print(f"Converged at iteration {i}: strict convergence.")
+            strict = True
+            break
+        shift = float((moves**2).sum())
+        if shift <= tol:
+            if verbose:
+                print(f"Converged at iteration {i}: center shift {shift} within tolerance {tol}.")
+            break
+    if not strict:
+        data.assign(C, moves)
+    inertia = float(weights @ data.own_sq_distances(C))
+    return LloydRun(C, data.labels.copy(), inertia, i + 1, strict)
+
+
+def _shifted_moments(shift, offset, chunk):
+    y = np.asarray(chunk, dtype=np.float64) - shift
+    return y.shape[0], y.sum(axis=0), (y * y).sum(axis=0)
+
+
+def _column_moments(source):
+    """Mean and variance of every column of a source, summed chunk by chunk about its first row."""
+    shift = np.asarray(source.head()[0], dtype=np.float64)
+    parts = list(source.map(partial(_shifted_moments, shift), CHUNK_ROWS))
+    n = sum(p[0] for p in parts)
+    mean = sum(p[1] for p in parts) / n
+    return shift + mean, np.maximum(sum(p[2] for p in parts) / n - mean**2, 0.0)
+
+
+def _same_clustering(labels1, labels2, n_clusters):
+    """True when the labellings differ only by a renaming of the clusters."""
+    mapping = np.full(n_clusters, -1)
+    first = np.unique(labels1, return_index=True)[1]
+    mapping[labels1[first]] = labels2[first]
+    return bool(np.array_equal(mapping[labels1], labels2))
+
+
+class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, BaseEstimator):
+    """K-means clustering with scikit-learn's KMeans API and results.
+
+    From the same initial centres it gives scikit-learn's Lloyd labels, centres, inertia and
+    n_iter_; 'lloyd' and 'elkan' both run fastlvm's bounded Lloyd kernel (Hamerly's bounds skip
+    rows whose label cannot change). `fit` also takes every source GaussianMixture.fit takes
+    (memmap, HDF5/Zarr datasets, chunk callables, Dask arrays), read chunk by chunk.
     """
 
-    def __init__(self, n_clusters=8, *, init="k-means++", n_init=1, max_iter=300, tol=1e-4,
-                 random_state=None, verbose=0):
+    _parameter_constraints: dict = {
+        "n_clusters": [Interval(Integral, 1, None, closed="left")],
+        "init": [StrOptions({"k-means++", "random"}), callable, "array-like"],
+        "n_init": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "verbose": ["verbose"],
+        "random_state": ["random_state"],
+        "copy_x": ["boolean"],
+        "algorithm": [StrOptions({"lloyd", "elkan"})],
+    }
+
+    def __init__(self, n_clusters=8, *, init="k-means++", n_init="auto", max_iter=300, tol=1e-4,
+                 verbose=0, random_state=None, copy_x=True, algorithm="lloyd"):
         self.n_clusters = n_clusters
         self.init = init
         self.n_init = n_init
         self.max_iter = max_iter
         self.tol = tol
-        self.random_state = random_state
         self.verbose = verbose
+        self.random_state = random_state
+        self.copy_x = copy_x
+        self.algorithm = algorithm
 
-    def _check_params(self, X):
-        check_scalar(self.n_clusters, "n_clusters", kind=numbers.Integral, low=1)
-        check_scalar(self.n_init, "n_init", kind=numbers.Integral, low=1)
-        check_scalar(self.max_iter, "max_iter", kind=numbers.Integral, low=1)
-        check_scalar(self.tol, "tol", low=0)
-        if X.shape[0] < self.n_clusters:
-            raise ValueError(f"n_samples={X.shape[0]} should be >= n_clusters={self.n_clusters}.")
-        if isinstance(self.init, str):
-            if self.init not in ("k-means++", "random"):
-                raise ValueError(f"init must be 'k-means++', 'random' or an array of shape "
-                                 f"(n_clusters, n_features), got {self.init!r}")
+    def _check_params_vs_input(self, n_samples):
+        if n_samples < self.n_clusters:
+            raise ValueError(f"n_samples={n_samples} should be >= n_clusters={self.n_clusters}.")
+        if self.n_init == "auto":
+            explicit = not isinstance(self.init, str) and not callable(self.init)
+            self._n_init = 1 if explicit or self.init == "k-means++" else 10
         else:
-            init = np.asarray(self.init, dtype=np.float64)
-            if init.shape != (self.n_clusters, X.shape[1]):
-                raise ValueError(f"init array must have shape ({self.n_clusters}, {X.shape[1]}), got {init.shape}")
-            if not np.all(np.isfinite(init)):
-                raise ValueError("init array contains NaN or infinity")
+            self._n_init = self.n_init
+        if _is_arraylike_not_scalar(self.init) and self._n_init != 1:
+            warnings.warn("Explicit initial center position passed: performing only one init in "
+                          f"{self.__class__.__name__} instead of n_init={self._n_init}.", RuntimeWarning,
+                          stacklevel=3)
+            self._n_init = 1
+        self._algorithm = self.algorithm
+        if self.algorithm == "elkan" and self.n_clusters == 1:
+            warnings.warn("algorithm='elkan' doesn't make sense for a single cluster. Using 'lloyd' instead.",
+                          RuntimeWarning, stacklevel=3)
+            self._algorithm = "lloyd"
 
-    def _initial_centres(self, X, rng, chunk_rows):
-        if isinstance(self.init, str):
-            if self.init == "k-means++":
-                return kmeans_plusplus(X, self.n_clusters, rng, chunk_rows)
-            return random_rows(X, self.n_clusters, rng)
-        return np.array(self.init, dtype=np.float64)
+    def _validate_center_shape(self, n_features, centers):
+        if centers.shape[0] != self.n_clusters:
+            raise ValueError(f"The shape of the initial centers {centers.shape} does not match the number "
+                             f"of clusters {self.n_clusters}.")
+        if centers.shape[1] != n_features:
+            raise ValueError(f"The shape of the initial centers {centers.shape} does not match the number "
+                             f"of features of the data {n_features}.")
 
-    def fit(self, X, y=None):
-        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_all_finite=False, order="C")
-        check_finite(X)
-        self._check_params(X)
-        rng = check_random_state(self.random_state)
-        rng = np.random.default_rng(rng.randint(2**31))
-        K, D = self.n_clusters, X.shape[1]
-        chunk_rows = default_chunk_rows(K, 1, cpu.BLOCK_ROWS)
-        # Data moments from the same kernel with one component, shifted by a row against cancellation.
-        shift = np.asarray(X[:1], dtype=np.float64)
-        moments = statistics(X, _SPHERICAL, isotropic_parameters(shift, X.dtype), chunk_rows, hard=True)
-        mean_var = (moments.second[0, 0, 0] / X.shape[0] - (moments.s[0] ** 2).sum() / X.shape[0] ** 2) / D
-        tol = mean_var * self.tol
+    def _initial_centres(self, X, rows, weights, random_state):
+        """Initial centres in the fit's coordinates (X and rows are centred like the fit's data)."""
+        init = self.init
+        if isinstance(init, str) and init == "k-means++":
+            return kmeans_plusplus(rows, self.n_clusters, random_state, sample_weight=weights)
+        if isinstance(init, str) and init == "random":
+            return random_rows(rows, self.n_clusters, random_state, sample_weight=weights)
+        centres = init(X, self.n_clusters, random_state=random_state)
+        if sp.issparse(centres):
+            centres = centres.toarray()
+        centres = check_array(centres, dtype=rows.dtype, copy=False, order="C")
+        self._validate_center_shape(rows.n_features, centres)
+        return centres.astype(np.float64)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None, sample_weight=None):
+        """Compute k-means clustering of X (array-like, CSR matrix or any fastlvm data source)."""
+        source = as_source(X)
+        if source is None:
+            X = _finite(validate_data(self, X, accept_sparse="csr", dtype=[np.float64, np.float32], order="C",
+                                      copy=self.copy_x, accept_large_sparse=False, ensure_all_finite=False))
+            n_samples, n_features, dtype = X.shape[0], X.shape[1], X.dtype
+        else:
+            n_samples, n_features, dtype = source.n_rows, source.n_features, source.dtype
+            self.n_features_in_ = n_features
+        self._check_params_vs_input(n_samples)
+        random_state = check_random_state(self.random_state)
+        weights = _check_sample_weight(sample_weight, np.empty((n_samples, 0), dtype=dtype), dtype=dtype)
+        weights = np.asarray(weights, dtype=np.float64)
+
+        init_array = None
+        if _is_arraylike_not_scalar(self.init):
+            init_array = check_array(self.init, dtype=dtype, copy=True, order="C")
+            self._validate_center_shape(n_features, init_array)
+
+        # Centre dense data (as scikit-learn does) so that ||c||^2 - 2 x.c does not cancel.
+        if source is not None:
+            mean, variances = _column_moments(source)
+            data = _Streamed(source, weights, mean)
+            init_X = init_rows = init_weights = None
+            if init_array is None:  # centres are chosen from a sample read in one pass
+                sample = np.sort(random_state.permutation(n_samples)[:INIT_SAMPLE_ROWS]) \
+                    if n_samples > INIT_SAMPLE_ROWS else np.arange(n_samples)
+                init_X = np.ascontiguousarray(source.take(sample, CHUNK_ROWS) - mean, dtype=dtype)
+                init_rows, init_weights = Rows(init_X), weights[sample]
+        elif sp.issparse(X):
+            mean = np.zeros(n_features)
+            variances = _sparse_variances(X) if self.tol else 0.0
+            data = _InMemory(X, weights)
+            init_X, init_rows, init_weights = X, data.rows, weights
+        else:
+            mean = X.mean(axis=0, dtype=np.float64)
+            X -= mean.astype(dtype)
+            variances = column_sq_sums(X) / n_samples if self.tol else 0.0  # X is now centred
+            data = _InMemory(X, weights)
+            init_X, init_rows, init_weights = X, data.rows, weights
+        tol = float(np.mean(variances) * self.tol) if self.tol else 0.0
+
         best = None
-        for _ in range(self.n_init):
-            centres = self._initial_centres(X, rng, chunk_rows)
-            result = self._lloyd(X, centres, tol, chunk_rows)
-            if best is None or result[1] < best[1]:
-                best = result
-        centres, inertia, labels, n_iter = best
-        self.cluster_centers_ = centres.astype(X.dtype)
-        self.labels_ = labels
-        self.inertia_ = float(inertia)
-        self.n_iter_ = n_iter
+        for _ in range(self._n_init):
+            if init_array is not None:
+                centres = init_array.astype(np.float64) - mean
+            else:
+                centres = self._initial_centres(init_X, init_rows, init_weights, random_state)
+            if self.verbose:
+                print("Initialization complete")
+            run = lloyd(data, weights, centres, self.max_iter, tol, self.verbose)
+            if best is None or (run.inertia < best.inertia
+                                and not _same_clustering(run.labels, best.labels, self.n_clusters)):
+                best = run
+
+        if source is None and not sp.issparse(X) and not self.copy_x:
+            X += mean.astype(dtype)
+        distinct = len(np.unique(best.labels))
+        if distinct < self.n_clusters:
+            warnings.warn(f"Number of distinct clusters ({distinct}) found smaller than n_clusters "
+                          f"({self.n_clusters}). Possibly due to duplicate points in X.", ConvergenceWarning,
+                          stacklevel=2)
+        self.cluster_centers_ = (best.centres + mean).astype(dtype)
+        self._n_features_out = self.n_clusters
+        self.labels_ = best.labels
+        self.inertia_ = best.inertia
+        self.n_iter_ = best.n_iter
         return self
 
-    def _lloyd(self, X, centres, tol, chunk_rows):
-        K = self.n_clusters
-        n_iter = 0
-        for n_iter in range(1, self.max_iter + 1):
-            t0 = time.perf_counter()
-            kp = isotropic_parameters(centres, X.dtype)
-            st = statistics(X, _SPHERICAL, kp, chunk_rows, hard=True, n_worst=K)
-            new = st.shift + st.s / np.maximum(st.n, 1.0)[:, None]
-            empty = np.flatnonzero(st.n == 0)
-            for k, (_, row) in zip(empty, st.worst):
-                new[k] = X[row]  # farthest rows first
-            shift = float(((new - centres) ** 2).sum())
-            centres = new
-            if self.verbose:
-                print(f"KMeans iteration {n_iter}: inertia {-2.0 * st.loglik:.6g}, "
-                      f"centre shift {shift:.3g}, {time.perf_counter() - t0:.3f} s")
-            if shift <= tol:
-                break
-        ll, labels, _ = scores(X, _SPHERICAL, isotropic_parameters(centres, X.dtype), chunk_rows, hard=True)
-        inertia = -2.0 * ll.sum()
-        return centres, inertia, labels, n_iter
+    def _check_test_data(self, X):
+        check_is_fitted(self)
+        return _finite(validate_data(self, X, accept_sparse="csr", reset=False, dtype=[np.float64, np.float32],
+                                     order="C", accept_large_sparse=False, ensure_all_finite=False))
 
-    def _distances(self, X):
-        check_is_fitted(self, "cluster_centers_")
-        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_all_finite=False, order="C", reset=False)
-        check_finite(X)
-        return X
+    def _labels_inertia(self, X, sample_weight=None):
+        rows = Rows(X)
+        weights = np.asarray(_check_sample_weight(sample_weight, X, dtype=X.dtype), dtype=np.float64)
+        state = LloydState(rows, weights, self.n_clusters)
+        C = np.asarray(self.cluster_centers_, dtype=np.float64)
+        state.assign(C, np.zeros(self.n_clusters))
+        return state.labels, float(weights @ rows.own_sq_distances(C, state.labels))
 
     def predict(self, X):
-        X = self._distances(X)
-        _, labels, _ = scores(X, _SPHERICAL, isotropic_parameters(self.cluster_centers_.astype(np.float64), X.dtype),
-                              default_chunk_rows(self.n_clusters, 1, cpu.BLOCK_ROWS), hard=True)
-        return labels
+        """Index of the nearest centre of every row."""
+        return self._labels_inertia(self._check_test_data(X))[0]
 
-    def fit_predict(self, X, y=None):
-        return self.fit(X).labels_
+    def fit_predict(self, X, y=None, sample_weight=None):
+        return self.fit(X, sample_weight=sample_weight).labels_
 
     def transform(self, X):
-        X = self._distances(X)
-        d2 = squared_distances(X, self.cluster_centers_.astype(np.float64),
-                               default_chunk_rows(self.n_clusters, 1, cpu.BLOCK_ROWS))
-        return np.sqrt(d2).astype(X.dtype)
+        """Distances of every row to every centre (exactly 0 for a row equal to a centre)."""
+        return self._transform(self._check_test_data(X))
 
-    def score(self, X, y=None):
-        """Opposite of the sum of squared distances of X to its nearest centre."""
-        X = self._distances(X)
-        ll, _, _ = scores(X, _SPHERICAL, isotropic_parameters(self.cluster_centers_.astype(np.float64), X.dtype),
-                          default_chunk_rows(self.n_clusters, 1, cpu.BLOCK_ROWS), hard=True)
-        return float(2.0 * ll.sum())
+    def _transform(self, X):
+        d2 = Rows(X).sq_distances(self.cluster_centers_)
+        return np.sqrt(d2).astype(X.dtype, copy=False)
+
+    def fit_transform(self, X, y=None, sample_weight=None):
+        return self.fit(X, sample_weight=sample_weight)._transform(self._check_test_data(X))
+
+    def score(self, X, y=None, sample_weight=None):
+        """Opposite of the (weighted) sum of squared distances of X to its nearest centre."""
+        return -self._labels_inertia(self._check_test_data(X), sample_weight)[1]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
+
+
+def _finite(X):
+    """X, after checking that it holds no NaN or infinity (naming the first bad row)."""
+    if sp.issparse(X):
+        if not np.isfinite(X.data).all():
+            row = np.searchsorted(X.indptr, np.argmin(np.isfinite(X.data)), side="right") - 1
+            raise ValueError(f"Input X contains NaN or infinity (first at row {row}).")
+    else:
+        check_finite(X)
+    return X
+
+
+def _sparse_variances(X):
+    from sklearn.utils.sparsefuncs import mean_variance_axis
+
+    return mean_variance_axis(X, axis=0)[1]

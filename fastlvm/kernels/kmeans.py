@@ -1,0 +1,444 @@
+"""Numba CPU kernels for k-means (Lloyd's algorithm), dense and CSR.
+
+One pass assigns every row to its nearest centre and folds the change straight into the
+per-cluster weighted sums, without an N x K array (products come in tiles of rows):
+
+    label_i = argmin_k ||c_k||^2 - 2 x_i . c_k          (ties to the lowest k, as Lloyd's)
+    S_k += w_i x_i,  W_k += w_i   for the new label;   S_k -= w_i x_i, W_k -= w_i for the old one
+
+Hamerly's bounds (Hamerly, 2010) skip every row whose label cannot change: u_i >= ||x_i - c_a||
+and l_i <= min_{k != a} ||x_i - c_k|| follow the centres' moves (u += p_a, l -= max_{k != a} p_k);
+a row is skipped, without reading it, while u_i < max(l_i, s_a) with s_a half the distance from
+c_a to its nearest other centre. Bounds are widened by a rounding margin, so a skipped row's
+label is the label the full computation gives: the result is Lloyd's. Only rows whose label
+changes touch the sums, so a skipped row costs its three bound words.
+
+A pass runs over fixed blocks of rows (prange), each with its own partial sums, reduced in block
+order: the result does not depend on the number of threads. Dense products x . c_k are BLAS
+calls on tiles of rows, made between the parallel loops, never inside one.
+"""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
+
+_FASTMATH = {"reassoc", "contract", "arcp"}
+_inline = njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
+_par = njit(fastmath=_FASTMATH, cache=True, nogil=True, parallel=True)
+
+BLOCK_ROWS = 2048  # rows per block; fixed, so results ignore the thread count
+
+
+def n_groups(n_clusters):
+    """Yinyang's groups of centres: about 4 centres a group up to K=64, then about 10."""
+    return max(1, -(-n_clusters // (4 if n_clusters <= 64 else 10)))
+
+
+@njit(cache=True)
+def n_blocks(n_rows):
+    return max(1, (n_rows + BLOCK_ROWS - 1) // BLOCK_ROWS)
+
+
+@_inline
+def _dense_sq_distance(X, i, C, k):
+    """||x_i - c_k||^2 summed directly (exactly 0 when x_i == c_k)."""
+    acc = 0.0
+    for d in range(X.shape[1]):
+        t = np.float64(X[i, d]) - C[k, d]
+        acc += t * t
+    return acc
+
+
+@_inline
+def _sparse_sq_distance(data, indices, indptr, i, C, k, x_norm, c_norm):
+    acc = 0.0
+    for j in range(indptr[i], indptr[i + 1]):
+        acc += np.float64(data[j]) * C[k, indices[j]]  # float64: a row on its centre gives ~0
+    return max(x_norm - 2.0 * acc + c_norm, 0.0)
+
+
+@_inline
+def _add_row(X, data, indices, indptr, sparse, i, w, sums, k):
+    if sparse:
+        for j in range(indptr[i], indptr[i + 1]):
+            sums[k, indices[j]] += w * data[j]
+    else:
+        for d in range(X.shape[1]):
+            sums[k, d] += w * X[i, d]
+
+
+@_inline
+def _move_row(X, data, indices, indptr, sparse, i, w, sums, counts, old, new):
+    """Row i (weight w) leaves cluster `old` (none when old < 0) for `new` in the partial sums."""
+    _add_row(X, data, indices, indptr, sparse, i, w, sums, new)
+    counts[new] += w
+    if old >= 0:
+        _add_row(X, data, indices, indptr, sparse, i, -w, sums, old)
+        counts[old] -= w
+
+
+@_inline
+def _zero(sums, counts):
+    sums[:] = 0.0
+    counts[:] = 0.0
+
+
+@_inline
+def _product(X, data, indices, indptr, sparse, i, C, k):
+    """x_i . c_k in the rows' dtype."""
+    acc = C.dtype.type(0)
+    if sparse:
+        for j in range(indptr[i], indptr[i + 1]):
+            acc += data[j] * C[k, indices[j]]
+    else:
+        for d in range(C.shape[1]):
+            acc += X[i, d] * C[k, d]
+    return acc
+
+
+@_inline
+def _low(d2, margin, shrink):
+    """A lower bound on a distance from its computed square: less the rounding margin, shrunk so
+    that storing it (float32) and later subtractions cannot round it up."""
+    return np.sqrt(max(d2 - margin, 0.0)) * shrink
+
+
+@_par
+def yinyang_pass(X, data, indices, indptr, sparse, weights, x_norms, C, c_norms, half_sep, members, group_start,
+                 group_of, moves, group_moves, eps, shrink, labels, upper, lower, sums, counts, changed):
+    """One assignment pass with Yinyang bounds (Ding et al., 2015) over rows that have a label.
+
+    The centres form G groups (members[group_start[g]:group_start[g+1]]); lower[i, g] bounds the
+    distance from x_i to every centre of group g but its own. After the centres move,
+    u_i += p_a and lower[i, g] -= max_{k in g} p_k (then shrunk by `shrink` against rounding). A row
+    is skipped while u_i < max(min_g lower[i, g], s_a) (also after tightening u_i to the exact
+    distance), s_a being half the distance from c_a to its nearest other centre (Hamerly, 2010);
+    otherwise only the groups with lower[i, g] <= u_i are scored, with the own centre. The label is
+    the argmin of ||c_k||^2 - 2 x . c_k over the scored centres (ties to the lowest k): the others
+    are farther than the own centre, so it is the label every distance would give."""
+    N = labels.shape[0]
+    K = C.shape[0]
+    G = group_start.shape[0] - 1
+    c_max = c_norms.max()
+    for b in prange(sums.shape[0]):
+        n_changed = 0
+        scored = np.zeros(G, dtype=np.bool_)
+        scores = np.empty(K)
+        _zero(sums[b], counts[b])
+        for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
+            a = labels[i]
+            u = upper[i] + moves[a]
+            gmin = np.inf
+            for g in range(G):
+                low = (lower[i, g] - group_moves[g]) * shrink
+                lower[i, g] = low
+                gmin = min(gmin, low)
+            gmin = max(gmin, half_sep[a])
+            if u < gmin:
+                upper[i] = u
+                continue
+            acc_a = _product(X, data, indices, indptr, sparse, i, C, a)
+            s_a = c_norms[a] - 2.0 * acc_a
+            margin = eps * (x_norms[i] + c_norms[a])
+            u = np.sqrt(max(x_norms[i] + s_a, 0.0) + margin)
+            if u < gmin:
+                upper[i] = u
+                continue
+            best, s_best = a, s_a
+            scores[a] = s_a
+            for g in range(G):
+                scored[g] = lower[i, g] <= u
+                if not scored[g]:
+                    continue
+                for m in range(group_start[g], group_start[g + 1]):
+                    k = members[m]
+                    if k == a:
+                        continue
+                    s = c_norms[k] - 2.0 * _product(X, data, indices, indptr, sparse, i, C, k)
+                    scores[k] = s
+                    if s < s_best or (s == s_best and k < best):
+                        best, s_best = k, s
+            # new bounds: scored groups from their centres but the best; the own centre, if it
+            # is no longer the best, joins its group's bound
+            for g in range(G):
+                if not scored[g]:
+                    continue
+                low2 = np.inf
+                for m in range(group_start[g], group_start[g + 1]):
+                    k = members[m]
+                    if k == best:
+                        continue
+                    low2 = min(low2, scores[k])
+                lower[i, g] = _low(x_norms[i] + low2, eps * (x_norms[i] + c_max), shrink)
+            if best != a:
+                ga = group_of[a]
+                if not scored[ga]:
+                    lower[i, ga] = min(lower[i, ga], _low(x_norms[i] + s_a, margin, shrink))
+            upper[i] = np.sqrt(max(x_norms[i] + s_best, 0.0) + eps * (x_norms[i] + c_norms[best]))
+            if best != a:
+                labels[i] = best
+                n_changed += 1
+                _move_row(X, data, indices, indptr, sparse, i, weights[i], sums[b], counts[b], a, best)
+        changed[b] = n_changed
+
+
+@_par
+def sparse_products(data, indices, indptr, first, CT, out):
+    """out[r, k] = x_{first + r} . c_k for CSR rows, along the transposed centres CT (D, K): one
+    axpy over the K centres per non-zero."""
+    T, K = out.shape
+    for b in prange(n_blocks(T)):
+        for r in range(b * BLOCK_ROWS, min(T, (b + 1) * BLOCK_ROWS)):
+            i = first + r
+            for k in range(K):
+                out[r, k] = 0.0
+            for j in range(indptr[i], indptr[i + 1]):
+                v = data[j]
+                col = indices[j]
+                for k in range(K):
+                    out[r, k] += v * CT[col, k]
+
+
+@_par
+def finish_rows(G, first, X, data, indices, indptr, sparse, weights, x_norms, c_norms, members, group_start,
+                eps, shrink, labels, upper, lower, sums, counts, changed):
+    """Labels of the rows first + r from their products G[r, k] = x . c_k (argmin of
+    ||c_k||^2 - 2 x . c_k, ties to the lowest k), their bounds (distance to the nearest centre and
+    to each group's nearest other centre, widened by the rounding margin), and per block of G the
+    changes of the weighted sums (sums (B, K, D), counts (B, K), changed (B,))."""
+    T, K = G.shape
+    c_max = 0.0
+    for k in range(K):
+        c_max = max(c_max, c_norms[k])
+    for b in prange(sums.shape[0]):
+        n_changed = 0
+        _zero(sums[b], counts[b])
+        for r in range(b * BLOCK_ROWS, min(T, (b + 1) * BLOCK_ROWS)):
+            i = first + r
+            best = 0
+            s_best = c_norms[0] - 2.0 * G[r, 0]
+            for k in range(1, K):
+                s = c_norms[k] - 2.0 * G[r, k]
+                if s < s_best:
+                    best, s_best = k, s
+            margin = eps * (x_norms[i] + c_max)
+            upper[i] = np.sqrt(max(x_norms[i] + s_best, 0.0) + margin)
+            for g in range(group_start.shape[0] - 1):
+                low2 = np.inf
+                for m in range(group_start[g], group_start[g + 1]):
+                    k = members[m]
+                    if k != best:
+                        low2 = min(low2, c_norms[k] - 2.0 * G[r, k])
+                lower[i, g] = _low(x_norms[i] + low2, margin, shrink)
+            a = labels[i]
+            if best != a:
+                labels[i] = best
+                n_changed += 1
+                _move_row(X, data, indices, indptr, sparse, i, weights[i], sums[b], counts[b], a, best)
+        changed[b] = n_changed
+
+
+@_par
+def own_sq_distances(X, data, indices, indptr, sparse, x_norms, C, c_norms, labels, out):
+    """out[i] = ||x_i - c_{labels[i]}||^2 (direct for dense rows)."""
+    N = labels.shape[0]
+    for b in prange(n_blocks(N)):
+        for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
+            a = labels[i]
+            if sparse:
+                out[i] = _sparse_sq_distance(data, indices, indptr, i, C, a, x_norms[i], c_norms[a])
+            else:
+                out[i] = _dense_sq_distance(X, i, C, a)
+
+
+@_par
+def all_sq_distances(X, data, indices, indptr, sparse, x_norms, C, c_norms, out):
+    """out[i, k] = ||x_i - c_k||^2 (direct for dense rows, so a row equal to c_k gives exactly 0)."""
+    N, K = out.shape
+    for b in prange(n_blocks(N)):
+        for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
+            for k in range(K):
+                if sparse:
+                    out[i, k] = _sparse_sq_distance(data, indices, indptr, i, C, k, x_norms[i], c_norms[k])
+                else:
+                    out[i, k] = _dense_sq_distance(X, i, C, k)
+
+
+@_par
+def row_sq_norms(X, data, indptr, sparse, out):
+    """out[i] = ||x_i||^2 in float64."""
+    N = out.shape[0]
+    for b in prange(n_blocks(N)):
+        for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
+            acc = 0.0
+            if sparse:
+                for j in range(indptr[i], indptr[i + 1]):
+                    acc += np.float64(data[j]) * data[j]
+            else:
+                for d in range(X.shape[1]):
+                    acc += np.float64(X[i, d]) * X[i, d]
+            out[i] = acc
+
+
+class Rows:
+    """A dense C-contiguous array or a CSR matrix (anything with data/indices/indptr) as the
+    kernels take it, with the rows' squared norms."""
+
+    def __init__(self, X):
+        self.sparse = hasattr(X, "indptr")
+        if self.sparse:
+            self.dtype = X.data.dtype
+            self.X = np.empty((0, 1), dtype=self.dtype)
+            self.data, self.indices, self.indptr = X.data, X.indices, X.indptr
+        else:
+            self.dtype = X.dtype
+            self.X = X
+            self.data = np.empty(0, dtype=self.dtype)
+            self.indices = self.indptr = np.zeros(1, dtype=np.int32)
+        self.n_rows, self.n_features = X.shape
+        self.norms = np.empty(self.n_rows)
+        row_sq_norms(self.X, self.data, self.indptr, self.sparse, self.norms)
+
+    @property
+    def shape(self):
+        return (self.n_rows, self.n_features)
+
+    def args(self):
+        return self.X, self.data, self.indices, self.indptr, self.sparse
+
+    def centres(self, C):
+        """(C, CT, ||c_k||^2) in the kernels' layout: C and CT (D, K) in the rows' dtype."""
+        Cd = np.ascontiguousarray(C, dtype=self.dtype)
+        return Cd, np.ascontiguousarray(Cd.T), (np.asarray(Cd, dtype=np.float64) ** 2).sum(axis=1)
+
+    def sq_distances(self, C):
+        """(N, K) squared distances to the centres C."""
+        Cd, _, c_norms = self.centres(C)
+        out = np.empty((self.n_rows, Cd.shape[0]))
+        all_sq_distances(*self.args(), self.norms, Cd, c_norms, out)
+        return out
+
+    def own_sq_distances(self, C, labels):
+        Cd, _, c_norms = self.centres(C)
+        out = np.empty(self.n_rows)
+        own_sq_distances(*self.args(), self.norms, Cd, c_norms, labels, out)
+        return out
+
+    def rows(self, index):
+        """Dense float64 copies of the rows at `index`."""
+        if not self.sparse:
+            return np.asarray(self.X[index], dtype=np.float64)
+        out = np.zeros((len(index), self.n_features))
+        for r, i in enumerate(index):
+            lo, hi = self.indptr[i], self.indptr[i + 1]
+            out[r, self.indices[lo:hi]] = self.data[lo:hi]
+        return out
+
+
+class LloydState:
+    """Labels, Yinyang bounds and the running weighted sums of one k-means run over Rows."""
+
+    def __init__(self, rows, weights, n_clusters):
+        self.rows = rows
+        self.weights = weights
+        N, K, D = rows.n_rows, n_clusters, rows.n_features
+        self.labels = np.full(N, -1, dtype=np.int32)
+        self.n_groups = n_groups(K)
+        self.upper = np.zeros(N)
+        self.lower = np.zeros((N, self.n_groups), dtype=np.float32)
+        self.sums = np.zeros((K, D))
+        self.counts = np.zeros(K)
+        # rows per product tile of a fresh pass: a multiple of BLOCK_ROWS, about 2^20 products
+        self.tile = BLOCK_ROWS * max(1, min(32, (1 << 20) // (K * BLOCK_ROWS)))
+        B = max(self.tile // BLOCK_ROWS, n_blocks(N))
+        self._sums = np.empty((B, K, D))
+        self._counts = np.empty((B, K))
+        self._changed = np.empty(B, dtype=np.int64)
+        self.eps = 8.0 * np.finfo(rows.dtype).eps * np.sqrt(D)
+        self.shrink = 1.0 - 2.0**-20
+        self.groups = None
+
+    def _group(self, C):
+        """Groups of centres near each other: contiguous runs along the centres' main axis."""
+        K, G = C.shape[0], self.n_groups
+        centred = C - C.mean(axis=0)
+        axis = np.linalg.svd(centred, full_matrices=False)[2][0] if K > 1 else np.zeros(C.shape[1])
+        members = np.argsort(centred @ axis, kind="stable").astype(np.int64)
+        group_start = np.array([g * K // G for g in range(G + 1)], dtype=np.int64)
+        group_of = np.empty(K, dtype=np.int64)
+        for g in range(G):
+            group_of[members[group_start[g] : group_start[g + 1]]] = g
+        self.groups = members, group_start, group_of
+
+    def assign(self, C, moves):
+        """Assign every row to its nearest centre in C (moves: each centre's move since the last
+        call); returns the number of rows whose label changed. Sums and counts follow.
+
+        The first pass scores every row: products x . c_k in tiles, from one BLAS call per tile
+        (dense; between parallel loops, never inside one) or the CSR kernel, then one parallel pass
+        takes the argmin and sets the bounds. Later passes use the bounds (yinyang_pass)."""
+        rows = self.rows
+        C = np.asarray(C, dtype=np.float64)
+        Cd, CT, c_norms = rows.centres(C)
+        if self.groups is None:
+            self._group(C)
+        members, group_start, group_of = self.groups
+        if self.labels[0] >= 0:
+            moves = np.asarray(moves, dtype=np.float64)
+            group_moves = np.array([moves[members[group_start[g] : group_start[g + 1]]].max()
+                                    for g in range(self.n_groups)])
+            B = n_blocks(rows.n_rows)
+            yinyang_pass(*rows.args(), self.weights, rows.norms, Cd, c_norms, _half_separations(C, self.eps),
+                         members, group_start, group_of, moves, group_moves, self.eps, self.shrink, self.labels,
+                         self.upper, self.lower, self._sums[:B], self._counts[:B], self._changed[:B])
+            self._reduce(B)
+            return int(self._changed[:B].sum())
+        n_changed = 0
+        for start in range(0, rows.n_rows, self.tile):
+            size = min(rows.n_rows - start, self.tile)
+            if rows.sparse:
+                G = np.empty((size, Cd.shape[0]), dtype=rows.dtype)
+                sparse_products(rows.data, rows.indices, rows.indptr, start, CT, G)
+            else:
+                G = rows.X[start : start + size] @ CT
+            B = n_blocks(size)
+            finish_rows(G, start, *rows.args(), self.weights, rows.norms, c_norms, members, group_start, self.eps,
+                        self.shrink, self.labels, self.upper, self.lower, self._sums[:B], self._counts[:B],
+                        self._changed[:B])
+            self._reduce(B)
+            n_changed += int(self._changed[:B].sum())
+        return n_changed
+
+    def _reduce(self, B):
+        for b in range(B):  # in order: the same sums for any thread count
+            self.sums += self._sums[b]
+            self.counts += self._counts[b]
+
+
+def _half_separations(C, eps):
+    """s_k = half the distance from c_k to its nearest other centre, rounded down."""
+    if C.shape[0] == 1:
+        return np.full(1, np.inf)
+    norms = (C**2).sum(axis=1)
+    total = norms[:, None] + norms[None, :]
+    gaps = np.maximum(total - 2.0 * C @ C.T - eps * total, 0.0)
+    np.fill_diagonal(gaps, np.inf)
+    return 0.5 * np.sqrt(gaps.min(axis=1))
+
+
+@_par
+def _column_sq_sums(X, out):
+    for b in prange(out.shape[0]):
+        for i in range(b * BLOCK_ROWS, min(X.shape[0], (b + 1) * BLOCK_ROWS)):
+            for d in range(X.shape[1]):
+                out[b, d] += np.float64(X[i, d]) * X[i, d]
+
+
+def column_sq_sums(X):
+    """sum_i x_id^2 of every column d of a dense array, in float64 (blocks summed in order)."""
+    out = np.zeros((n_blocks(X.shape[0]), X.shape[1]))
+    _column_sq_sums(X, out)
+    return out.sum(axis=0)
