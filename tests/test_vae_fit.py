@@ -359,3 +359,12 @@ def test_verbose_prints_one_line_per_epoch_and_a_bar(capsys):
     fastlvm.VAE(2, hidden=(8,), batch_size=50, max_epochs=2, verbose=2, random_state=0).fit(X)
     err = capsys.readouterr().err
     assert "VAE" in err and "batch" in err and "epoch 2" in err
+
+
+def test_import_fastlvm_does_not_import_torch_until_vae_is_asked_for():
+    import subprocess
+    import sys
+
+    code = ("import sys, fastlvm; assert 'torch' not in sys.modules; "
+            "assert 'VAE' in fastlvm.__all__ and fastlvm.VAE.__name__ == 'VAE'; assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
