@@ -16,9 +16,9 @@ from fastlvm.vae.noise import row_noise
 EVAL_STEP = 0xFFFFFFFF
 
 
-def _decoded(module, x, rows, seed, n_samples, first_sample=0):
+def _decoded(module, x, rows, seed, n_samples, first_sample=0, encoded=None):
     """mu, logvar, eps (S, B, Dz), KL (B,) and log p(x | z_s) (S, B)."""
-    mu, logvar = module.encode(x)
+    mu, logvar = module.encode(x) if encoded is None else encoded
     eps = row_noise(seed, EVAL_STEP, rows, n_samples, module.latent_dim, mu.dtype, first_sample=first_sample)
     eps = eps.to(mu.device)
     _, kl, out = module.decode_samples(eps, mu, logvar)
@@ -34,9 +34,10 @@ def elbo_terms(module, x, rows, seed, n_samples):
 def iwae_rows(module, x, rows, seed, n_samples, sample_block):
     """log (1/S) sum_s p(x, z_s)/q(z_s|x) per row, S = n_samples drawn ``sample_block`` at a time."""
     total = None
+    encoded = module.encode(x)
     for s0 in range(0, n_samples, sample_block):
         k = min(sample_block, n_samples - s0)
-        mu, logvar, eps, _, log_px = _decoded(module, x, rows, seed, k, s0)
+        mu, logvar, eps, _, log_px = _decoded(module, x, rows, seed, k, s0, encoded)
         part = F.iwae_bound(log_px, mu, logvar, eps, backend=module.backend) + math.log(k)
         total = part if total is None else torch.logaddexp(total, part)
     return total - math.log(n_samples)
