@@ -185,8 +185,8 @@ def test_iwae_loss_is_the_importance_weighted_bound():
     h = m.encoder(x)
     q = Normal(h[:, :3], torch.exp(0.5 * h[:, 3:]))
     z = q.mean + q.stddev * eps
-    log_w = (Bernoulli(logits=m.decoder(z), validate_args=False).log_prob(x).sum(-1) + Normal(0.0, 1.0).log_prob(z).sum(-1)
-             - q.log_prob(z).sum(-1))
+    log_w = (Bernoulli(logits=m.decoder(z), validate_args=False).log_prob(x).sum(-1)
+             + Normal(0.0, 1.0).log_prob(z).sum(-1) - q.log_prob(z).sum(-1))
     want = -(torch.logsumexp(log_w, 0) - math.log(4)).mean()
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-10)
 

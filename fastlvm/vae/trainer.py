@@ -204,9 +204,9 @@ class Trainer:
         if cfg["has_validation"]:
             v_loss, v_recon, v_kl = self.validate()
             if not math.isfinite(v_loss):
-                raise FloatingPointError(f"the validation loss is not finite ({v_loss}) after epoch "
-                                         f"{self.epoch + 1}; the estimator keeps its previous state and the checkpoint its last "
-                                         "finished epoch.")
+                raise FloatingPointError(
+                    f"the validation loss is not finite ({v_loss}) after epoch {self.epoch + 1}; the estimator "
+                    "keeps its previous state and the checkpoint its last finished epoch.")
             entry.update(val_loss=v_loss, val_reconstruction=v_recon, val_kl=v_kl)
             monitored = v_loss
         self.epoch += 1
