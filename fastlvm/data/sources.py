@@ -36,11 +36,14 @@ class ArraySource(Source):
 
     def chunks(self, chunk_rows):
         for a in range(0, self.n_rows, chunk_rows):
-            raw = self.array[a : a + chunk_rows]
-            if self.trusted:
-                yield a, np.ascontiguousarray(raw, dtype=self.dtype)
-            else:
-                yield a, check_chunk(np.asarray(raw), a, self.n_features, self.dtype)
+            yield a, self.read(a, a + chunk_rows)
+
+    def read(self, start, stop):
+        """Rows start:stop as a C-contiguous array of the source's dtype, checked unless trusted."""
+        raw = self.array[start:stop]
+        if self.trusted:
+            return np.ascontiguousarray(raw, dtype=self.dtype)
+        return check_chunk(np.asarray(raw), start, self.n_features, self.dtype)
 
     def take(self, rows, chunk_rows):
         if self.trusted:
