@@ -38,6 +38,12 @@ Data: scikit-learn's digits (shipped with it, no download), each 8x8 image upsam
 placed at a random offset in a 28x28 frame and binarised by a Bernoulli draw of its intensity;
 training rows come from images 0-1499, held-out rows from images 1500-1796.
 
+Length of a default run: 6 contenders x 4 epochs x 2 batch sizes, two torch.compile warm-ups,
+12 held-out scorings (1,000 rows x 100 draws) and two rounds of the score_samples race (256 rows x
+1,000 draws): by the per-epoch times of the issue's reference machine about 3 to 4 minutes when
+the machine is idle. A loaded machine stretches it many times over (each multi-threaded op waits
+for both of its threads); --epochs 2 or --rows 5000 shorten it, --quick is a smoke run.
+
     python bench/bench_vae_fit.py [--quick] [--epochs 4] [--batches 128,1024] [--machine FILE]
 """
 
