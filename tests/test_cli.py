@@ -113,10 +113,30 @@ def test_ellipses_lie_on_the_mahalanobis_contours(cov):
 def test_demo_vae_learns_and_its_bounds_are_ordered(demo):
     _, _, summary = demo
     vae = summary["vae-digits"]
-    history = vae["loss_history"]
-    assert len(history) == vae["epochs"] and all(np.isfinite(history))
+    history, validation = vae["loss_history"], vae["validation_history"]
+    assert len(history) == len(validation) == vae["epochs"] and all(np.isfinite(history + validation))
     assert history[-1] < history[0] - 5.0, history  # 64 pixels: an untrained decoder is far worse
-    # Same samples: the importance-weighted bound is at least the mean single-sample ELBO (Jensen),
+    assert validation[-1] < validation[0]
+    # The importance-weighted bound (S samples) is above the single-sample ELBO on average (Jensen),
     # and both are log-likelihoods of 64 intensities in [0, 1], so negative.
     assert vae["heldout_elbo"] <= vae["heldout_iwae"] < 0.0
     assert vae["heldout_iwae"] > -history[0]  # better than the first epoch's training ELBO
+
+
+def test_demo_vae_section_fits_through_the_estimator(tmp_path, capsys, monkeypatch):
+    # the section trains fastlvm.VAE (no model code of its own): fitting goes through VAE.fit
+    import fastlvm
+
+    calls = []
+    fit = fastlvm.VAE.fit
+
+    def spy(self, X, y=None):
+        calls.append(X.shape)
+        return fit(self, X, y)
+
+    monkeypatch.setattr(fastlvm.VAE, "fit", spy)
+    cli.main(["demo", "--output", str(tmp_path), "--quick", "--sections", "vae-digits"])
+    assert calls == [(1500, 64)]
+    text = capsys.readouterr().out
+    assert "fastlvm.VAE: 15 epochs on 1500 rows" in text and "active units" in text
+    assert sorted(os.listdir(tmp_path)) == ["summary.json", "vae_digits.png"]

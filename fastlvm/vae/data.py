@@ -14,6 +14,7 @@ global index, the same rule for every kind of input.
 """
 
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -45,6 +46,16 @@ def check_unit_interval(X, rows=None):
             raise ValueError(f"likelihood='bernoulli' needs data in [0, 1]; row {row} has values in "
                              f"[{float(X[i].min())}, {float(X[i].max())}] (use likelihood='gaussian' or "
                              "rescale the data).")
+
+
+def _tensor_of(A):
+    """torch.from_numpy(A), also for read-only arrays (memmaps opened 'r'): they are only read."""
+    A = np.ascontiguousarray(A)
+    if A.flags.writeable:
+        return torch.from_numpy(A)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(A)
 
 
 def _dataloader_chunks(loader):
@@ -96,7 +107,7 @@ def _in_memory(X, n_features):
             raise ValueError(f"X must hold numbers, got dtype {A.dtype}.")
         if A.dtype.kind != "f" or A.dtype == np.float16:
             A = A.astype(np.float64)
-        T = torch.from_numpy(np.ascontiguousarray(A))
+        T = _tensor_of(A)
     if T.dim() != 2:
         raise ValueError(f"Expected 2D array, got {T.dim()}D array instead (shape={tuple(T.shape)}). Reshape your "
                          "data with X.reshape(-1, 1) for a single feature or X.reshape(1, -1) for a single row.")
@@ -182,7 +193,7 @@ class Streamed:
     def _checked(self, X, rows):
         if self.bernoulli:
             check_unit_interval(X, rows)
-        return torch.from_numpy(np.ascontiguousarray(X)).to(device=self.device, dtype=self.dtype)
+        return _tensor_of(X).to(device=self.device, dtype=self.dtype)
 
     def _held(self, rows):
         if self.fraction <= 0:
@@ -204,7 +215,7 @@ class Streamed:
             yield self._checked(X[lo:hi], rows[lo:hi]), rows[lo:hi], rows.shape[0]
 
     def blocks(self, which, block_rows):
-        for offset, chunk in self.source.chunks(block_rows):
+        for offset, chunk in self.source.chunks(min(block_rows, self.block_rows)):
             rows = np.arange(offset, offset + chunk.shape[0], dtype=np.int64)
             if which != "all":
                 held = self._held(rows)

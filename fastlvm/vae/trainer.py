@@ -142,11 +142,12 @@ class Trainer:
         return tqdm(total=total, initial=min(total, self.epoch * self.cfg["steps_per_epoch"]), unit="batch",
                     desc="VAE", leave=True)
 
-    def _beta(self):
+    def _beta(self, step):
+        """beta at (0-based) step: it rises linearly over kl_warmup epochs, reaching beta after them."""
         cfg = self.cfg
         if cfg["kl_warmup"] <= 0:
             return cfg["beta"]
-        ramp = (self.step + 1) / (cfg["kl_warmup"] * cfg["steps_per_epoch"])
+        ramp = (step + 1) / (cfg["kl_warmup"] * cfg["steps_per_epoch"])
         return cfg["beta"] * min(1.0, ramp)
 
     def _epoch(self, bar):
@@ -169,7 +170,7 @@ class Trainer:
             row_noise(seeds["noise"], self.step, rows, L, Dz, out=eps)
             eps_dev = eps if eps.device == x.device else eps.to(x.device)
             scale = n * self.world / global_rows if self.world > 1 or n != global_rows else 1.0
-            loss, stats = model(x, eps_dev, self._beta(), free_bits, scale, reduce_kl)
+            loss, stats = model(x, eps_dev, self._beta(self.step), free_bits, scale, reduce_kl)
             if self.ddp:
                 stats = _all_reduce(stats.to(torch.float64))
             value = float(stats[0]) if self.ddp else float(loss.detach())
@@ -197,7 +198,7 @@ class Trainer:
                     "finished epoch are kept (lower lr, use float64, or check the data).")
         loss, recon, kl = (float(v) / n_rows for v in sums)
         entry = {"epoch": self.epoch + 1, "loss": loss, "reconstruction": recon, "kl": kl,
-                 "beta": self._beta() if cfg["kl_warmup"] > 0 else cfg["beta"],
+                 "beta": self._beta(self.step - 1),
                  "seconds": seconds, "rows_per_s": n_rows / seconds if seconds > 0 else math.inf}
         monitored = loss
         if cfg["has_validation"]:
