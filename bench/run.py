@@ -1,7 +1,6 @@
 """The whole benchmark: this machine's ceilings, the GMM / k-means tables, the k-means peers table
-(bench/bench_kmeans.py), the scale table
-(memmap and Dask fits, bench/bench_scale.py), then the VAE tables (bench/bench_vae.py), printed as
-one report.
+(bench/bench_kmeans.py), the scale table (memmap and Dask fits, bench/bench_scale.py), then the VAE
+tables (the objective, bench/bench_vae.py; fitting, bench/bench_vae_fit.py), printed as one report.
 
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, when set in this environment, pin numpy's BLAS to
 slower kernels. They are read when numpy loads, so every stage runs in a subprocess; the
@@ -9,6 +8,7 @@ machine is measured with them as they are and with both unset, and the benchmark
 both unset (the tests never change them).
 
     python bench/run.py [--quick] [--cases diag-*] [--skip-scale] [--skip-vae] [--vae-args "..."]
+                        [--skip-vae-fit] [--vae-fit-args "..."]
 """
 
 from __future__ import annotations
@@ -109,6 +109,8 @@ def main(argv=None):
     ap.add_argument("--skip-scale", action="store_true", help="do not run bench/bench_scale.py")
     ap.add_argument("--skip-vae", action="store_true", help="do not run bench/bench_vae.py")
     ap.add_argument("--vae-args", default="", help="arguments for bench_vae.main, as one string")
+    ap.add_argument("--skip-vae-fit", action="store_true", help="do not run bench/bench_vae_fit.py")
+    ap.add_argument("--vae-fit-args", default="", help="arguments for bench_vae_fit.py, as one string")
     args = ap.parse_args(argv)
 
     clean = without_openblas_vars()
@@ -172,6 +174,13 @@ def main(argv=None):
                     f"bench_vae.main(shlex.split({args.vae_args!r}))")
             report.append("\n## VAE objective")
             report.append(stage([sys.executable, "-c", code], clean, tmp, "bench_vae").rstrip())
+
+        # 5. VAE fitting: time per epoch of fastlvm.VAE and its peers
+        if not args.skip_vae_fit:
+            fit = [sys.executable, os.path.join(HERE, "bench_vae_fit.py"), "--machine", machine_json]
+            fit += (["--quick"] if args.quick else []) + shlex.split(args.vae_fit_args)
+            report.append("\n## VAE fitting (time per epoch)")
+            report.append(stage(fit, clean, tmp, "bench_vae_fit").rstrip())
     report.append(f"\n(total {time.perf_counter() - started:.0f} s; load average now "
                   f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: a busy shared machine slows every "
                   "library, and its noise is in the ratios too)")
