@@ -14,30 +14,16 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from fastlvm.data.files import atomic_write
+
 # ---------------------------------------------------------------------------------------
 # Output plumbing
-
-
-def atomic_write(path: str, write: Callable) -> None:
-    """write(f) into a temporary file beside path (binary mode), then rename it over path."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix="." + os.path.basename(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def new_figure(*subplots, size=(6.4, 4.8)):

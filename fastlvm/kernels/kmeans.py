@@ -18,12 +18,8 @@ order: the result does not depend on the number of threads. Dense products x . c
 calls on tiles of rows, made between the parallel loops, never inside one.
 """
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-
-import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
+import numpy as np
+from numba import njit, prange
 
 _FASTMATH = {"reassoc", "contract", "arcp"}
 _inline = njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")

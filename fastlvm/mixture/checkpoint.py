@@ -8,42 +8,16 @@ iteration count, lower bound and history, and the best finished run of earlier i
 """
 
 import os
-import tempfile
 import zipfile
 from typing import NamedTuple
 
 import numpy as np
 
+from fastlvm.data.files import atomic_savez
 from fastlvm.mixture.em import Run
 
 FORMAT = 1
 _PARAMS = ("weights", "means", "covariances", "precisions_cholesky")
-
-
-def _write_atomic(path, arrays):
-    """np.savez to a temporary file in the same directory, flushed to disk, then renamed."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory handles
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class Resumed(NamedTuple):
@@ -113,7 +87,7 @@ class Checkpoint:
         arrays.update(_pack_run("", run))
         if best is not None:
             arrays.update(_pack_run("best_", best))
-        _write_atomic(self.path, arrays)
+        atomic_savez(self.path, arrays)
 
 
 class _Mismatch(Exception):
