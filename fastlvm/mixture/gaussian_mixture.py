@@ -16,6 +16,7 @@ from numbers import Integral, Real
 import numpy as np
 from sklearn.base import BaseEstimator, DensityMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture as _SkGaussianMixture
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
@@ -64,22 +65,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     stepwise EM with step size (t - 1 + learning_offset) ** -learning_decay.
     """
 
+    # scikit-learn's own constraints for its parameters (the same objects, so the same messages,
+    # whose option sets print in hash order), then fastlvm's.
     _parameter_constraints: dict = {
-        "n_components": [Interval(Integral, 1, None, closed="left")],
-        "covariance_type": [StrOptions({"full", "tied", "diag", "spherical"})],
-        "tol": [Interval(Real, 0.0, None, closed="left")],
-        "reg_covar": [Interval(Real, 0.0, None, closed="left")],
-        "max_iter": [Interval(Integral, 0, None, closed="left")],
-        "n_init": [Interval(Integral, 1, None, closed="left")],
-        # (sets in scikit-learn's order, so that messages list the options as scikit-learn's do)
-        "init_params": [StrOptions({"kmeans", "random", "random_from_data", "k-means++"})],
-        "weights_init": ["array-like", None],
-        "means_init": ["array-like", None],
-        "precisions_init": ["array-like", None],
-        "random_state": ["random_state"],
-        "warm_start": ["boolean"],
-        "verbose": ["verbose"],
-        "verbose_interval": [Interval(Integral, 1, None, closed="left")],
+        **_SkGaussianMixture._parameter_constraints,
         "prior": [GaussianMixturePrior, dict, None],
         "chunk_size": [Interval(Integral, 1, None, closed="left"), None],
         "backend": [StrOptions({"auto", "cpu"})],
@@ -241,17 +230,18 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             return MixtureParameters(w, m, ctx.cov.covariance_from_precision_cholesky(P), P)
         X = ctx.init_data
         K, D, cov = self.n_components, X.shape[1], ctx.cov
-        seed_rng = np.random.default_rng(rng.randint(2**31))
         resp_fn = None
         if init.means is not None:
             centres = init.means
         elif self.init_params == "kmeans":
-            centres = KMeans(K, n_init=1, random_state=rng.randint(2**31)).fit(X).cluster_centers_
+            # rng itself, as scikit-learn passes it: the same random_state gives the same components
+            centres = KMeans(K, n_init=1, random_state=rng).fit(X).cluster_centers_
         elif self.init_params == "k-means++":
-            centres = kmeans_plusplus(X, K, seed_rng, ctx.chunk_rows)
+            centres = kmeans_plusplus(X, K, np.random.default_rng(rng.randint(2**31)), ctx.chunk_rows)
         elif self.init_params == "random_from_data":
-            centres = random_rows(X, K, seed_rng)
+            centres = random_rows(X, K, np.random.default_rng(rng.randint(2**31)))
         else:  # 'random': responsibilities drawn uniformly, normalised per row
+            seed_rng = np.random.default_rng(rng.randint(2**31))
             centres = np.repeat(data_moments(ArraySource(X, trusted=True), ctx.chunk_rows)[0][None], K, axis=0)
 
             def resp_fn(chunk):
