@@ -122,6 +122,21 @@ void normal_noise(uint64_t seed, T* out, int64_t n) {
   }
 }
 
+template <class K, class T>
+void row_noise(uint64_t seed, uint32_t step, const int64_t* rows, int64_t first_sample, int64_t S, int64_t B,
+               int64_t D, T* out) {
+  const int64_t rb = block_rows(B, S * D, 1 << 14), nblocks = (B + rb - 1) / rb;
+#pragma omp parallel if (worth_threads(S * B * D))
+  {
+    std::vector<T> buf(S * D);
+    std::vector<double> pairs(S * D + 2);
+#pragma omp for schedule(dynamic)
+    for (int64_t k = 0; k < nblocks; ++k)
+      K::template row_noise_block<T>(seed, step, rows, first_sample, S, B, D, k * rb, std::min(B, (k + 1) * rb), out,
+                                     buf.data(), pairs.data());
+  }
+}
+
 // Call f(std::bool_constant<b>...) for runtime booleans b.
 template <class F>
 void with_flags(F&& f) {
@@ -242,6 +257,15 @@ std::pair<int64_t, int64_t> shape2(const py::object& o, const char* name) {
   return {arr.shape(0), arr.shape(1)};
 }
 
+// Global row indices (int64, C-contiguous, n of them), or null for None.
+const int64_t* row_keys(const py::object& o, int64_t n) {
+  if (o.is_none()) return nullptr;
+  auto arr = py::cast<py::array>(o);
+  if (!arr.dtype().is(py::dtype::of<int64_t>()) || !(arr.flags() & py::array::c_style) || arr.size() != n)
+    throw py::value_error("rows must be a C-contiguous int64 array of " + std::to_string(n) + " row indices");
+  return static_cast<const int64_t*>(arr.data());
+}
+
 // Call f(T{}) for the dtype of `first`.
 template <class F>
 void by_dtype(const py::object& first, F&& f) {
@@ -258,28 +282,31 @@ void bind_reparam(py::module_& m) {
   m.def(
       "reparam_fwd",
       [](py::object mu, py::object lv, py::object eps, uint64_t seed, int64_t S, py::object z,
-         py::object kl) {
+         py::object kl, py::object rows, uint32_t step) {
         auto [B, D] = shape2(mu, "mu");
         by_dtype(mu, [&](auto tag) {
           using T = decltype(tag);
           ReparamArgs<T> a{data<T>(mu, "mu", B, D), data<T>(lv, "logvar", B, D),
-                           data<T>(eps, "eps", S * B, D, true), seed, S, B, D,
+                           data<T>(eps, "eps", S * B, D, true), seed, row_keys(rows, B), step, S, B, D,
                            data<T>(z, "z", S * B, D), data<T>(kl, "kl", B, 1),
                            nullptr, nullptr, nullptr, nullptr};
           py::gil_scoped_release nogil;
           with_isa([&](auto k) { reparam<decltype(k), T, true>(a); });
         });
       },
-      "z = mu + exp(logvar/2) eps and kl; eps None: generated from seed (S samples)");
+      py::arg("mu"), py::arg("logvar"), py::arg("eps"), py::arg("seed"), py::arg("S"), py::arg("z"), py::arg("kl"),
+      py::arg("rows") = py::none(), py::arg("step") = 0,
+      "z = mu + exp(logvar/2) eps and kl; eps None: generated from seed (S samples), from each row's own "
+      "stream (seed, step, rows[b]) when rows is given");
   m.def(
       "reparam_bwd",
       [](py::object mu, py::object lv, py::object eps, uint64_t seed, int64_t S, py::object gz,
-         py::object gkl, py::object gmu, py::object glv) {
+         py::object gkl, py::object gmu, py::object glv, py::object rows, uint32_t step) {
         auto [B, D] = shape2(mu, "mu");
         by_dtype(mu, [&](auto tag) {
           using T = decltype(tag);
           ReparamArgs<T> a{data<T>(mu, "mu", B, D), data<T>(lv, "logvar", B, D),
-                           data<T>(eps, "eps", S * B, D, true), seed, S, B, D,
+                           data<T>(eps, "eps", S * B, D, true), seed, row_keys(rows, B), step, S, B, D,
                            nullptr, nullptr, data<T>(gz, "grad_z", S * B, D, true),
                            data<T>(gkl, "grad_kl", B, 1, true), data<T>(gmu, "grad_mu", B, D),
                            data<T>(glv, "grad_logvar", B, D)};
@@ -287,7 +314,9 @@ void bind_reparam(py::module_& m) {
           with_isa([&](auto k) { reparam<decltype(k), T, false>(a); });
         });
       },
-      "gradients of reparam_fwd's (z, kl) for mu and logvar");
+      py::arg("mu"), py::arg("logvar"), py::arg("eps"), py::arg("seed"), py::arg("S"), py::arg("grad_z"),
+      py::arg("grad_kl"), py::arg("grad_mu"), py::arg("grad_logvar"), py::arg("rows") = py::none(),
+      py::arg("step") = 0, "gradients of reparam_fwd's (z, kl) for mu and logvar");
   m.def(
       "normal_noise",
       [](uint64_t seed, py::object out) {
@@ -300,6 +329,22 @@ void bind_reparam(py::module_& m) {
         });
       },
       "fill out (flat) with the standard normals of stream seed");
+  m.def(
+      "row_noise",
+      [](uint64_t seed, uint32_t step, py::object rows, int64_t first_sample, py::object out) {
+        auto arr = py::cast<py::array>(out);
+        if (arr.ndim() != 3) throw py::value_error("out must be 3-D (S, B, D)");
+        int64_t S = arr.shape(0), B = arr.shape(1), D = arr.shape(2);
+        const int64_t* r = row_keys(rows, B);
+        if (!r) throw py::value_error("rows is required");
+        by_dtype(out, [&](auto tag) {
+          using T = decltype(tag);
+          T* p = data<T>(out, "out", S * B, D);
+          py::gil_scoped_release nogil;
+          with_isa([&](auto k) { row_noise<decltype(k), T>(seed, step, r, first_sample, S, B, D, p); });
+        });
+      },
+      "fill out (S, B, D) with samples first_sample.. of each row's stream (seed, step, rows[b])");
 }
 
 void bind_log_likelihoods(py::module_& m) {

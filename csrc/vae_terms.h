@@ -18,6 +18,8 @@ template <class T>
 struct ReparamArgs {
   const T *mu, *lv, *eps;  // eps null: generated from `seed`
   uint64_t seed;
+  const int64_t* rows;  // generated noise: null, the flat stream; else row b's own stream
+  uint32_t step;        // (seed, step, rows[b]), see normal_fill_row
   int64_t S, B, D;
   T *z, *kl;                     // forward outputs
   const T *gz, *gkl;             // backward inputs (either may be null)
@@ -30,6 +32,11 @@ FASTLVM_INLINE const T* eps_rows(const ReparamArgs<T>& a, int64_t s, int64_t b0,
                                  T* buf, double* pairs) {
   int64_t i0 = (s * a.B + b0) * a.D;
   if (a.eps) return a.eps + i0;
+  if (a.rows) {
+    for (int64_t b = b0; b < b1; ++b)
+      normal_fill_row<T>(a.seed, a.step, uint64_t(a.rows[b]), s * a.D, a.D, buf + (b - b0) * a.D, pairs);
+    return buf;
+  }
   normal_fill<T>(a.seed, i0, (b1 - b0) * a.D, buf, pairs);
   return buf;
 }

@@ -31,6 +31,7 @@ from fastlvm.reference import vae as _ref
 
 __all__ = [
     "reparameterize",
+    "row_noise",
     "gaussian_log_likelihood",
     "bernoulli_log_likelihood",
     "iwae_bound",
@@ -44,16 +45,19 @@ _BACKENDS = ("auto", "cpp", "triton", "torch")
 # ----------------------------------------------------------------------------- public API
 
 
-def reparameterize(mu, logvar, eps=None, *, n_samples=None, generator=None, backend="auto",
-                   validate=False):
+def reparameterize(mu, logvar, eps=None, *, n_samples=None, generator=None, seed=None, rows=None, step=0,
+                   backend="auto", validate=False):
     """z = mu + exp(logvar / 2) * eps and the analytic KL(N(mu, diag exp(logvar)) || N(0, I)).
 
     mu, logvar: (B, Dz). eps: (B, Dz) or (S, B, Dz), treated as a constant (no gradient).
-    With ``eps=None`` the noise is drawn inside the kernel, a pure function of a seed taken
-    from ``generator`` (torch's default generator when None, so ``torch.manual_seed`` fixes
-    it) and of each element's index; it is not stored, and the backward regenerates it.
-    Every backend draws the same numbers (Philox4x32-10 and Box-Muller, specified by
-    ``fastlvm.reference.vae.normal_noise``). Then z is (B, Dz) when ``n_samples`` is None and
+    With ``eps=None`` the noise is drawn inside the kernel and not stored (the backward
+    regenerates it). It is a pure function of a seed -- ``seed`` (an int in [0, 2**63)), or one
+    drawn from ``generator`` (torch's default generator when None, so ``torch.manual_seed`` fixes
+    it) -- and of each element's index in the (S, B, Dz) output; or, given ``rows`` (the B rows'
+    global indices, int64) and ``step``, of (seed, step, the row's index, the element's place in
+    the row's S x Dz numbers), so that a row draws the same noise whatever batch it is in (see
+    :func:`row_noise`). Every backend draws the same numbers (Philox4x32-10 and Box-Muller,
+    specified by ``fastlvm.reference.vae``). Then z is (B, Dz) when ``n_samples`` is None and
     (n_samples, B, Dz) otherwise.
 
     Returns ``(z, kl)`` with z of eps's shape and kl of shape (B,).
@@ -61,8 +65,8 @@ def reparameterize(mu, logvar, eps=None, *, n_samples=None, generator=None, back
     _check_encoder(mu, logvar)
     named = {"mu": mu, "logvar": logvar}
     if eps is not None:
-        if n_samples is not None or generator is not None:
-            raise ValueError("pass either eps or n_samples/generator, not both")
+        if n_samples is not None or generator is not None or seed is not None or rows is not None:
+            raise ValueError("pass either eps or n_samples/generator/seed/rows, not both")
         _check_tensor("eps", eps, ndims=(2, 3))
         if eps.shape[-2:] != mu.shape:
             raise ValueError(f"eps must have shape {tuple(mu.shape)} or (S, *{tuple(mu.shape)}), "
@@ -78,8 +82,28 @@ def reparameterize(mu, logvar, eps=None, *, n_samples=None, generator=None, back
     if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, int)
                                   or n_samples < 1):
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
-    z, kl = _ReparameterizeNoise.apply(mu, logvar, n_samples or 1, _draw_seed(generator), kernels)
+    if rows is not None:
+        rows = _check_rows(rows, mu.shape[0], mu.device)
+    noise = (_noise_seed(seed, generator), rows, _check_step(step))
+    z, kl = _ReparameterizeNoise.apply(mu, logvar, n_samples or 1, noise, kernels)
     return (z[0] if n_samples is None else z), kl
+
+
+def row_noise(rows, n_samples, dim, *, seed, step=0, first_sample=0, dtype=torch.float32, backend="auto"):
+    """The noise ``reparameterize(..., seed=seed, rows=rows, step=step)`` draws, materialised:
+    samples first_sample .. first_sample + n_samples - 1 of each row's stream, (n_samples,
+    len(rows), dim) on the device of ``rows`` (global row indices, int64). For bounds that need
+    eps itself (``iwae_bound``) and for evaluation in blocks of samples."""
+    rows = _check_rows(rows, None, None)
+    for name, v in (("n_samples", n_samples), ("dim", dim)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if isinstance(first_sample, bool) or not isinstance(first_sample, int) or first_sample < 0:
+        raise ValueError(f"first_sample must be a non-negative int, got {first_sample!r}")
+    if dtype not in _FLOATS:
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    return _kernels(backend, rows.device).row_noise(_noise_seed(seed, None), _check_step(step), rows, n_samples, dim,
+                                                    first_sample, dtype)
 
 
 def gaussian_log_likelihood(x, mean, logvar=None, *, backend="auto", validate=False):
@@ -240,12 +264,40 @@ def _periodic_rows(t, shape):
     return t.expand(shape).contiguous().view(-1, shape[-1])
 
 
-def _draw_seed(generator):
+def _noise_seed(seed, generator):
+    """The noise seed: ``seed`` itself, or one drawn from ``generator``."""
+    if seed is not None:
+        if generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        return seed
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, "
                         f"got {type(generator).__name__}")
     device = "cpu" if generator is None else generator.device
     return int(torch.randint(0, 2**62, (), generator=generator, device=device))
+
+
+def _check_rows(rows, n, device):
+    """Global row indices as a contiguous int64 tensor (on ``device`` when given)."""
+    if not isinstance(rows, torch.Tensor):
+        rows = torch.as_tensor(rows)
+    if rows.dtype != torch.int64 or rows.dim() != 1:
+        raise TypeError(f"rows must be a 1-D int64 tensor of row indices, got {rows.dtype} of shape {tuple(rows.shape)}")
+    if n is not None and rows.shape[0] != n:
+        raise ValueError(f"rows has {rows.shape[0]} entries for {n} rows of mu")
+    if device is not None and rows.device != device:
+        rows = rows.to(device)
+    if rows.numel() and bool((rows < 0).any()):
+        raise ValueError("rows must be non-negative row indices")
+    return rows.contiguous()
+
+
+def _check_step(step):
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    return step & 0xFFFFFFFF
 
 
 # ----------------------------------------------------------------------------- backends
@@ -306,13 +358,23 @@ class _ReferenceKernels:
         return _ref.normal_noise(n_samples, batch, dim, seed, dtype, device)
 
     @staticmethod
-    def reparam_noise_fwd(mu, logvar, n_samples, seed):
-        eps = _ref.normal_noise(n_samples, *mu.shape, seed, mu.dtype, mu.device)
+    def row_noise(seed, step, rows, n_samples, dim, first_sample=0, dtype=torch.float64):
+        return _ref.row_noise(seed, step, rows, n_samples, dim, first_sample, dtype)
+
+    @staticmethod
+    def _noise(mu, n_samples, seed, rows, step):
+        if rows is None:
+            return _ref.normal_noise(n_samples, *mu.shape, seed, mu.dtype, mu.device)
+        return _ref.row_noise(seed, step, rows, n_samples, mu.shape[1], 0, mu.dtype)
+
+    @staticmethod
+    def reparam_noise_fwd(mu, logvar, n_samples, seed, rows=None, step=0):
+        eps = _ReferenceKernels._noise(mu, n_samples, seed, rows, step)
         return _ReferenceKernels.reparam_fwd(mu, logvar, eps)
 
     @staticmethod
-    def reparam_noise_bwd(mu, logvar, n_samples, seed, grad_z, grad_kl):
-        eps = _ref.normal_noise(n_samples, *mu.shape, seed, mu.dtype, mu.device)
+    def reparam_noise_bwd(mu, logvar, n_samples, seed, grad_z, grad_kl, rows=None, step=0):
+        eps = _ReferenceKernels._noise(mu, n_samples, seed, rows, step)
         return _ReferenceKernels.reparam_bwd(mu, logvar, eps, grad_z, grad_kl)
 
     @staticmethod
@@ -385,19 +447,22 @@ class _Reparameterize(torch.autograd.Function):
 
 class _ReparameterizeNoise(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, mu, logvar, n_samples, seed, kernels):
-        ctx.kernels, ctx.n_samples, ctx.seed = kernels, n_samples, seed
+    def forward(ctx, mu, logvar, n_samples, noise, kernels):
+        """noise: (seed, rows or None, step)."""
+        ctx.kernels, ctx.n_samples, ctx.noise = kernels, n_samples, noise
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(mu, logvar)
-        return kernels.reparam_noise_fwd(mu, logvar, n_samples, seed)
+        seed, rows, step = noise
+        return kernels.reparam_noise_fwd(mu, logvar, n_samples, seed, rows, step)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_z, grad_kl):
         if grad_z is None and grad_kl is None:
             return None, None, None, None, None
-        grads = ctx.kernels.reparam_noise_bwd(*ctx.saved_tensors, ctx.n_samples, ctx.seed,
-                                              _contiguous(grad_z), _contiguous(grad_kl))
+        seed, rows, step = ctx.noise
+        grads = ctx.kernels.reparam_noise_bwd(*ctx.saved_tensors, ctx.n_samples, seed, _contiguous(grad_z),
+                                              _contiguous(grad_kl), rows, step)
         return *grads, None, None, None
 
 

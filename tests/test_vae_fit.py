@@ -13,9 +13,10 @@ from sklearn.datasets import load_digits
 from torch.distributions import Bernoulli, Normal
 
 import fastlvm
+import fastlvm.functional as F
+from fastlvm.functional import row_noise
 from fastlvm.reference.vae import philox4x32_10
-from fastlvm.vae.model import VAEModule, mlp
-from fastlvm.vae.noise import row_noise
+from fastlvm.vae.model import RowNoise, VAEModule, mlp
 
 
 def _ppca_data(N=2000, D=8, q=2, seed=0):
@@ -156,10 +157,10 @@ def _log_px_reference(m, x, out):
 def test_elbo_loss_is_the_torch_distributions_elbo(likelihood, variance, L):
     m = _module(likelihood, variance)
     x = torch.rand(6, 5, dtype=torch.float64)
-    rows = np.arange(10, 16)
-    eps = row_noise(1, 0, rows, L, 3, torch.float64)
+    noise = RowNoise(1, 0, np.arange(10, 16), L)
+    eps = noise.eps(3, torch.float64, "cpu")
     beta = 0.7
-    loss, stats = m(x, eps, beta, 0.0, 1.0)
+    loss, stats = m(x, noise, beta, 0.0, 1.0)
     h = m.encoder(x)
     q = Normal(h[:, :3], torch.exp(0.5 * h[:, 3:]))
     z = q.mean + q.stddev * eps
@@ -180,8 +181,9 @@ def test_elbo_loss_is_the_torch_distributions_elbo(likelihood, variance, L):
 def test_iwae_loss_is_the_importance_weighted_bound():
     m = _module("bernoulli", None, objective="iwae")
     x = torch.rand(6, 5, dtype=torch.float64)
-    eps = row_noise(2, 5, np.arange(6), 4, 3, torch.float64)
-    loss, _ = m(x, eps, 1.0, 0.0, 1.0)
+    noise = RowNoise(2, 5, np.arange(6), 4)
+    eps = noise.eps(3, torch.float64, "cpu")
+    loss, _ = m(x, noise, 1.0, 0.0, 1.0)
     h = m.encoder(x)
     q = Normal(h[:, :3], torch.exp(0.5 * h[:, 3:]))
     z = q.mean + q.stddev * eps
@@ -194,14 +196,15 @@ def test_iwae_loss_is_the_importance_weighted_bound():
 def test_free_bits_floor_each_dimension_of_the_batch_kl():
     m = _module("bernoulli", None)
     x = torch.rand(8, 5, dtype=torch.float64)
-    eps = row_noise(3, 0, np.arange(8), 1, 3, torch.float64)
+    noise = RowNoise(3, 0, np.arange(8), 1)
+    eps = noise.eps(3, torch.float64, "cpu")
     h = m.encoder(x)
     q = Normal(h[:, :3], torch.exp(0.5 * h[:, 3:]))
     kl_dims = torch.distributions.kl_divergence(q, Normal(torch.zeros_like(q.mean), 1.0)).mean(0)
     lam = float(kl_dims.detach().sort().values[1])  # one dimension below the floor, one at it, one above
     lam = lam + 1e-6
     beta = 2.0
-    loss, _ = m(x, eps, beta, lam, 1.0)
+    loss, _ = m(x, noise, beta, lam, 1.0)
     log_px = Bernoulli(logits=m.decoder(q.mean + q.stddev * eps[0]), validate_args=False).log_prob(x).sum(-1)
     want = beta * torch.clamp(kl_dims, min=lam).sum() - log_px.mean()
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-10)
@@ -218,10 +221,15 @@ def test_kl_warmup_raises_beta_linearly_over_the_given_epochs():
 # ---------------------------------------------------------------------- noise and bounds
 
 
-def test_row_noise_is_philox_keyed_by_seed_step_and_row():
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_row_noise_is_philox_keyed_by_seed_step_and_row(backend):
     # Computed independently with the reference Philox on the documented counter (p, t, row).
-    seed, step, rows, S, Dz = 2**40 + 7, 12, np.array([3, 2**33 + 5, 0]), 2, 5
-    got = row_noise(seed, step, rows, S, Dz, torch.float64)
+    seed, step, rows, S, Dz = 2**40 + 7, 12, torch.tensor([3, 2**33 + 5, 0]), 2, 5
+
+    def row_noise_of(rows, S, **kw):
+        return row_noise(rows, S, Dz, seed=seed, dtype=torch.float64, backend=backend, **kw)
+
+    got = row_noise_of(rows, S, step=step)
     e = torch.arange(S * Dz)
     P = (e >> 1)[None].expand(len(rows), -1)
     R = torch.as_tensor(rows)[:, None].expand_as(P)
@@ -231,12 +239,33 @@ def test_row_noise_is_philox_keyed_by_seed_step_and_row():
     u2 = ((w2 << 20) | (w3 >> 12)).double() * 2.0**-52
     r, th = torch.sqrt(-2 * torch.log(u1)), 2 * math.pi * u2
     want = torch.where(e % 2 == 0, r * torch.cos(th), r * torch.sin(th)).reshape(len(rows), S, Dz).transpose(0, 1)
-    torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(got, want, rtol=4e-15, atol=4e-15)
     # a row's numbers do not depend on its batch, its place in it, or how samples are blocked
-    alone = row_noise(seed, step, rows[1:2], S, Dz, torch.float64)
+    alone = row_noise_of(rows[1:2], S, step=step)
     assert torch.equal(alone[:, 0], got[:, 1])
-    assert torch.equal(row_noise(seed, step, rows, 1, Dz, torch.float64, first_sample=1)[0], got[1])
-    assert not torch.equal(row_noise(seed, step + 1, rows, S, Dz, torch.float64), got)
+    assert torch.equal(row_noise_of(rows, 1, step=step, first_sample=1)[0], got[1])
+    assert not torch.equal(row_noise_of(rows, S, step=step + 1), got)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_in_kernel_row_noise_is_the_row_streams(backend):
+    # reparameterize(rows=...) draws each row's own stream inside the kernel: the same z as the
+    # materialised noise, whatever the order of the rows in the batch; gradients as for given eps.
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    lv = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    rows, perm = torch.tensor([7, 2**35 + 1, 0, 4, 9, 3]), torch.tensor([3, 0, 5, 1, 4, 2])
+    z, kl = F.reparameterize(mu, lv, n_samples=3, seed=11, rows=rows, step=4, backend=backend)
+    eps = row_noise(rows, 3, 5, seed=11, step=4, dtype=torch.float64, backend=backend)
+    torch.testing.assert_close(z, mu + torch.exp(0.5 * lv) * eps, rtol=1e-14, atol=1e-14)
+    zp, _ = F.reparameterize(mu[perm], lv[perm], n_samples=3, seed=11, rows=rows[perm], step=4, backend=backend)
+    torch.testing.assert_close(zp, z[:, perm], rtol=1e-14, atol=1e-14)
+    w = torch.randn(z.shape, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad((z * w).sum() + kl.sum(), (mu, lv))
+    want = torch.autograd.grad(((mu + torch.exp(0.5 * lv) * eps) * w).sum()
+                               + 0.5 * (lv.exp() + mu * mu - 1 - lv).sum(), (mu, lv))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.fixture(scope="module")

@@ -54,17 +54,17 @@ def _seed(seed):
 # -------------------------------------------------------------------- reparameterisation
 
 
-def _reparam_fwd(mu, logvar, eps, n_samples, seed):
+def _reparam_fwd(mu, logvar, eps, n_samples, seed, rows=None, step=0):
     batch, dim = mu.shape
     z, kl = _empty(mu, n_samples, batch, dim), _empty(mu, batch)
-    _C.reparam_fwd(_np(mu), _np(logvar), _np(eps), seed, n_samples, _np(z), _np(kl))
+    _C.reparam_fwd(_np(mu), _np(logvar), _np(eps), seed, n_samples, _np(z), _np(kl), _np(rows), step)
     return z, kl
 
 
-def _reparam_bwd(mu, logvar, eps, n_samples, seed, grad_z, grad_kl):
+def _reparam_bwd(mu, logvar, eps, n_samples, seed, grad_z, grad_kl, rows=None, step=0):
     grad_mu, grad_logvar = _empty_like(mu), _empty_like(logvar)
     _C.reparam_bwd(_np(mu), _np(logvar), _np(eps), seed, n_samples, _np(grad_z), _np(grad_kl),
-                   _np(grad_mu), _np(grad_logvar))
+                   _np(grad_mu), _np(grad_logvar), _np(rows), step)
     return grad_mu, grad_logvar
 
 
@@ -78,20 +78,29 @@ def reparam_bwd(mu, logvar, eps, grad_z, grad_kl):
     return _reparam_bwd(mu, logvar, eps, eps.shape[0], 0, grad_z, grad_kl)
 
 
-def reparam_noise_fwd(mu, logvar, n_samples, seed):
-    """reparam_fwd with eps = normal_noise(n_samples, B, Dz, seed), generated in the kernel."""
-    return _reparam_fwd(mu, logvar, None, int(n_samples), _seed(seed))
+def reparam_noise_fwd(mu, logvar, n_samples, seed, rows=None, step=0):
+    """reparam_fwd with eps generated in the kernel: normal_noise(n_samples, B, Dz, seed), or with
+    ``rows`` (int64, (B,)) row_noise(seed, step, rows, n_samples, Dz)."""
+    return _reparam_fwd(mu, logvar, None, int(n_samples), _seed(seed), rows, step)
 
 
-def reparam_noise_bwd(mu, logvar, n_samples, seed, grad_z, grad_kl):
+def reparam_noise_bwd(mu, logvar, n_samples, seed, grad_z, grad_kl, rows=None, step=0):
     """reparam_bwd regenerating the noise of reparam_noise_fwd."""
-    return _reparam_bwd(mu, logvar, None, int(n_samples), _seed(seed), grad_z, grad_kl)
+    return _reparam_bwd(mu, logvar, None, int(n_samples), _seed(seed), grad_z, grad_kl, rows, step)
 
 
 def normal_noise(n_samples, batch, dim, seed, dtype=torch.float64, device="cpu"):
     """The standard normals (n_samples, batch, dim) that the noise kernels use for ``seed``."""
     out = torch.empty((n_samples, batch, dim), dtype=dtype, device=device)
     _C.normal_noise(_seed(seed), _np(out))
+    return out
+
+
+def row_noise(seed, step, rows, n_samples, dim, first_sample=0, dtype=torch.float64):
+    """Samples first_sample .. first_sample + n_samples - 1 of each row's stream (seed, step, row):
+    (n_samples, len(rows), dim), the numbers reparam_noise_fwd(rows=rows, step=step) draws."""
+    out = torch.empty((n_samples, rows.shape[0], dim), dtype=dtype, device=rows.device)
+    _C.row_noise(_seed(seed), step, _np(rows), first_sample, _np(out))
     return out
 
 

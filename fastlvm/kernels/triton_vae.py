@@ -62,22 +62,44 @@ def _log1p(u):
 
 
 @triton.jit
-def _noise(seed, i, dtype: tl.constexpr):
-    """The standard normal for flat index i (int64): the noise spec of fastlvm.reference.vae.
-
-    Philox4x32-10 with key (seed lo, seed hi) and counter (p lo, p hi, 0, 0) for the pair
-    p = i >> 1 -- exactly tl.randint4x(seed, p) -- gives w0..w3; the 52-bit integers
+def _box_muller(w0, w1, w2, w3, odd, dtype: tl.constexpr):
+    """Philox words -> one normal of the Box-Muller pair: the 52-bit integers
     a1 = w0 << 20 | w1 >> 12, a2 = w2 << 20 | w3 >> 12 give u1 = 1 - a1 2^-52 in (0, 1] and
-    u2 = a2 2^-52; Box-Muller: r cos(2 pi u2) for even i, r sin(2 pi u2) for odd i, with
-    r = sqrt(-2 log u1). In float64, rounded to dtype.
-    """
-    w0, w1, w2, w3 = tl.randint4x(seed, i >> 1)
+    u2 = a2 2^-52; r cos(2 pi u2) for the even element, r sin(2 pi u2) for the odd one, with
+    r = sqrt(-2 log u1). In float64, rounded to dtype."""
     a1 = (w0.to(tl.uint64) << 20) | (w1.to(tl.uint64) >> 12)
     a2 = (w2.to(tl.uint64) << 20) | (w3.to(tl.uint64) >> 12)
     u1 = 1.0 - a1.to(tl.float64) * _TWO_M52
     theta = _TWO_PI * (a2.to(tl.float64) * _TWO_M52)
     r = tl.sqrt(-2.0 * tl.log(u1))
-    return tl.where((i & 1) == 0, r * tl.cos(theta), r * tl.sin(theta)).to(dtype)
+    return tl.where(odd, r * tl.sin(theta), r * tl.cos(theta)).to(dtype)
+
+
+@triton.jit
+def _noise(seed, i, dtype: tl.constexpr):
+    """The standard normal for flat index i (int64): the noise spec of fastlvm.reference.vae.
+
+    Philox4x32-10 with key (seed lo, seed hi) and counter (p lo, p hi, 0, 0) for the pair
+    p = i >> 1 -- exactly tl.randint4x(seed, p).
+    """
+    w0, w1, w2, w3 = tl.randint4x(seed, i >> 1)
+    return _box_muller(w0, w1, w2, w3, (i & 1) == 1, dtype)
+
+
+@triton.jit
+def _row_noise(seed, step, row, e, dtype: tl.constexpr):
+    """The standard normal for element e of the stream of global row ``row`` at ``step`` (row
+    (BLOCK_B, 1) and e (1, BLOCK_D), int64): counter (q mod 2^32, step, row lo, row hi) for the
+    pair q = e >> 1 (fastlvm.reference.vae.row_noise)."""
+    zero = row * 0 + e * 0
+    q = zero + (e >> 1)
+    r = zero + row
+    c0 = (q & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (zero + step).to(tl.uint32)
+    c2 = (r & 0xFFFFFFFF).to(tl.uint32)
+    c3 = (r >> 32).to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3)
+    return _box_muller(w0, w1, w2, w3, ((zero + e) & 1) == 1, dtype)
 
 
 @triton.jit
@@ -118,6 +140,21 @@ def _normal_kernel(out_ptr, N, seed, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _row_noise_kernel(out_ptr, rows_ptr, S, B, D, first_sample, seed, step, BLOCK_B: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """out[s, b, j] = element (first_sample + s) D + j of the stream of row rows[b] at step."""
+    b, b_mask, b64 = _rows(B, BLOCK_B)
+    row = _row_keys(rows_ptr, b, b_mask, True)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = b_mask[:, None] & (d < D)[None, :]
+        for s in range(S):
+            e = ((first_sample + s) * D + d).to(tl.int64)[None, :]
+            tl.store(out_ptr + _sample_index(s, B, b64, d, D), _row_noise(seed, step, row, e, out_ptr.dtype.element_ty),
+                     mask=m)
+
+
+@triton.jit
 def _rows(B, BLOCK_B: tl.constexpr):
     """This program's block of rows b: (b, mask, b as int64)."""
     b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -142,19 +179,34 @@ def _sample_index(s, B, b64, d, D):
 
 
 @triton.jit
-def _eps(eps_ptr, seed, off, m, dtype: tl.constexpr, NOISE: tl.constexpr):
-    """eps at flat indices off: generated from the seed when NOISE, else read."""
+def _eps(eps_ptr, seed, off, m, row, step, e, dtype: tl.constexpr, NOISE: tl.constexpr, ROWS: tl.constexpr):
+    """eps at flat indices off: generated when NOISE -- from the flat stream, or with ROWS from the
+    stream of each row (row: (BLOCK_B, 1) global indices; e: (1, BLOCK_D) element indices in the
+    row's stream) -- else read."""
     if NOISE:
-        return _noise(seed, off, dtype)
+        if ROWS:
+            return _row_noise(seed, step, row, e, dtype)
+        else:
+            return _noise(seed, off, dtype)
     else:
         return tl.load(eps_ptr + off, mask=m, other=0.0)
 
 
 @triton.jit
-def _reparam_fwd_kernel(mu_ptr, lv_ptr, eps_ptr, z_ptr, kl_ptr, S, B, D, seed,
-                        NOISE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+def _row_keys(rows_ptr, b, b_mask, ROWS: tl.constexpr):
+    """Global row indices (BLOCK_B, 1) of this program's rows (zeros without ROWS)."""
+    if ROWS:
+        return tl.load(rows_ptr + b, mask=b_mask, other=0)[:, None]
+    else:
+        return (b * 0).to(tl.int64)[:, None]
+
+
+@triton.jit
+def _reparam_fwd_kernel(mu_ptr, lv_ptr, eps_ptr, z_ptr, kl_ptr, rows_ptr, S, B, D, seed, step,
+                        NOISE: tl.constexpr, ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     """z[s,b,j] = mu[b,j] + exp(lv[b,j]/2) * eps[s,b,j];  kl[b] = 0.5 sum_j (exp(lv) + mu^2 - 1 - lv)."""
     b, b_mask, b64 = _rows(B, BLOCK_B)
+    row = _row_keys(rows_ptr, b, b_mask, ROWS)
     dtype = mu_ptr.dtype.element_ty
     kl = tl.zeros([BLOCK_B, BLOCK_D], dtype=dtype)
     for d0 in range(0, D, BLOCK_D):
@@ -162,16 +214,18 @@ def _reparam_fwd_kernel(mu_ptr, lv_ptr, eps_ptr, z_ptr, kl_ptr, S, B, D, seed,
         kl += tl.where(m, 0.5 * (std * std + mu * mu - 1.0 - lv), 0.0)
         for s in range(S):
             off = _sample_index(s, B, b64, d, D)
-            tl.store(z_ptr + off, mu + std * _eps(eps_ptr, seed, off, m, dtype, NOISE), mask=m)
+            e = (s * D + d).to(tl.int64)[None, :]
+            tl.store(z_ptr + off, mu + std * _eps(eps_ptr, seed, off, m, row, step, e, dtype, NOISE, ROWS), mask=m)
     tl.store(kl_ptr + b, tl.sum(kl, axis=1), mask=b_mask)
 
 
 @triton.jit
-def _reparam_bwd_kernel(mu_ptr, lv_ptr, eps_ptr, gz_ptr, gkl_ptr, gmu_ptr, glv_ptr, S, B, D, seed,
-                        NOISE: tl.constexpr, HAS_GZ: tl.constexpr, HAS_GKL: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+def _reparam_bwd_kernel(mu_ptr, lv_ptr, eps_ptr, gz_ptr, gkl_ptr, gmu_ptr, glv_ptr, rows_ptr, S, B, D, seed,
+                        step, NOISE: tl.constexpr, ROWS: tl.constexpr, HAS_GZ: tl.constexpr,
+                        HAS_GKL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     """grad_mu = sum_s gz + gkl*mu;  grad_lv = 0.5*exp(lv/2) * sum_s gz*eps + 0.5*gkl*(exp(lv) - 1)."""
     b, b_mask, b64 = _rows(B, BLOCK_B)
+    row = _row_keys(rows_ptr, b, b_mask, ROWS)
     dtype = mu_ptr.dtype.element_ty
     if HAS_GKL:
         gkl = tl.load(gkl_ptr + b, mask=b_mask, other=0.0)[:, None]
@@ -184,7 +238,8 @@ def _reparam_bwd_kernel(mu_ptr, lv_ptr, eps_ptr, gz_ptr, gkl_ptr, gmu_ptr, glv_p
                 off = _sample_index(s, B, b64, d, D)
                 gz = tl.load(gz_ptr + off, mask=m, other=0.0)
                 gmu += gz
-                gz_eps += gz * _eps(eps_ptr, seed, off, m, dtype, NOISE)
+                e = (s * D + d).to(tl.int64)[None, :]
+                gz_eps += gz * _eps(eps_ptr, seed, off, m, row, step, e, dtype, NOISE, ROWS)
         glv = 0.5 * std * gz_eps
         if HAS_GKL:
             gmu += gkl * mu
@@ -370,7 +425,19 @@ def normal_noise(shape_S, B, Dz, seed, dtype=torch.float64, device=None):
     return out
 
 
-def _reparam_fwd(mu, logvar, eps, S, seed):
+def row_noise(seed, step, rows, n_samples, dim, first_sample=0, dtype=torch.float64):
+    """Samples first_sample .. first_sample + n_samples - 1 of each row's stream (seed, step, row):
+    (n_samples, len(rows), dim), the numbers reparam_noise_fwd(rows=rows, step=step) draws."""
+    rows = rows.contiguous()
+    B = rows.shape[0]
+    out = torch.empty((n_samples, B, dim), dtype=dtype, device=rows.device)
+    block_b, block_d = _blocks(B, dim)
+    _row_noise_kernel[_row_grid(B, block_b)](out, rows, n_samples, B, dim, int(first_sample), _check_seed(seed),
+                                             int(step), BLOCK_B=block_b, BLOCK_D=block_d)
+    return out
+
+
+def _reparam_fwd(mu, logvar, eps, S, seed, rows=None, step=0):
     mu, logvar = mu.contiguous(), logvar.contiguous()
     B, D = mu.shape
     z = mu.new_empty((S, B, D))
@@ -378,12 +445,12 @@ def _reparam_fwd(mu, logvar, eps, S, seed):
     noise = eps is None
     block_b, block_d = _blocks(B, D)
     _reparam_fwd_kernel[_row_grid(B, block_b)](
-        mu, logvar, mu if noise else eps.contiguous(), z, kl, S, B, D, seed,
-        NOISE=noise, BLOCK_B=block_b, BLOCK_D=block_d)
+        mu, logvar, mu if noise else eps.contiguous(), z, kl, mu if rows is None else rows.contiguous(),
+        S, B, D, seed, int(step), NOISE=noise, ROWS=rows is not None, BLOCK_B=block_b, BLOCK_D=block_d)
     return z, kl
 
 
-def _reparam_bwd(mu, logvar, eps, S, seed, grad_z, grad_kl):
+def _reparam_bwd(mu, logvar, eps, S, seed, grad_z, grad_kl, rows=None, step=0):
     mu, logvar = mu.contiguous(), logvar.contiguous()
     B, D = mu.shape
     grad_mu, grad_logvar = torch.empty_like(mu), torch.empty_like(mu)
@@ -393,8 +460,8 @@ def _reparam_bwd(mu, logvar, eps, S, seed, grad_z, grad_kl):
         mu, logvar, mu if noise else eps.contiguous(),
         mu if grad_z is None else grad_z.contiguous(),
         mu if grad_kl is None else grad_kl.contiguous(),
-        grad_mu, grad_logvar, S, B, D, seed,
-        NOISE=noise, HAS_GZ=grad_z is not None, HAS_GKL=grad_kl is not None,
+        grad_mu, grad_logvar, mu if rows is None else rows.contiguous(), S, B, D, seed, int(step),
+        NOISE=noise, ROWS=rows is not None, HAS_GZ=grad_z is not None, HAS_GKL=grad_kl is not None,
         BLOCK_B=block_b, BLOCK_D=block_d)
     return grad_mu, grad_logvar
 
@@ -409,14 +476,15 @@ def reparam_bwd(mu, logvar, eps, grad_z, grad_kl):
     return _reparam_bwd(mu, logvar, eps, eps.shape[0], 0, grad_z, grad_kl)
 
 
-def reparam_noise_fwd(mu, logvar, n_samples, seed):
-    """reparam_fwd with eps = normal_noise(n_samples, B, Dz, seed) generated in the kernel."""
-    return _reparam_fwd(mu, logvar, None, int(n_samples), _check_seed(seed))
+def reparam_noise_fwd(mu, logvar, n_samples, seed, rows=None, step=0):
+    """reparam_fwd with eps generated in the kernel: normal_noise(n_samples, B, Dz, seed), or with
+    ``rows`` (int64, (B,)) row_noise(seed, step, rows, n_samples, Dz)."""
+    return _reparam_fwd(mu, logvar, None, int(n_samples), _check_seed(seed), rows, step)
 
 
-def reparam_noise_bwd(mu, logvar, n_samples, seed, grad_z, grad_kl):
+def reparam_noise_bwd(mu, logvar, n_samples, seed, grad_z, grad_kl, rows=None, step=0):
     """reparam_bwd of reparam_noise_fwd; the noise is regenerated, never stored."""
-    return _reparam_bwd(mu, logvar, None, int(n_samples), _check_seed(seed), grad_z, grad_kl)
+    return _reparam_bwd(mu, logvar, None, int(n_samples), _check_seed(seed), grad_z, grad_kl, rows, step)
 
 
 def _ll_fwd(x, a, logvar, kind, need=(False, False, False), scale=1.0):

@@ -107,16 +107,44 @@ def philox4x32_10(counter, key):
     return c0, c1, c2, c3
 
 
+def _box_muller(words):
+    """The normal pairs (..., 2) of Philox words w0..w3 (see above)."""
+    w0, w1, w2, w3 = words
+    u1 = 1.0 - ((w0 << 20) | (w1 >> 12)).to(torch.float64) * 2.0**-52
+    u2 = ((w2 << 20) | (w3 >> 12)).to(torch.float64) * 2.0**-52
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    theta = 2.0 * math.pi * u2
+    return torch.stack((r * torch.cos(theta), r * torch.sin(theta)), dim=-1)
+
+
+def _key(seed):
+    return seed & _MASK32, (seed >> 32) & _MASK32
+
+
 def normal_noise(n_samples, batch, dim, seed, dtype=torch.float64, device="cpu"):
     """Standard normal noise (n_samples, batch, dim), a pure function of (seed, element index)."""
     n = n_samples * batch * dim
     pair = torch.arange((n + 1) // 2, dtype=torch.int64, device=device)
     zero = torch.zeros_like(pair)
-    key = (seed & _MASK32, (seed >> 32) & _MASK32)
-    w0, w1, w2, w3 = philox4x32_10((pair & _MASK32, pair >> 32, zero, zero), key)
-    u1 = 1.0 - ((w0 << 20) | (w1 >> 12)).to(torch.float64) * 2.0**-52
-    u2 = ((w2 << 20) | (w3 >> 12)).to(torch.float64) * 2.0**-52
-    r = torch.sqrt(-2.0 * torch.log(u1))
-    theta = 2.0 * math.pi * u2
-    eps = torch.stack((r * torch.cos(theta), r * torch.sin(theta)), dim=-1).reshape(-1)[:n]
+    eps = _box_muller(philox4x32_10((pair & _MASK32, pair >> 32, zero, zero), _key(seed))).reshape(-1)[:n]
     return eps.reshape(n_samples, batch, dim).to(dtype)
+
+
+# Row-keyed noise: the stream of global row r at step t. Its element e = s*Dz + j (sample s,
+# dimension j) is a pure function of (seed, t, r, e): the pair q = e >> 1 uses the counter
+# (q mod 2^32, t mod 2^32, r mod 2^32, r >> 32) under the same key, then Box-Muller as above. A
+# row's noise so does not depend on which rows share its batch, on which process holds it, or on
+# how samples are blocked.
+
+
+def row_noise(seed, step, rows, n_samples, dim, first_sample=0, dtype=torch.float64):
+    """Samples first_sample .. first_sample + n_samples - 1 of each row's stream:
+    (n_samples, len(rows), dim) on the device of ``rows`` (int64)."""
+    rows = torch.as_tensor(rows, dtype=torch.int64)
+    e0, n = first_sample * dim, n_samples * dim
+    q = torch.arange(e0 >> 1, (e0 + n + 1) >> 1, dtype=torch.int64, device=rows.device)[None, :]
+    r = rows[:, None]
+    words = philox4x32_10((q.expand(len(rows), -1) & _MASK32, torch.full_like(r, step & _MASK32).expand(-1, q.shape[1]),
+                           (r & _MASK32).expand(-1, q.shape[1]), (r >> 32).expand(-1, q.shape[1])), _key(seed))
+    eps = _box_muller(words).reshape(len(rows), -1)[:, (e0 & 1):(e0 & 1) + n]
+    return eps.reshape(len(rows), n_samples, dim).transpose(0, 1).to(dtype).contiguous()

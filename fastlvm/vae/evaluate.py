@@ -11,7 +11,7 @@ import math
 import torch
 
 import fastlvm.functional as F
-from fastlvm.vae.noise import row_noise
+from fastlvm.vae.model import RowNoise
 
 EVAL_STEP = 0xFFFFFFFF
 
@@ -19,8 +19,8 @@ EVAL_STEP = 0xFFFFFFFF
 def _decoded(module, x, rows, seed, n_samples, first_sample=0, encoded=None):
     """mu, logvar, eps (S, B, Dz), KL (B,) and log p(x | z_s) (S, B)."""
     mu, logvar = module.encode(x) if encoded is None else encoded
-    eps = row_noise(seed, EVAL_STEP, rows, n_samples, module.latent_dim, mu.dtype, first_sample=first_sample)
-    eps = eps.to(mu.device)
+    eps = RowNoise(seed, EVAL_STEP, rows, n_samples, first_sample).eps(module.latent_dim, mu.dtype, mu.device,
+                                                                          module.backend)
     _, kl, out = module.decode_samples(eps, mu, logvar)
     return mu, logvar, eps, kl, module.log_px_given_z(x, out)
 

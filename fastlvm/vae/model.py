@@ -13,6 +13,7 @@ fused kernels of ``fastlvm.functional``.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,6 +22,25 @@ import fastlvm.functional as F
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 DECODER_VARIANCES = ("feature", "shared", "output")
+
+
+@dataclass(frozen=True)
+class RowNoise:
+    """The noise of a batch: samples first_sample .. first_sample + n_samples - 1 of each row's
+    stream, a pure function of (seed, step, the row's global index) (``fastlvm.functional.row_noise``),
+    whatever batch, process or block of samples the row is in."""
+
+    seed: int
+    step: int
+    rows: object  # (B,) int64 global row indices: a NumPy array or a tensor
+    n_samples: int
+    first_sample: int = 0
+
+    def eps(self, dim, dtype, device, backend="auto"):
+        """The noise materialised on ``device``: (n_samples, B, dim)."""
+        rows = torch.as_tensor(self.rows).to(device)
+        return F.row_noise(rows, self.n_samples, dim, seed=self.seed, step=self.step,
+                           first_sample=self.first_sample, dtype=dtype, backend=backend)
 
 
 def mlp(sizes, activation=nn.ReLU):
@@ -95,14 +115,18 @@ class VAEModule(nn.Module):
     def decode_samples(self, eps, mu, logvar):
         """z (S, B, Dz) and kl (B,) from the noise, and the decoder outputs (S, B, width)."""
         z, kl = F.reparameterize(mu, logvar, eps, backend=self.backend)
+        return z, kl, self._decode(z)
+
+    def _decode(self, z):
         S, B, Dz = z.shape
-        return z, kl, self.decoder(z.reshape(S * B, Dz)).reshape(S, B, -1)
+        return self.decoder(z.reshape(S * B, Dz)).reshape(S, B, -1)
 
     # ------------------------------------------------------------------ training objective
 
-    def forward(self, x, eps, beta, free_bits, scale, reduce_kl=None):
+    def forward(self, x, noise, beta, free_bits, scale, reduce_kl=None):
         """Loss of a batch scaled by ``scale`` and the detached sums (loss, -log p(x|z), KL) over
-        its rows. x (B, D), eps (S, B, Dz). An empty batch (a rank without rows of a small global
+        its rows. x (B, D); noise: the batch's RowNoise, drawn inside the reparameterisation
+        kernel for the ELBO (materialised for the IWAE, whose bound reads it). An empty batch (a rank without rows of a small global
         batch) gives zero loss with every parameter in its graph, as DistributedDataParallel needs.
 
         With free bits, ``reduce_kl`` (sums of a (Dz,) tensor over the processes, or None)
@@ -113,14 +137,18 @@ class VAEModule(nn.Module):
             zero = sum(p.sum() for p in self.parameters()) * 0.0
             return zero, torch.zeros(3, dtype=x.dtype)
         mu, logvar = self.encode(x)
-        z, kl, out = self.decode_samples(eps, mu, logvar)
         if self.objective == "iwae":
+            eps = noise.eps(self.latent_dim, mu.dtype, mu.device, self.backend)
+            z, kl, out = self.decode_samples(eps, mu, logvar)
             log_px = self.log_px_given_z(x, out)
             loss = -F.iwae_bound(log_px, mu, logvar, eps, backend=self.backend).mean()
             with torch.no_grad():
                 kl_sum = kl.sum()
                 recon_sum = -log_px.mean(0).sum()
         else:
+            z, kl = F.reparameterize(mu, logvar, n_samples=noise.n_samples, seed=noise.seed, rows=noise.rows,
+                                     step=noise.step, backend=self.backend)
+            out = self._decode(z)
             kl_term = kl if beta == 1.0 else beta * kl
             if free_bits > 0.0:
                 kl_term, kl_sum = self._free_bits_kl(mu, logvar, beta, free_bits, reduce_kl, B)

@@ -24,7 +24,7 @@ import torch
 
 from fastlvm.vae import state as state_file
 from fastlvm.vae.evaluate import negative_bound
-from fastlvm.vae.noise import row_noise
+from fastlvm.vae.model import RowNoise
 
 CHECKPOINT_KIND = "fastlvm.VAE checkpoint"
 CHECKPOINT_FORMAT = 1
@@ -152,25 +152,20 @@ class Trainer:
 
     def _epoch(self, bar):
         cfg, module, model, optimizer = self.cfg, self.module, self.model, self.optimizer
-        L, Dz = cfg["n_samples"], module.latent_dim
+        L = cfg["n_samples"]
         seeds = self.seeds
         free_bits = cfg["free_bits"]
         reduce_kl = _all_reduce if (self.ddp and free_bits > 0) else None
         sums = torch.zeros(3, dtype=torch.float64)
-        eps_buffers = {}
         module.train()
         t0 = time.perf_counter()
         n_rows = 0
         for batch_index, (x, rows, global_rows) in enumerate(
                 self.data.train_batches(seeds["shuffle"], self.epoch, cfg["batch_size"], self.rank, self.world)):
             n = rows.shape[0]
-            eps = eps_buffers.get(n)
-            if eps is None:
-                eps = eps_buffers[n] = torch.empty((L, n, Dz), dtype=x.dtype)
-            row_noise(seeds["noise"], self.step, rows, L, Dz, out=eps)
-            eps_dev = eps if eps.device == x.device else eps.to(x.device)
+            noise = RowNoise(seeds["noise"], self.step, rows, L)
             scale = n * self.world / global_rows if self.world > 1 or n != global_rows else 1.0
-            loss, stats = model(x, eps_dev, self._beta(self.step), free_bits, scale, reduce_kl)
+            loss, stats = model(x, noise, self._beta(self.step), free_bits, scale, reduce_kl)
             if self.ddp:
                 stats = _all_reduce(stats.to(torch.float64))
             value = float(stats[0]) if self.ddp else float(loss.detach())
