@@ -83,6 +83,8 @@ def _cupy(why):
 def device_view(X):
     """A numba.cuda view of the device array X, without a copy."""
     cuda = _cuda()
+    if _is_numba_device(X):
+        return X
     if not hasattr(X, "__cuda_array_interface__"):  # DLPack only: CuPy takes it over without a copy
         X = _cupy("DLPack device input").from_dlpack(X)
     if hasattr(cuda, "as_cuda_array"):
