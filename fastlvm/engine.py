@@ -2,7 +2,8 @@
 
 GaussianMixture, KMeans (on the GPU) and the initialisation ask an Engine for the statistics of a
 chunk, per-row scores, a chunk size and the threads to use; only this module knows which kernel
-answers. `resolve(backend, X)` picks it: 'cpu' (Numba, fastlvm.kernels.cpu) or 'cuda' (numba.cuda,
+answers (on the CPU, K-means and k-means++ use the k-means kernels' LloydState and Rows,
+re-exported here). `resolve(backend, X)` picks it: 'cpu' (Numba, fastlvm.kernels.cpu) or 'cuda' (numba.cuda,
 fastlvm.kernels.cuda_gmm); 'auto' is 'cuda' for device input (CuPy arrays, torch CUDA tensors,
 anything with __cuda_array_interface__ or a DLPack CUDA device) and 'cpu' otherwise.
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from fastlvm.data.base import Source, _check_shape
 from fastlvm.kernels import cpu
+from fastlvm.kernels.kmeans import LloydState, Rows, column_sq_sums  # noqa: F401  (K-means' CPU kernels)
 
 FULL, TIED, DIAG, SPHERICAL = cpu.FULL, cpu.TIED, cpu.DIAG, cpu.SPHERICAL
 BACKENDS = ("auto", "cpu", "cuda")
@@ -80,13 +82,19 @@ def _cupy(why):
     return cupy
 
 
+def _with_interface(X):
+    """X, or for a DLPack-only device array, the CuPy array that takes it over without a copy."""
+    if _is_numba_device(X) or hasattr(X, "__cuda_array_interface__"):
+        return X
+    return _cupy("DLPack device input").from_dlpack(X)
+
+
 def device_view(X):
     """A numba.cuda view of the device array X, without a copy."""
     cuda = _cuda()
+    X = _with_interface(X)
     if _is_numba_device(X):
         return X
-    if not hasattr(X, "__cuda_array_interface__"):  # DLPack only: CuPy takes it over without a copy
-        X = _cupy("DLPack device input").from_dlpack(X)
     if hasattr(cuda, "as_cuda_array"):
         return cuda.as_cuda_array(X)
     # The simulator (NUMBA_ENABLE_CUDASIM=1) has no device memory: its "device" arrays are host ones.
@@ -121,15 +129,16 @@ def to_numpy(a):
 
 class DeviceSource(Source):
     """Rows in GPU memory, read in place: chunks are numba.cuda views. Validated once (2-D, float32 or
-    float64, finite) by a device kernel; `input` keeps the caller's array (outputs take its type)."""
+    float64, finite) by a device kernel; `input` keeps the caller's array, whose type the outputs
+    take (a DLPack-only array's is CuPy's)."""
 
     trusted = True
 
     def __init__(self, X):
         from fastlvm.kernels import cuda_gmm
 
-        self.input = X
-        self.array = device_view(X)
+        self.input = _with_interface(X)
+        self.array = device_view(self.input)
         shape = tuple(self.array.shape)
         if len(shape) != 2:
             raise ValueError(f"Expected 2D array, got {len(shape)}D array instead (shape={shape}).")

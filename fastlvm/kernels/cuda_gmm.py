@@ -227,10 +227,11 @@ class Accumulator:
         self.ll, self.worst_ll, self.worst_row = [], [], []
         self.shape = (K, D, sec)
 
-    def add(self, X, params, hard, resp_in, tile=TILE_ROWS, row_offset=0, out_ll=None, out_label=None):
+    def add(self, X, params, hard, resp_in, tile=None, row_offset=0, out_ll=None, out_label=None):
         """Adds the statistics of the device rows X under params (means, prec, log_norm, shift as
         float64 device arrays)."""
         N = X.shape[0]
+        tile = tile or TILE_ROWS
         n_blocks = min(self.part_n.shape[0], (N + tile - 1) // tile)
         st = self.stream
         for a in (self.part_n, self.part_s, self.part_second):
@@ -276,12 +277,13 @@ def _fill(a, value, stream=0):
     _fill_kernel[max(1, min(1024, (flat.shape[0] + 255) // 256)), 256, stream](flat, value)
 
 
-def suff_stats(kind, X, params, hard, resp_in, tile=TILE_ROWS, out_ll=None, out_label=None):
+def suff_stats(kind, X, params, hard, resp_in, tile=None, out_ll=None, out_label=None):
     """Statistics of the device rows X (N, D) in one launch and its reduction; params as in
     Accumulator.add. Returns what kernels.cpu.suff_stats returns; with out_ll / out_label (device,
     (N,)) also every row's log-likelihood and label (K-means' assignment)."""
     N, D = X.shape
     K = params[0].shape[0]
+    tile = tile or TILE_ROWS
     acc = Accumulator(kind, K, D, min(MAX_BLOCKS, (N + tile - 1) // tile))
     acc.add(X, params, hard, resp_in, tile, 0, out_ll, out_label)
     return acc.result()

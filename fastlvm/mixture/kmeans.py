@@ -22,7 +22,7 @@ from sklearn.utils.validation import _check_sample_weight, _is_arraylike_not_sca
 from fastlvm import engine as engines
 from fastlvm._validation import check_finite
 from fastlvm.data import as_source
-from fastlvm.kernels.kmeans import LloydState, Rows, column_sq_sums
+from fastlvm.engine import LloydState, Rows, column_sq_sums
 from fastlvm.mixture.init import kmeans_plusplus, random_rows
 
 INIT_SAMPLE_ROWS = 100_000  # rows a streamed source's initial centres are chosen from
