@@ -43,9 +43,10 @@ def rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-300))
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    """Tiles of 16 rows and at most 2 blocks: 37 rows make a ragged last tile and a block with two tiles."""
+    """Tiles of 16 rows and at most 2 blocks: 37 rows make a ragged last tile and a block with two tiles
+    (and simulated blocks have few threads)."""
     monkeypatch.setattr(cuda_gmm, "TILE_ROWS", 16)
     monkeypatch.setattr(cuda_gmm, "MAX_BLOCKS", 2)
 
@@ -144,7 +145,7 @@ def test_scores_equal_the_cpu_kernels_and_scipy(name):
     np.testing.assert_allclose(hard_ll, oracle.max(axis=1), rtol=1e-10)
 
 
-def two_blobs(n=120, seed=5):
+def two_blobs(n=80, seed=5):
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(n, 2))
     X[: n // 2] += 4
@@ -154,12 +155,12 @@ def two_blobs(n=120, seed=5):
 @pytest.mark.parametrize("name", list(COVARIANCE_TYPES))
 def test_a_fit_on_the_gpu_equals_the_cpu_fit(name):
     X = two_blobs()
-    kw = dict(covariance_type=name, init_params="random_from_data", max_iter=4, tol=0, random_state=0)
+    kw = dict(covariance_type=name, means_init=[[0.5, 0.0], [3.5, 4.0]], max_iter=3, tol=0, random_state=0)
     cpu_fit = GaussianMixture(2, backend="cpu", **kw).fit(X)
     gpu_fit = GaussianMixture(2, backend="cuda", **kw).fit(X)
     for attr in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
         assert rel(getattr(cpu_fit, attr), getattr(gpu_fit, attr)) < 1e-9, attr
-    assert gpu_fit.lower_bound_ == pytest.approx(cpu_fit.lower_bound_, rel=1e-12)
+    assert gpu_fit.lower_bound_ == pytest.approx(cpu_fit.lower_bound_, rel=1e-10)
     np.testing.assert_array_equal(gpu_fit.predict(X), cpu_fit.predict(X))
 
 
@@ -181,7 +182,7 @@ def test_device_input_is_fitted_in_place_and_answered_on_the_device():
 
 
 def test_kmeans_on_the_gpu_equals_kmeans_on_the_cpu():
-    X = two_blobs(150, seed=6)
+    X = two_blobs(90, seed=6)
     X[::3] -= 3
     cpu_fit = KMeans(3, random_state=0, backend="cpu").fit(X)
     for data in (X, cuda.to_device(X)):
@@ -270,11 +271,11 @@ def test_bad_device_input_is_named():
     with pytest.raises(ValueError, match="3 features"):
         fit.predict(cuda.to_device(np.ones((4, 3))))
     with pytest.raises(ValueError, match="sample weights"):
-        KMeans(2, backend="cuda").fit(two_blobs(), sample_weight=np.arange(120.0))
+        KMeans(2, backend="cuda").fit(two_blobs(), sample_weight=np.arange(80.0))
     import scipy.sparse as sp
 
     with pytest.raises(TypeError, match="sparse"):
         KMeans(2, backend="cuda").fit(sp.random(20, 3, density=0.5, format="csr"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert KMeans(2, backend="cuda", random_state=0).fit(two_blobs(), sample_weight=np.ones(120)).n_iter_ >= 1
+        assert KMeans(2, backend="cuda", random_state=0).fit(two_blobs(), sample_weight=np.ones(80)).n_iter_ >= 1

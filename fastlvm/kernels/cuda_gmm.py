@@ -33,7 +33,6 @@ from fastlvm.kernels.cpu import DIAG, FULL, SPHERICAL, TIED
 
 TILE_ROWS = 128  # rows per tile = threads per block
 MAX_BLOCKS = 1024  # blocks in a statistics grid: each keeps its own partial statistics
-_REDUCE_THREADS = 128
 
 
 def second_shape(kind, K, D):
@@ -247,7 +246,7 @@ class Accumulator:
         K, D, sec = self.shape
         for parts, out in ((self.part_n, self.n), (self.part_s, self.s), (self.part_second, self.second)):
             flat = parts.reshape(parts.shape[0], out.shape[0])[:n_blocks]
-            _sum_blocks[(out.shape[0] + _REDUCE_THREADS - 1) // _REDUCE_THREADS, _REDUCE_THREADS, st](flat, out)
+            _sum_blocks[(out.shape[0] + TILE_ROWS - 1) // TILE_ROWS, TILE_ROWS, st](flat, out)
         self.ll.append(b_ll)
         self.worst_ll.append(b_worst)
         self.worst_row.append((b_row, row_offset))
@@ -274,7 +273,7 @@ def _fill_kernel(flat, value):
 
 def _fill(a, value, stream=0):
     flat = a.reshape(-1)
-    _fill_kernel[max(1, min(1024, (flat.shape[0] + 255) // 256)), 256, stream](flat, value)
+    _fill_kernel[max(1, min(MAX_BLOCKS, (flat.shape[0] + TILE_ROWS - 1) // TILE_ROWS)), TILE_ROWS, stream](flat, value)
 
 
 def suff_stats(kind, X, params, hard, resp_in, tile=None, out_ll=None, out_label=None):
@@ -289,9 +288,9 @@ def suff_stats(kind, X, params, hard, resp_in, tile=None, out_ll=None, out_label
     return acc.result()
 
 
-def row_scores(kind, X, params, hard, out_ll, out_label, out_logp, proba=False, threads=TILE_ROWS):
+def row_scores(kind, X, params, hard, out_ll, out_label, out_logp, proba=False):
     """Per-row outputs into device arrays (see scores_kernel); params: (means, prec, log_norm)."""
-    N = X.shape[0]
+    N, threads = X.shape[0], TILE_ROWS
     blocks = max(1, min(MAX_BLOCKS * 4, (N + threads - 1) // threads))
     scores_kernel(kind)[blocks, threads](X, *params, bool(hard), out_ll, out_label, out_logp, bool(proba))
 
@@ -308,9 +307,9 @@ def _non_finite_rows(X, first):
                 break
 
 
-def first_non_finite_row(X, threads=TILE_ROWS):
+def first_non_finite_row(X):
     """Index of the first row of the device array X holding NaN or inf, or None."""
-    N = X.shape[0]
+    N, threads = X.shape[0], TILE_ROWS
     first = cuda.to_device(np.array([N], dtype=np.int64))
     _non_finite_rows[max(1, min(MAX_BLOCKS, (N + threads - 1) // threads)), threads](X, first)
     row = int(first.copy_to_host()[0])
@@ -324,8 +323,9 @@ def _gather(X, index, out):
         out[i, m - i * out.shape[1]] = X[index[i], m - i * out.shape[1]]
 
 
-def take_rows(X, index, threads=TILE_ROWS):
+def take_rows(X, index):
     """X[index] of the device array X, as a host array."""
+    threads = TILE_ROWS
     out = cuda.device_array((len(index), X.shape[1]), X.dtype)
     if len(index):
         blocks = max(1, min(MAX_BLOCKS, (out.shape[0] * out.shape[1] + threads - 1) // threads))
