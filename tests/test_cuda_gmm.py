@@ -82,7 +82,12 @@ def assert_same_statistics(a, b, tol):
 
 @pytest.mark.parametrize("name", list(COVARIANCE_TYPES))
 @pytest.mark.parametrize("hard", [False, True])
-def test_statistics_equal_the_cpu_kernels(name, hard, small_tiles):
+@pytest.mark.parametrize("prec_shared", [True, False], ids=["shared", "global"])
+def test_statistics_equal_the_cpu_kernels(name, hard, prec_shared, monkeypatch):
+    """Precision factors from shared memory, or from global memory when they do not fit."""
+    if not prec_shared:
+        monkeypatch.setattr(cuda_gmm, "_SHARED_BYTES", 0)
+    assert cuda_gmm.shared_layout(COVARIANCE_TYPES[name].kind, D, cuda_gmm.TILE_ROWS)[0] == prec_shared
     rng = np.random.default_rng(1)
     cov, *_, kp = parameters(name, rng)
     X = rows(rng)
@@ -93,7 +98,7 @@ def test_statistics_equal_the_cpu_kernels(name, hard, small_tiles):
 
 
 @pytest.mark.parametrize("name", ["full", "spherical"])
-def test_statistics_under_given_responsibilities_and_of_float32(name, small_tiles):
+def test_statistics_under_given_responsibilities_and_of_float32(name):
     rng = np.random.default_rng(2)
     cov, *_, kp = parameters(name, rng)
     X = rows(rng)
@@ -109,7 +114,7 @@ def test_statistics_under_given_responsibilities_and_of_float32(name, small_tile
     assert_same_statistics(a, b, 1e-4)  # the GPU computes in float64, the CPU in float32
 
 
-def test_host_rows_are_streamed_through_both_buffers(monkeypatch, small_tiles):
+def test_host_rows_are_streamed_through_both_buffers(monkeypatch):
     """Host input in sub-chunks of 10 rows on two streams gives the statistics of one pass."""
     monkeypatch.setattr(engines, "CUDA_STREAM_ROWS", 10)
     rng = np.random.default_rng(3)
@@ -128,7 +133,9 @@ def test_host_rows_are_streamed_through_both_buffers(monkeypatch, small_tiles):
 
 
 @pytest.mark.parametrize("name", list(COVARIANCE_TYPES))
-def test_scores_equal_the_cpu_kernels_and_scipy(name):
+def test_scores_equal_the_cpu_kernels_and_scipy(name, monkeypatch):
+    if name == "full":  # one type reads its factors from global memory
+        monkeypatch.setattr(cuda_gmm, "_SHARED_BYTES", 0)
     rng = np.random.default_rng(4)
     cov, weights, means, c, kp = parameters(name, rng)
     X = rows(rng, 21)

@@ -10,9 +10,10 @@ or under given responsibilities. Shifts, layouts and kind codes are those of ker
 c_k = mu_k for full, the mixture mean c for the others; second is full (K,D,D), tied (1,D,D),
 diag (K,1,D), spherical (K,1,1).
 
-How a block works: it takes tiles of TILE_ROWS rows (one thread per row) in turn. Each thread
-computes log p(x_i, k) for every k with the log-sum-exp kept in registers (a running maximum and
-sum), so no N x K array exists; then, component by component, the tile's responsibilities go to
+How a block works: it takes tiles of TILE_ROWS rows (one thread per row) in turn. The block loads
+one component at a time (its mean, and its precision factor when it fits) into shared memory, and
+each thread adds log p(x_i, k) to a log-sum-exp kept in registers (a running maximum and sum), so
+no N x K array exists; then, component by component, the tile's responsibilities go to
 shared memory and the threads switch roles: each owns some entries of the component's statistics
 and adds the tile's rows to them in row order. A block's partial statistics live in its own slot
 (written by one thread per entry, no atomics); a second kernel sums the slots in block order in
@@ -40,10 +41,43 @@ def second_shape(kind, K, D):
     return {FULL: (K, D, D), TIED: (1, D, D), DIAG: (K, 1, D), SPHERICAL: (K, 1, 1)}[kind]
 
 
+_SHARED_BYTES = 48 * 1024  # shared memory a block may use without opting in
+
+
+def shared_layout(kind, D, tile):
+    """(prec_shared, dynamic shared bytes): a block holds the current component's mean, and its
+    precision factor too when both fit beside the tile's own arrays (3 * tile doubles)."""
+    n_prec = {FULL: D * D, TIED: D * D, DIAG: D, SPHERICAL: 1}[kind]
+    with_prec = 8 * (D + n_prec)
+    if with_prec + 24 * tile <= _SHARED_BYTES:
+        return True, with_prec
+    return False, 8 * D
+
+
 @cuda.jit(device=True, inline=True)
-def _log_prob(kind, X, i, k, means, prec, log_norm):
+def _load_component(kind, k, means, prec, sm, prec_shared):
+    """sm[:D] = mu_k and, when prec_shared, sm[D:] = P_k (full/tied D x D row-major, diag D entries,
+    spherical one), loaded by all threads of the block together."""
+    D = means.shape[1]
+    t, nt = cuda.threadIdx.x, cuda.blockDim.x
+    for e in range(t, D, nt):
+        sm[e] = means[k, e]
+    if prec_shared:
+        if kind == FULL or kind == TIED:
+            kk = k if kind == FULL else 0
+            for e in range(t, D * D, nt):
+                sm[D + e] = prec[kk, e // D, e % D]
+        elif kind == DIAG:
+            for e in range(t, D, nt):
+                sm[D + e] = prec[k, 0, e]
+        elif t == 0:
+            sm[D] = prec[k, 0, 0]
+
+
+@cuda.jit(device=True, inline=True)
+def _log_prob(kind, X, i, k, sm, prec, prec_shared, log_norm):
     """log p(x_i, k) = log_norm_k - ||P_k^T (x_i - mu_k)||^2 / 2 (P upper triangular; diag: a vector;
-    spherical: a scalar), in float64."""
+    spherical: a scalar), in float64; mu_k (and P_k when prec_shared) read from shared memory sm."""
     D = X.shape[1]
     acc = 0.0
     if kind == FULL or kind == TIED:
@@ -51,35 +85,46 @@ def _log_prob(kind, X, i, k, means, prec, log_norm):
         for j in range(D):
             y = 0.0
             for p in range(j + 1):
-                y += prec[kk, p, j] * (float64(X[i, p]) - means[k, p])
+                pj = sm[D + p * D + j] if prec_shared else prec[kk, p, j]
+                y += pj * (float64(X[i, p]) - sm[p])
             acc += y * y
     elif kind == DIAG:
         for p in range(D):
-            v = prec[k, 0, p] * (float64(X[i, p]) - means[k, p])
+            v = (sm[D + p] if prec_shared else prec[k, 0, p]) * (float64(X[i, p]) - sm[p])
             acc += v * v
     else:
         for p in range(D):
-            v = float64(X[i, p]) - means[k, p]
+            v = float64(X[i, p]) - sm[p]
             acc += v * v
-        acc *= prec[k, 0, 0] * prec[k, 0, 0]
+        sc = sm[D] if prec_shared else prec[k, 0, 0]
+        acc *= sc * sc
     return log_norm[k] - 0.5 * acc
 
 
 @cuda.jit(device=True, inline=True)
-def _row_log_lik(kind, X, i, means, prec, log_norm, hard):
-    """(log p(x_i) by a one-pass log-sum-exp, or max_k log p(x_i, k) when hard; first argmax)."""
+def _row_log_lik(kind, X, i, valid, means, prec, prec_shared, log_norm, hard, sm):
+    """(log p(x_i) by a one-pass log-sum-exp in registers, or max_k log p(x_i, k) when hard; the first
+    argmax). Every thread of the block calls it (components are loaded together); valid: i < N."""
     m = -math.inf
     s = 0.0
     best = 0
     for k in range(means.shape[0]):
-        lp = _log_prob(kind, X, i, k, means, prec, log_norm)
-        if lp > m:
-            s = s * math.exp(m - lp) + 1.0
-            m = lp
-            best = k
-        elif lp > -math.inf:
-            s += math.exp(lp - m)
-    return (m if hard else m + math.log(s)), best
+        cuda.syncthreads()
+        _load_component(kind, k, means, prec, sm, prec_shared)
+        cuda.syncthreads()
+        if valid:
+            lp = _log_prob(kind, X, i, k, sm, prec, prec_shared, log_norm)
+            if lp > m:
+                s = s * math.exp(m - lp) + 1.0
+                m = lp
+                best = k
+            elif lp > -math.inf:
+                s += math.exp(lp - m)
+    if not valid:
+        return 0.0, 0
+    if hard or s == 0.0:  # s == 0: every log p(x_i, k) is -inf
+        return m, best
+    return m + math.log(s), best
 
 
 @lru_cache(maxsize=None)
@@ -88,8 +133,8 @@ def stats_kernel(kind, tile):
     n_second_of = {FULL: 2, TIED: 2, DIAG: 1, SPHERICAL: 0}[kind]  # 2: D*D, 1: D, 0: one entry
 
     @cuda.jit
-    def suff_stats_tiles(X, means, prec, log_norm, shift, hard, resp_in, part_n, part_s, part_second, part_ll,
-                         worst_ll, worst_row, out_ll, out_label):
+    def suff_stats_tiles(X, means, prec, log_norm, shift, hard, resp_in, prec_shared, part_n, part_s, part_second,
+                         part_ll, worst_ll, worst_row, out_ll, out_label):
         t = cuda.threadIdx.x
         blk = cuda.blockIdx.x
         N, D = X.shape
@@ -101,6 +146,7 @@ def stats_kernel(kind, tile):
         ll_s = cuda.shared.array(tile, float64)
         best_s = cuda.shared.array(tile, int64)
         r_s = cuda.shared.array(tile, float64)
+        sm = cuda.shared.array(0, float64)  # the current component (shared_layout)
         n_tiles = (N + tile - 1) // tile
         for tl in range(blk, n_tiles, cuda.gridDim.x):
             r0 = tl * tile
@@ -108,9 +154,9 @@ def stats_kernel(kind, tile):
             rows = min(tile, N - r0)
             ll = 0.0
             best = 0
-            if i < N and not given:
-                ll, best = _row_log_lik(kind, X, i, means, prec, log_norm, hard)
-                if rows_out:
+            if not given:
+                ll, best = _row_log_lik(kind, X, i, i < N, means, prec, prec_shared, log_norm, hard, sm)
+                if i < N and rows_out:
                     out_ll[i] = ll
                     out_label[i] = best
             ll_s[t] = ll
@@ -123,6 +169,10 @@ def stats_kernel(kind, tile):
                         worst_ll[blk] = ll_s[j]
                         worst_row[blk] = r0 + j
             for k in range(K):
+                cuda.syncthreads()  # everyone is done with the previous component and r_s
+                if not given and not hard:
+                    _load_component(kind, k, means, prec, sm, prec_shared)
+                    cuda.syncthreads()
                 r = 0.0
                 if i < N:
                     if given:
@@ -130,7 +180,7 @@ def stats_kernel(kind, tile):
                     elif hard:
                         r = 1.0 if best == k else 0.0
                     else:
-                        r = math.exp(_log_prob(kind, X, i, k, means, prec, log_norm) - ll)
+                        r = math.exp(_log_prob(kind, X, i, k, sm, prec, prec_shared, log_norm) - ll)
                 r_s[t] = r
                 cuda.syncthreads()
                 for e in range(t, n_entries, tile):
@@ -173,7 +223,7 @@ def stats_kernel(kind, tile):
                                 tot += v * v
                             acc += r_s[j] * tot
                         part_second[blk, k, 0, 0] += acc
-                cuda.syncthreads()
+            cuda.syncthreads()
 
     return suff_stats_tiles
 
@@ -192,20 +242,29 @@ def _sum_blocks(parts, out):
 @lru_cache(maxsize=None)
 def scores_kernel(kind):
     @cuda.jit
-    def row_scores_rows(X, means, prec, log_norm, hard, out_ll, out_label, out_logp, proba):
+    def row_scores_rows(X, means, prec, log_norm, hard, prec_shared, out_ll, out_label, out_logp, proba):
         """Per row: log p(x_i) (hard: max_k log p(x_i, k)), the first argmax, and when out_logp has N
-        rows, log p(x_i, k) (proba: the posterior p(k | x_i) instead)."""
+        rows, log p(x_i, k) (proba: the posterior p(k | x_i) instead). Tiles of blockDim rows."""
         N = X.shape[0]
         K = means.shape[0]
         want = out_logp.shape[0] == N
-        for i in range(cuda.grid(1), N, cuda.gridsize(1)):
-            ll, best = _row_log_lik(kind, X, i, means, prec, log_norm, hard)
-            out_ll[i] = ll
-            out_label[i] = best
+        tile = cuda.blockDim.x
+        sm = cuda.shared.array(0, float64)
+        for tl in range(cuda.blockIdx.x, (N + tile - 1) // tile, cuda.gridDim.x):
+            i = tl * tile + cuda.threadIdx.x
+            ll, best = _row_log_lik(kind, X, i, i < N, means, prec, prec_shared, log_norm, hard, sm)
+            if i < N:
+                out_ll[i] = ll
+                out_label[i] = best
             if want:
                 for k in range(K):
-                    lp = _log_prob(kind, X, i, k, means, prec, log_norm)
-                    out_logp[i, k] = math.exp(lp - ll) if proba else lp
+                    cuda.syncthreads()
+                    _load_component(kind, k, means, prec, sm, prec_shared)
+                    cuda.syncthreads()
+                    if i < N:
+                        lp = _log_prob(kind, X, i, k, sm, prec, prec_shared, log_norm)
+                        out_logp[i, k] = math.exp(lp - ll) if proba else lp
+            cuda.syncthreads()
 
     return row_scores_rows
 
@@ -240,8 +299,10 @@ class Accumulator:
         b_row = cuda.to_device(np.zeros(n_blocks, dtype=np.int64), stream=st)
         none_f = cuda.device_array(0, np.float64, stream=st)
         none_i = cuda.device_array(0, np.int64, stream=st)
-        stats_kernel(self.kind, tile)[n_blocks, tile, st](
-            X, *params, bool(hard), resp_in, self.part_n, self.part_s, self.part_second, b_ll, b_worst, b_row,
+        prec_shared, shared_bytes = shared_layout(self.kind, X.shape[1], tile)
+        stats_kernel(self.kind, tile)[n_blocks, tile, st, shared_bytes](
+            X, *params, bool(hard), resp_in, prec_shared, self.part_n, self.part_s, self.part_second, b_ll, b_worst,
+            b_row,
             none_f if out_ll is None else out_ll, none_i if out_label is None else out_label)
         K, D, sec = self.shape
         for parts, out in ((self.part_n, self.n), (self.part_s, self.s), (self.part_second, self.second)):
@@ -292,7 +353,9 @@ def row_scores(kind, X, params, hard, out_ll, out_label, out_logp, proba=False):
     """Per-row outputs into device arrays (see scores_kernel); params: (means, prec, log_norm)."""
     N, threads = X.shape[0], TILE_ROWS
     blocks = max(1, min(MAX_BLOCKS * 4, (N + threads - 1) // threads))
-    scores_kernel(kind)[blocks, threads](X, *params, bool(hard), out_ll, out_label, out_logp, bool(proba))
+    prec_shared, shared_bytes = shared_layout(kind, X.shape[1], threads)
+    scores_kernel(kind)[blocks, threads, 0, shared_bytes](X, *params, bool(hard), prec_shared, out_ll, out_label,
+                                                          out_logp, bool(proba))
 
 
 @cuda.jit
