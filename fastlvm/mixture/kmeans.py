@@ -324,19 +324,13 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
             self._validate_center_shape(n_features, init_array)
 
         # Centre dense data (as scikit-learn does) so that ||c||^2 - 2 x.c does not cancel.
-        if isinstance(source, engines.DeviceSource):  # read in place: not centred
-            mean, variances = engines.column_moments(engine, source.array)
-            data = _OnGpu(engine, source)
-            init_X = init_rows = init_weights = None
-            if init_array is None:
-                sample = np.sort(random_state.permutation(n_samples)[:INIT_SAMPLE_ROWS]) \
-                    if n_samples > INIT_SAMPLE_ROWS else np.arange(n_samples)
-                init_X = np.ascontiguousarray(source.take(sample, CHUNK_ROWS), dtype=dtype)
-                init_rows, init_weights = Rows(init_X), weights[sample]
-            mean = np.zeros(n_features)
-        elif source is not None:
-            mean, variances = _column_moments(source)
-            data = _Streamed(source, weights, mean)
+        if source is not None:
+            if isinstance(source, engines.DeviceSource):  # read in place, so not centred
+                variances = engines.column_moments(engine, source.array)[1]
+                mean, data = np.zeros(n_features), _OnGpu(engine, source)
+            else:
+                mean, variances = _column_moments(source)
+                data = _Streamed(source, weights, mean)
             init_X = init_rows = init_weights = None
             if init_array is None:  # centres are chosen from a sample read in one pass
                 sample = np.sort(random_state.permutation(n_samples)[:INIT_SAMPLE_ROWS]) \
