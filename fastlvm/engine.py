@@ -15,6 +15,7 @@ computed in float64. numba.cuda and CuPy are imported only when 'cuda' is used.
 
 import sys
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -166,49 +167,93 @@ class DeviceSource(Source):
         return cuda_gmm.take_rows(self.array, np.asarray(rows, dtype=np.int64))
 
 
-# ----------------------------------------------------------------------------- the engine
-@dataclass(frozen=True)
-class Engine:
-    """Which kernels run: backend 'cpu' or 'cuda'. Small and picklable (Dask ships it to workers)."""
+# ----------------------------------------------------------------------------- the engines
+class Engine(Protocol):
+    """What the estimators ask of the kernels. `backend` names it: 'cpu' or 'cuda'."""
 
-    backend: str = "cpu"
+    backend: str
 
-    # -------------------------------------------------------------- sizes and threads
     def chunk_rows(self, K, D):
-        """Rows per kernel call: CPU, large enough to keep every core busy and small enough that the
-        per-block partial statistics (K D^2 doubles per block for full) stay within budget; GPU, large
-        passes (the launch bounds its own partials)."""
-        if self.backend == "cuda":
-            return CUDA_CHUNK_ROWS
+        """Rows per kernel call for K components of D features."""
+
+    def threads(self):
+        """Host threads a kernel call uses."""
+
+    def suff_stats(self, kind, X, kparams, shift, hard=False, resp=None):
+        """(n, s, second, loglik, worst_ll, worst_row) of the rows X under kparams = (means, prec,
+        log_norm, centre) in the kernels' layout, centred on shift (K, D); see kernels.cpu.suff_stats.
+        resp: given responsibilities (N, K) or None."""
+
+    def row_scores(self, kind, X, kparams, hard=False, want_log_prob=False):
+        """(log p(x_i) or max_k log p(x_i, k) when hard, argmax labels, and optionally log p(x_i, k)),
+        on the host."""
+
+    def rows_output(self, what, kind, kparams, X, dtype=np.float64):
+        """One per-row answer for the rows X: 'log_prob' log p(x_i) (N,), 'label' argmax_k (N,) int64,
+        or 'proba' the posterior over components (N, K), densities in dtype. Host rows give host
+        arrays; device rows give a device array."""
+
+
+@dataclass(frozen=True)
+class CpuEngine:
+    """The Numba CPU kernels (fastlvm.kernels.cpu). Small and picklable (Dask ships it to workers)."""
+
+    backend: ClassVar[str] = "cpu"
+
+    def chunk_rows(self, K, D):
+        """Large enough to keep every core busy, small enough that the per-block partial statistics
+        (K D^2 doubles per block for full) stay within budget."""
         per_block = 8 * (K * D * D + K * D + K + 4)
         blocks = max(2, _PARTIALS_BUDGET // per_block)
         return int(min(MAX_CHUNK_ROWS, blocks * cpu.BLOCK_ROWS))
 
     def threads(self):
-        """Host threads a kernel call uses."""
-        if self.backend == "cuda":
-            return 1
         import numba
 
         return numba.get_num_threads()
 
-    # -------------------------------------------------------------- statistics
     def suff_stats(self, kind, X, kparams, shift, hard=False, resp=None):
-        """(n, s, second, loglik, worst_ll, worst_row) of the rows X under kparams = (means, prec,
-        log_norm, centre) in the kernels' layout, centred on shift (K, D); see kernels.cpu.suff_stats.
-        resp: given responsibilities (N, K) or None."""
+        means, prec, log_norm, centre = kparams  # shift: the kernel's own rule gives the same
+        resp = np.empty((0, means.shape[0])) if resp is None else resp
+        with cpu.blas_single_thread():
+            return cpu.suff_stats(kind, X, means, prec, log_norm, centre, hard, resp, self.threads())
+
+    def row_scores(self, kind, X, kparams, hard=False, want_log_prob=False):
         means, prec, log_norm, centre = kparams
-        if self.backend == "cpu":
-            resp = np.empty((0, means.shape[0])) if resp is None else resp
-            with cpu.blas_single_thread():
-                return cpu.suff_stats(kind, X, means, prec, log_norm, centre, hard, resp, self.threads())
+        N, K = X.shape[0], means.shape[0]
+        ll = np.empty(N)
+        labels = np.empty(N, dtype=np.int64)
+        logp = np.empty((N if want_log_prob else 0, K))
+        with cpu.blas_single_thread():
+            cpu.row_scores(kind, X, means, prec, log_norm, centre, hard, ll, labels, logp, self.threads())
+        return ll, labels, (logp if want_log_prob else None)
+
+    def rows_output(self, what, kind, kparams, X, dtype=np.float64):
+        ll, labels, logp = self.row_scores(kind, X, kparams, want_log_prob=what == "proba")
+        if what == "proba":
+            return np.exp(logp - ll[:, None]).astype(dtype, copy=False)
+        return ll.astype(dtype, copy=False) if what == "log_prob" else labels
+
+
+@dataclass(frozen=True)
+class CudaEngine:
+    """The numba.cuda kernels (fastlvm.kernels.cuda_gmm), on device rows or host rows streamed to the
+    device; also K-means' assignment step on the GPU."""
+
+    backend: ClassVar[str] = "cuda"
+
+    def chunk_rows(self, K, D):
+        return CUDA_CHUNK_ROWS  # large passes: a launch bounds its own partial statistics
+
+    def threads(self):
+        return 1
+
+    def suff_stats(self, kind, X, kparams, shift, hard=False, resp=None):
         return _cuda_stats(kind, X, _device_params(kparams, shift), hard, resp)[:6]
 
     def assign(self, X, centres):
-        """K-means' hard E-step on the GPU: (sums (K, D), counts (K,), labels (N,), squared distance of
-        every row to its centre (N,)), by the GMM kernel's hard mode with unit spherical components."""
-        if self.backend != "cuda":
-            raise ValueError("Engine.assign is the GPU path of K-means; the CPU has its own k-means kernels.")
+        """K-means' hard E-step: (sums (K, D), counts (K,), labels (N,), squared distance of every row
+        to its centre (N,)), by the GMM kernel's hard mode with unit spherical components."""
         K, D = centres.shape
         C = np.asarray(centres, dtype=np.float64)
         centre = C.mean(axis=0)
@@ -216,31 +261,11 @@ class Engine:
         n, s, _, _, _, _, ll, labels = _cuda_stats(SPHERICAL, X, params, True, None, rows_out=True)
         return s + n[:, None] * centre, n, labels, -2.0 * ll
 
-    # -------------------------------------------------------------- per-row answers
     def row_scores(self, kind, X, kparams, hard=False, want_log_prob=False):
-        """(log p(x_i) or max_k log p(x_i, k) when hard, argmax labels, and optionally log p(x_i, k)),
-        on the host."""
-        means, prec, log_norm, centre = kparams
-        N, K = X.shape[0], means.shape[0]
-        if self.backend == "cpu":
-            ll = np.empty(N)
-            labels = np.empty(N, dtype=np.int64)
-            logp = np.empty((N if want_log_prob else 0, K))
-            with cpu.blas_single_thread():
-                cpu.row_scores(kind, X, means, prec, log_norm, centre, hard, ll, labels, logp, self.threads())
-            return ll, labels, (logp if want_log_prob else None)
         ll, labels, logp = _cuda_scores(kind, X, kparams, hard, "log_prob_k" if want_log_prob else None)
         return ll.copy_to_host(), labels.copy_to_host(), (logp.copy_to_host() if want_log_prob else None)
 
     def rows_output(self, what, kind, kparams, X, dtype=np.float64):
-        """One per-row answer for the rows X: 'log_prob' log p(x_i) (N,), 'label' argmax_k (N,) int64,
-        or 'proba' the posterior over components (N, K), densities in dtype. Host rows give host
-        arrays; device rows (cuda) give a numba device array."""
-        if self.backend == "cpu":
-            ll, labels, logp = self.row_scores(kind, X, kparams, want_log_prob=what == "proba")
-            if what == "proba":
-                return np.exp(logp - ll[:, None]).astype(dtype, copy=False)
-            return ll.astype(dtype, copy=False) if what == "log_prob" else labels
         ll, labels, proba = _cuda_scores(kind, X, kparams, False, "proba" if what == "proba" else None, dtype)
         out = proba if what == "proba" else (ll if what == "log_prob" else labels)
         return out if is_device_array(X) else out.copy_to_host()
@@ -273,7 +298,8 @@ def resolve(backend, X=None):
                          "backend='cuda' or 'auto'.")
     if backend == "cuda":
         _cuda()
-    return Engine(backend)
+        return CudaEngine()
+    return CpuEngine()
 
 
 # ----------------------------------------------------------------------------- the cuda path

@@ -34,7 +34,7 @@ pytestmark = [
                        reason="CUDA kernels need a GPU or NUMBA_ENABLE_CUDASIM=1 set before numba is imported"),
 ]
 
-CPU, GPU = engines.Engine("cpu"), engines.Engine("cuda")
+CPU, GPU = engines.CpuEngine(), engines.CudaEngine()
 K, D = 3, 3
 
 

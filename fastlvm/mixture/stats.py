@@ -13,9 +13,9 @@ import numpy as np
 
 from fastlvm.data.base import Source, iter_chunks
 from fastlvm.data.sources import ArraySource
-from fastlvm.engine import Engine, is_device_array, to_host
+from fastlvm.engine import CpuEngine, is_device_array, to_host
 
-CPU = Engine("cpu")
+CPU = CpuEngine()
 
 
 @dataclass
