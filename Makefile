@@ -25,11 +25,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m fastlvm.cli demo --output demo-output
 
-# The main suite, then the Triton kernels in their own process under the interpreter, so that
-# TRITON_INTERPRET (read when triton is imported) does not leak into the main suite.
+# The main suite, then the Triton kernels and the numba.cuda kernels each in their own process under
+# their simulators, so that TRITON_INTERPRET and NUMBA_ENABLE_CUDASIM (read when triton / numba is
+# imported) do not leak into the main suite.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not triton_interpret" tests
+	$(PY) -m pytest -q -m "not triton_interpret and not cuda_sim" tests
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton_interpret tests
+	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest -q -m cuda_sim tests
 
 # Peers for the GMM and VAE-fitting tables, installed with --no-deps so that no pin of theirs can
 # replace the CPU torch build; a peer that fails to install is left out of the tables, not fatal.

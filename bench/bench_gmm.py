@@ -16,6 +16,7 @@ the process's RSS high-water mark and libraries do not share thread pools:
      fixed costs (validation, set-up, sklearn's final E-step, Lightning's trainer) cancel.
 
     python bench/bench_gmm.py [--quick] [--cases full-f32,kmeans] [--libs fastlvm,sklearn]
+    python bench/bench_gmm.py --device cuda   (the GPU table: bench/gmm_cuda.py)
 """
 
 from __future__ import annotations
@@ -622,7 +623,13 @@ def main(argv=None):
                     help="a library whose fit(max_iter) would take longer is timed on fewer iterations (default 75 s)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds one worker may take for one answer")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the GPU table (bench/gmm_cuda.py)")
     args = ap.parse_args(argv)
+    if args.device == "cuda":
+        sys.path.insert(0, HERE)
+        from gmm_cuda import main as gpu_main
+
+        return gpu_main(["--quick"] * args.quick + ["--libs", args.libs, "--rounds", str(args.rounds)])
 
     if args.worker:
         spec = json.loads(args.worker)

@@ -6,16 +6,16 @@ precisions_cholesky: full/tied upper-triangular P with precision = P P^T; diag/s
 """
 
 import numpy as np
-from scipy import linalg
+from scipy import linalg, stats
 
-from fastlvm.kernels import cpu
+from fastlvm import engine
 
 
 def _cholesky_precision(cov):
     """Upper-triangular P with P P^T = cov^{-1}, or None when cov is not positive definite."""
     # One BLAS thread: D x D factorisations gain nothing from threads, and threaded BLAS next to
     # the kernels' still-spinning worker threads is many times slower.
-    with cpu.blas_single_thread():
+    with engine.single_thread_blas():
         try:
             lower = linalg.cholesky(cov, lower=True)
         except linalg.LinAlgError:
@@ -76,6 +76,49 @@ class CovarianceType:
         d = xbar - m0 (K,D) when prior is given."""
         raise NotImplementedError
 
+    def statistics_shift(self, means, centre):
+        """(K, D): the shift c_k the kernels centre this type's moments on (the mixture mean c)."""
+        return np.broadcast_to(centre, means.shape)
+
+    def recentre_second(self, second, update):
+        """The second moment moved to another shift, given the per-component full update (K, D, D)
+        (see SufficientStatistics.recentred)."""
+        raise NotImplementedError
+
+    def prior_scale(self, psi, D):
+        """The user's prior covariance scale Psi0 in one component's form (that of from_full), or
+        ValueError naming the shape."""
+        psi = np.asarray(psi, dtype=np.float64)
+        expected = np.shape(self.from_full(np.eye(D)))
+        if psi.shape != expected:
+            raise ValueError(f"prior covariance must have shape {expected} for covariance_type={self.name!r}, "
+                             f"got {psi.shape}")
+        return psi if psi.ndim else float(psi)
+
+    def log_prior(self, means, covariances, m0, kappa, nu, psi):
+        """log p(means, covariances) under the conjugate prior (see fastlvm.mixture.prior)."""
+        raise NotImplementedError
+
+    def borrowed_covariances(self, c, collapsed, data_covariance):
+        """Positive definite covariances for re-seeding the collapsed components: those of the healthy
+        components averaged (an average of positive definite matrices is one); None when none is
+        healthy. data_covariance(): the data's covariance plus reg_covar (a pass over the data)."""
+        healthy = [k for k in range(c.shape[0]) if k not in collapsed]
+        if not healthy:
+            return None
+        c[collapsed] = np.mean(c[healthy], axis=0)
+        return c
+
+    def check_precisions(self, precisions, name):
+        """ValueError unless the user's precisions are valid values (positive entries; symmetric positive
+        definite matrices for full and tied), with scikit-learn's wording."""
+        if np.any(precisions <= 0.0):
+            raise ValueError(f"'{name}' should be positive")
+
+    def cholesky_of_precisions(self, precisions):
+        """P with P P^T = precision: the square root (diag, spherical); see _MatrixValued."""
+        return np.sqrt(precisions)
+
     def sample(self, rng, mean, P, k, n):
         cov = self.covariance_from_precision_cholesky(P)
         return rng.multivariate_normal(mean, self.component_covariance(cov, k, mean.shape[0]), n)
@@ -84,8 +127,31 @@ class CovarianceType:
         raise NotImplementedError
 
 
-class Full(CovarianceType):
-    name, kind = "full", cpu.FULL
+class _MatrixValued(CovarianceType):
+    def check_precisions(self, precisions, name):
+        D = precisions.shape[-1]
+        for p in precisions.reshape(-1, D, D):
+            if not (np.all(np.isclose(p, p.T)) and np.all(np.linalg.eigvalsh(p) > 0.0)):
+                raise ValueError(f"'{name}' should be symmetric, positive-definite")
+
+    def cholesky_of_precisions(self, precisions):
+        """Upper-triangular P with P P^T = precision (the kernels read the upper triangle): the lower
+        Cholesky factor of the index-reversed matrix, reversed back."""
+        return np.linalg.cholesky(precisions[..., ::-1, ::-1])[..., ::-1, ::-1].copy()
+
+
+class Full(_MatrixValued):
+    name, kind = "full", engine.FULL
+
+    def statistics_shift(self, means, centre):
+        return means  # moments about each component's own mean: no cancellation
+
+    def recentre_second(self, second, update):
+        return second + update  # symmetric: right for a full or an upper-triangular layout
+
+    def log_prior(self, means, covariances, m0, kappa, nu, psi):
+        return sum(stats.invwishart.logpdf(c, df=nu, scale=psi) + stats.multivariate_normal.logpdf(m, m0, c / kappa)
+                   for m, c in zip(means, covariances))
 
     def shape(self, K, D):
         return (K, D, D)
@@ -140,8 +206,21 @@ class Full(CovarianceType):
         return cov[k]
 
 
-class Tied(CovarianceType):
-    name, kind = "tied", cpu.TIED
+class Tied(_MatrixValued):
+    name, kind = "tied", engine.TIED
+
+    def recentre_second(self, second, update):
+        return second + update.sum(axis=0)[None]  # unweighted about one centre: the sum over k
+
+    def log_prior(self, means, covariances, m0, kappa, nu, psi):
+        return (stats.invwishart.logpdf(covariances, df=nu, scale=psi)
+                + stats.multivariate_normal.logpdf(means, m0, covariances / kappa).sum())
+
+    def borrowed_covariances(self, c, collapsed, data_covariance):
+        """The one covariance if it is positive definite, else the data's (reg_covar added)."""
+        if not np.all(np.isfinite(c)) or self.precision_cholesky(c)[1]:
+            return data_covariance()
+        return c
 
     def shape(self, K, D):
         return (D, D)
@@ -193,7 +272,14 @@ class Tied(CovarianceType):
 
 
 class Diag(CovarianceType):
-    name, kind = "diag", cpu.DIAG
+    name, kind = "diag", engine.DIAG
+
+    def recentre_second(self, second, update):
+        return second + np.diagonal(update, axis1=1, axis2=2)[:, None, :]
+
+    def log_prior(self, means, covariances, m0, kappa, nu, psi):
+        return (stats.invgamma.logpdf(covariances, nu / 2, scale=np.asarray(psi) / 2).sum()
+                + stats.norm.logpdf(means, m0, np.sqrt(covariances / kappa)).sum())
 
     def shape(self, K, D):
         return (K, D)
@@ -241,7 +327,15 @@ class Diag(CovarianceType):
 
 
 class Spherical(CovarianceType):
-    name, kind = "spherical", cpu.SPHERICAL
+    name, kind = "spherical", engine.SPHERICAL
+
+    def recentre_second(self, second, update):
+        return second + np.trace(update, axis1=1, axis2=2)[:, None, None]
+
+    def log_prior(self, means, covariances, m0, kappa, nu, psi):
+        D = means.shape[1]
+        return (stats.invgamma.logpdf(covariances, nu * D / 2, scale=D * psi / 2).sum()
+                + stats.norm.logpdf(means, m0, np.sqrt(covariances / kappa)[:, None]).sum())
 
     def shape(self, K, D):
         return (K,)

@@ -13,7 +13,7 @@ import numpy as np
 from fastlvm.data.sources import ArraySource
 from fastlvm.mixture.covariance import get_covariance_type
 from fastlvm.mixture.em import m_step
-from fastlvm.mixture.stats import kernel_parameters, statistics
+from fastlvm.mixture.stats import CPU, kernel_parameters, statistics
 
 # scikit-learn's wording, which libraries and tests match on.
 ILL_DEFINED_COVARIANCE = (
@@ -38,13 +38,13 @@ class MixtureParameters(NamedTuple):
     precisions_cholesky: np.ndarray
 
 
-def data_moments(data, chunk_rows):
+def data_moments(data, chunk_rows, engine=CPU):
     """(mean, biased covariance) of a data source by one pass of the one-component full kernel,
     with moments taken about the first row against cancellation."""
     full = get_covariance_type("full")
     shift = np.asarray(data.head(), dtype=np.float64)
     kp = kernel_parameters(full, np.ones(1), shift, np.eye(data.n_features)[None], data.dtype)
-    st = statistics(data, full, kp, chunk_rows, hard=True)
+    st = statistics(data, full, kp, chunk_rows, hard=True, engine=engine)
     N = float(data.n_rows)
     delta = st.s[0] / N
     return st.shift[0] + delta, full.scatter(st.second, np.array([N]), delta[None])[0] / N
@@ -53,9 +53,10 @@ def data_moments(data, chunk_rows):
 class FitContext:
     """data: a Source; cov: a covariance type object; prior: None or a GaussianMixturePrior,
     resolved here against the data's moments; init_rows: sorted indices of the rows to initialise
-    on, or None for every row."""
+    on, or None for every row; engine: the kernels (fastlvm.engine)."""
 
-    def __init__(self, data, cov, n_components, chunk_rows, reg_covar, prior=None, init_rows=None):
+    def __init__(self, data, cov, n_components, chunk_rows, reg_covar, prior=None, init_rows=None, engine=CPU):
+        self.engine = engine
         self.data = data
         self.cov = cov
         self.n_components = n_components
@@ -67,7 +68,7 @@ class FitContext:
     @cached_property
     def moments(self):
         """(mean, biased covariance) of the data: one pass, taken only when needed."""
-        return data_moments(self.data, self.chunk_rows)
+        return data_moments(self.data, self.chunk_rows, self.engine)
 
     @cached_property
     def init_data(self):
@@ -86,7 +87,7 @@ class FitContext:
         w, m, _, P = params
         kp = kernel_parameters(self.cov, w, m, P, self.data.dtype)
         return statistics(self.data if X is None else X, self.cov, kp, self.chunk_rows, hard=hard,
-                          n_worst=self.n_components, resp_fn=resp_fn)
+                          n_worst=self.n_components, resp_fn=resp_fn, engine=self.engine)
 
     def step(self, params):
         """One EM iteration: (new parameters, objective per row of the old ones), the objective being
@@ -117,14 +118,9 @@ class FitContext:
         cov = self.cov
         w, m, c, _ = (a.copy() for a in params)
         K, D = m.shape
-        if cov.name == "tied":
-            if not np.all(np.isfinite(c)) or cov.precision_cholesky(c)[1]:
-                c = self.moments[1] + self.reg_covar * np.eye(D)
-        else:
-            healthy = [k for k in range(K) if k not in collapsed]
-            if not healthy:
-                self._ill_defined()
-            c[collapsed] = np.mean(c[healthy], axis=0)  # an average of positive definite matrices is one
+        c = cov.borrowed_covariances(c, collapsed, lambda: self.moments[1] + self.reg_covar * np.eye(D))
+        if c is None:
+            self._ill_defined()
         P, bad = cov.precision_cholesky(c)
         rows = [st.worst_x[row] for _, row in st.worst] or [self.data.head()[0]]
         if bad or not_pd and len(np.unique(np.asarray(rows), axis=0)) < len(collapsed):

@@ -21,9 +21,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from fastlvm import engine as engines
 from fastlvm._validation import check_finite
 from fastlvm.data.sources import ArraySource, as_source
-from fastlvm.kernels import cpu
 from fastlvm.mixture.checkpoint import Checkpoint
 from fastlvm.mixture.covariance import get_covariance_type
 from fastlvm.mixture.em import Run, best_of, change_below, run_em
@@ -34,7 +34,7 @@ from fastlvm.mixture.kmeans import KMeans
 from fastlvm.mixture.online import OnlineState, step_size, stepwise_update
 from fastlvm.mixture.prior import GaussianMixturePrior
 from fastlvm.mixture.progress import Progress
-from fastlvm.mixture.stats import default_chunk_rows, kernel_parameters, rows_output
+from fastlvm.mixture.stats import kernel_parameters, rows_output
 
 __all__ = ["CollapsedComponentWarning", "GaussianMixture"]
 
@@ -49,7 +49,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     GaussianMixture, plus: prior (None for maximum likelihood; a fastlvm.GaussianMixturePrior or a
     dict of its fields for MAP-EM, in which case lower_bound_ is the log-posterior per row),
     chunk_size (rows per kernel call; None picks one that keeps working memory flat) and backend
-    ('auto' or 'cpu'). Float32 input is fitted in float32 arithmetic with float64 statistics and
+    ('auto', 'cpu' or 'cuda'; 'auto' runs the GPU kernels for device input: CuPy arrays, torch CUDA
+    tensors, anything with __cuda_array_interface__ or DLPack on a CUDA device, whose per-row
+    outputs come back as the same array type on the same device). Float32 input is fitted in float32 arithmetic with float64 statistics and
     gives float32 parameters and outputs. A collapsed component is re-seeded with a
     CollapsedComponentWarning; only when no positive definite covariance can be had (degenerate
     data at reg_covar=0) does fit raise scikit-learn's ValueError. lower_bounds_ holds the
@@ -71,7 +73,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         **_SkGaussianMixture._parameter_constraints,
         "prior": [GaussianMixturePrior, dict, None],
         "chunk_size": [Interval(Integral, 1, None, closed="left"), None],
-        "backend": [StrOptions({"auto", "cpu"})],
+        "backend": [StrOptions(set(engines.BACKENDS))],
         "init_size": [Interval(Integral, 1, None, closed="left"), None],
         "checkpoint": [str, os.PathLike, None],
         "learning_offset": [Interval(Real, 0.0, None, closed="left")],
@@ -109,7 +111,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     def _data(self, X, reset, min_rows=1):
         """X as a data source. In-memory data is validated whole (scikit-learn's validate_data);
         out-of-core data, chunk sources and Dask arrays chunk by chunk as they are read."""
-        source = as_source(X)
+        if engines.is_device_array(X):
+            source = engines.DeviceSource(X)
+        else:
+            source = as_source(X)
         if source is None:
             X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=min_rows,
                               ensure_all_finite=False, order="C", reset=reset)
@@ -127,8 +132,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                              f"{self.n_features_in_} features as input.")
         return source
 
-    def _chunk_rows(self, D):
-        return self.chunk_size or default_chunk_rows(self.n_components, D, cpu.BLOCK_ROWS)
+    def _engine(self, X):
+        """The kernels for this call's input (fastlvm.engine.resolve)."""
+        return engines.resolve(self.backend, X)
+
+    def _chunk_rows(self, engine, D):
+        return self.chunk_size or engine.chunk_rows(self.n_components, D)
 
     def _check_start(self, data):
         """The checks that need the data's shape (scikit-learn's order); the user's initial arrays."""
@@ -141,7 +150,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         return check_initial_arrays(self.weights_init, self.means_init, self.precisions_init,
                                     get_covariance_type(self.covariance_type), K, data.n_features)
 
-    def _context(self, data, rng, prior=None):
+    def _context(self, data, rng, engine, prior=None):
         """The fit's context. The rows to initialise on are drawn from rng: out-of-core data (and any
         data when init_size is set) is initialised on a uniform random sample."""
         K, N = self.n_components, data.n_rows
@@ -155,7 +164,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if N > size:
             # Generator.choice draws a small sample without a permutation of all N rows (Floyd's algorithm).
             rows = np.sort(np.random.default_rng(rng.randint(2**31)).choice(N, size, replace=False, shuffle=False))
-        return FitContext(data, cov, K, self._chunk_rows(data.n_features), self.reg_covar, prior, rows)
+        return FitContext(data, cov, K, self._chunk_rows(engine, data.n_features), self.reg_covar, prior, rows, engine)
 
     # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=True)
@@ -167,10 +176,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         fresh iterable of (rows, D) arrays on every call."""
         continuing = self.warm_start and hasattr(self, "converged_")
         vars(self).pop("_online", None)  # a later partial_fit starts its running statistics afresh
+        engine = self._engine(X)
         data = self._data(X, reset=not continuing, min_rows=2)
         init = self._check_start(data)
         rng = check_random_state(self.random_state)
-        ctx = self._context(data, rng, self.prior)
+        ctx = self._context(data, rng, engine, self.prior)
         n_inits = 1 if continuing else self.n_init
         checkpoint = resumed = best = None
         if self.checkpoint is not None:
@@ -235,7 +245,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             centres = init.means
         elif self.init_params == "kmeans":
             # rng itself, as scikit-learn passes it: the same random_state gives the same components
-            centres = KMeans(K, n_init=1, random_state=rng).fit(X).cluster_centers_
+            centres = KMeans(K, n_init=1, random_state=rng, backend=ctx.engine.backend).fit(X).cluster_centers_
         elif self.init_params == "k-means++":
             centres = kmeans_plusplus(X, K, np.random.default_rng(rng.randint(2**31)), ctx.chunk_rows)
         elif self.init_params == "random_from_data":
@@ -273,6 +283,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         parameters. lower_bound_ is the batch's mean log-likelihood before the update and n_iter_
         the number of batches seen; prior (MAP) and checkpoint are not used here."""
         fitted = hasattr(self, "converged_")
+        engine = self._engine(X)
         data = self._data(X, reset=not fitted, min_rows=1)
         if self.prior is not None:
             raise ValueError("partial_fit does not support a prior (MAP-EM needs the size of the whole data "
@@ -280,12 +291,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         rng = check_random_state(self.random_state)
         if fitted:
             ctx = FitContext(data, get_covariance_type(self.covariance_type), self.n_components,
-                             self._chunk_rows(data.n_features), self.reg_covar)
+                             self._chunk_rows(engine, data.n_features), self.reg_covar, engine=engine)
             params = self._fitted_parameters()
             state = getattr(self, "_online", None) or OnlineState(None)
         else:
             init = self._check_start(data)
-            ctx = self._context(data, rng)
+            ctx = self._context(data, rng, engine)
             params = self._initial_parameters(ctx, rng, init)
             state = OnlineState(None)
         st = ctx.statistics(params)
@@ -308,18 +319,23 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """Per-row answers ('log_prob', 'label' or 'proba') chunk by chunk; a Dask array for Dask input.
         Densities are computed with float64 accumulation and returned in the input's dtype."""
         check_is_fitted(self, "precisions_cholesky_")
+        engine = self._engine(X)
         data = self._data(X, reset=False)
         cov = get_covariance_type(self.covariance_type)
         kp = kernel_parameters(cov, *(np.asarray(a, dtype=np.float64) for a in
                                       (self.weights_, self.means_, self.precisions_cholesky_)), data.dtype)
         out_dtype = np.int64 if what == "label" else data.dtype
-        fn = partial(_rows_as, out_dtype, partial(rows_output, what, cov, kp, self._chunk_rows(data.n_features)))
+        chunk_rows = self._chunk_rows(engine, data.n_features)
+        rows = partial(rows_output, what, engine, cov, kp, chunk_rows, out_dtype)
+        if isinstance(data, engines.DeviceSource):  # one pass over the device rows, answered on the device
+            return engines.like_input(rows(0, data.array), data.input)
+        fn = partial(_rows_as, out_dtype, rows)
         width = self.n_components if what == "proba" else None
         if hasattr(data, "map_rows"):
             return data.map_rows(fn, width, out_dtype)
         out = np.empty((data.n_rows,) if width is None else (data.n_rows, width), dtype=out_dtype)
         start = 0
-        for part in data.map(fn, self._chunk_rows(data.n_features)):
+        for part in data.map(fn, chunk_rows):
             out[start : start + part.shape[0]] = part
             start += part.shape[0]
         return out
@@ -330,7 +346,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     def score(self, X, y=None):
         """Mean log-likelihood per row."""
-        return float(self.score_samples(X).mean(dtype=np.float64))
+        return float(engines.to_numpy(self.score_samples(X)).mean(dtype=np.float64))
 
     def predict(self, X):
         """Most probable component of every row."""
@@ -363,12 +379,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     def bic(self, X):
         """Bayesian information criterion on X (lower is better)."""
-        ll = self.score_samples(X)
+        ll = engines.to_numpy(self.score_samples(X))
         return -2 * float(ll.sum(dtype=np.float64)) + self._n_parameters() * np.log(ll.shape[0])
 
     def aic(self, X):
         """Akaike information criterion on X (lower is better)."""
-        return -2 * float(self.score_samples(X).sum(dtype=np.float64)) + 2 * self._n_parameters()
+        return -2 * float(engines.to_numpy(self.score_samples(X)).sum(dtype=np.float64)) + 2 * self._n_parameters()
 
 
 def _rows_as(dtype, fn, row_offset, X):

@@ -3,7 +3,7 @@ Distances come from the k-means kernels (dense or CSR rows)."""
 
 import numpy as np
 
-from fastlvm.kernels.kmeans import Rows
+from fastlvm.engine import Rows
 
 
 def kmeans_plusplus(X, n_clusters, rng, chunk_rows=None, sample_weight=None):

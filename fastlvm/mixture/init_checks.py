@@ -45,24 +45,11 @@ def check_precisions(precisions, cov, K, D):
     entries (diag, spherical) or symmetric positive definite matrices (full, tied)."""
     name = f"{cov.name} precision"
     precisions = check_array(precisions, dtype=[np.float64, np.float32], ensure_2d=False,
-                             allow_nd=cov.name == "full")
+                             allow_nd=len(cov.shape(K, D)) > 2)
     _check_shape(precisions, cov.shape(K, D), name)
     precisions = precisions.astype(np.float64)
-    if cov.name in ("full", "tied"):
-        for p in precisions.reshape(-1, D, D):
-            if not (np.all(np.isclose(p, p.T)) and np.all(np.linalg.eigvalsh(p) > 0.0)):
-                raise ValueError(f"'{name}' should be symmetric, positive-definite")
-    elif np.any(precisions <= 0.0):
-        raise ValueError(f"'{name}' should be positive")
+    cov.check_precisions(precisions, name)
     return precisions
-
-
-def precisions_cholesky(cov, precisions):
-    """Upper-triangular P with P P^T = precision (the kernels read the upper triangle): the lower
-    Cholesky factor of the index-reversed matrix, reversed back; diag and spherical: the square root."""
-    if cov.name in ("full", "tied"):
-        return np.linalg.cholesky(precisions[..., ::-1, ::-1])[..., ::-1, ::-1].copy()
-    return np.sqrt(precisions)
 
 
 def check_initial_arrays(weights_init, means_init, precisions_init, cov, K, D):
@@ -70,5 +57,5 @@ def check_initial_arrays(weights_init, means_init, precisions_init, cov, K, D):
     return InitialArrays(
         None if weights_init is None else check_weights(weights_init, K),
         None if means_init is None else check_means(means_init, K, D),
-        None if precisions_init is None else precisions_cholesky(cov, check_precisions(precisions_init, cov, K, D)),
+        None if precisions_init is None else cov.cholesky_of_precisions(check_precisions(precisions_init, cov, K, D)),
     )

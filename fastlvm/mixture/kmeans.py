@@ -19,9 +19,10 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, _is_arraylike_not_scalar, check_array, check_is_fitted, validate_data
 
+from fastlvm import engine as engines
 from fastlvm._validation import check_finite
 from fastlvm.data import as_source
-from fastlvm.kernels.kmeans import LloydState, Rows, column_sq_sums
+from fastlvm.engine import LloydState, Rows, column_sq_sums
 from fastlvm.mixture.init import kmeans_plusplus, random_rows
 
 INIT_SAMPLE_ROWS = 100_000  # rows a streamed source's initial centres are chosen from
@@ -101,6 +102,41 @@ class _Streamed:
         rows = np.empty((len(index), self.source.n_features))
         rows[order] = self.source.take(np.asarray(index)[order], CHUNK_ROWS) - self.mean
         return rows
+
+
+class _OnGpu:
+    """Rows assigned on the GPU (fastlvm.engine, the GMM kernel's hard mode): every pass assigns
+    every row afresh and brings back the sums, counts, labels and distances. rows: a centred host
+    array (copied to the device in chunks) or a DeviceSource (read in place, not centred)."""
+
+    def __init__(self, engine, rows, chunk_rows=engines.CUDA_CHUNK_ROWS):
+        self.engine = engine
+        self.rows = rows
+        self.chunk_rows = chunk_rows
+
+    def start(self, n_clusters):
+        self.labels = np.full(self.rows.shape[0], -1, dtype=np.int32)
+        self._d2 = None
+
+    def _chunks(self):
+        if isinstance(self.rows, engines.DeviceSource):
+            return self.rows.chunks(self.chunk_rows)
+        return ((a, self.rows[a : a + self.chunk_rows]) for a in range(0, self.rows.shape[0], self.chunk_rows))
+
+    def assign(self, C, moves):
+        parts = [self.engine.assign(chunk, C) for _, chunk in self._chunks()]
+        labels = np.concatenate([p[2] for p in parts]).astype(np.int32)
+        n_changed = int((labels != self.labels).sum())
+        self.labels, self._d2 = labels, np.concatenate([p[3] for p in parts])
+        return sum(p[0] for p in parts), sum(p[1] for p in parts), n_changed
+
+    def own_sq_distances(self, C):  # kept from the last pass, which was made with these C
+        return self._d2
+
+    def take(self, index):
+        if isinstance(self.rows, engines.DeviceSource):
+            return self.rows.take(np.asarray(index), self.chunk_rows).astype(np.float64)
+        return np.asarray(self.rows[np.asarray(index)], dtype=np.float64)
 
 
 def _centred_chunk_pass(C, weights, mean, offset, chunk):
@@ -190,6 +226,10 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
     n_iter_; 'lloyd' and 'elkan' both run fastlvm's bounded Lloyd kernel (Hamerly's bounds skip
     rows whose label cannot change). `fit` also takes every source GaussianMixture.fit takes
     (memmap, HDF5/Zarr datasets, chunk callables, Dask arrays), read chunk by chunk.
+
+    backend: 'auto' (the GPU for device input: CuPy arrays, torch CUDA tensors, ...), 'cpu' or
+    'cuda'. On the GPU every Lloyd pass is the GMM kernel's hard mode (labels and per-cluster sums,
+    reduced in float64 on the device; no bounds); dense data without sample weights only.
     """
 
     _parameter_constraints: dict = {
@@ -202,10 +242,11 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
         "random_state": ["random_state"],
         "copy_x": ["boolean"],
         "algorithm": [StrOptions({"lloyd", "elkan"})],
+        "backend": [StrOptions(set(engines.BACKENDS))],
     }
 
     def __init__(self, n_clusters=8, *, init="k-means++", n_init="auto", max_iter=300, tol=1e-4,
-                 verbose=0, random_state=None, copy_x=True, algorithm="lloyd"):
+                 verbose=0, random_state=None, copy_x=True, algorithm="lloyd", backend="auto"):
         self.n_clusters = n_clusters
         self.init = init
         self.n_init = n_init
@@ -215,6 +256,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
         self.random_state = random_state
         self.copy_x = copy_x
         self.algorithm = algorithm
+        self.backend = backend
 
     def _check_params_vs_input(self, n_samples):
         if n_samples < self.n_clusters:
@@ -260,7 +302,10 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, sample_weight=None):
         """Compute k-means clustering of X (array-like, CSR matrix or any fastlvm data source)."""
-        source = as_source(X)
+        engine = engines.resolve(self.backend, X)
+        source = engines.DeviceSource(X) if engines.is_device_array(X) else as_source(X)
+        if engine.backend == "cuda":
+            _check_gpu_input(X, source, sample_weight)
         if source is None:
             X = _finite(validate_data(self, X, accept_sparse="csr", dtype=[np.float64, np.float32], order="C",
                                       copy=self.copy_x, accept_large_sparse=False, ensure_all_finite=False))
@@ -280,8 +325,12 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
 
         # Centre dense data (as scikit-learn does) so that ||c||^2 - 2 x.c does not cancel.
         if source is not None:
-            mean, variances = _column_moments(source)
-            data = _Streamed(source, weights, mean)
+            if isinstance(source, engines.DeviceSource):  # read in place, so not centred
+                variances = engines.column_moments(engine, source.array)[1]
+                mean, data = np.zeros(n_features), _OnGpu(engine, source)
+            else:
+                mean, variances = _column_moments(source)
+                data = _Streamed(source, weights, mean)
             init_X = init_rows = init_weights = None
             if init_array is None:  # centres are chosen from a sample read in one pass
                 sample = np.sort(random_state.permutation(n_samples)[:INIT_SAMPLE_ROWS]) \
@@ -297,8 +346,8 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
             mean = X.mean(axis=0, dtype=np.float64)
             X -= mean.astype(dtype)
             variances = column_sq_sums(X) / n_samples if self.tol else 0.0  # X is now centred
-            data = _InMemory(X, weights)
-            init_X, init_rows, init_weights = X, data.rows, weights
+            data = _OnGpu(engine, X) if engine.backend == "cuda" else _InMemory(X, weights)
+            init_X, init_rows, init_weights = X, Rows(X) if engine.backend == "cuda" else data.rows, weights
         tol = float(np.mean(variances) * self.tol) if self.tol else 0.0
 
         best = None
@@ -330,10 +379,24 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
 
     def _check_test_data(self, X):
         check_is_fitted(self)
+        if engines.is_device_array(X):
+            source = engines.DeviceSource(X)
+            if source.n_features != self.n_features_in_:
+                raise ValueError(f"X has {source.n_features} features, but {type(self).__name__} is expecting "
+                                 f"{self.n_features_in_} features as input.")
+            return source
         return _finite(validate_data(self, X, accept_sparse="csr", reset=False, dtype=[np.float64, np.float32],
                                      order="C", accept_large_sparse=False, ensure_all_finite=False))
 
     def _labels_inertia(self, X, sample_weight=None):
+        C = np.asarray(self.cluster_centers_, dtype=np.float64)
+        if isinstance(X, engines.DeviceSource):
+            if sample_weight is not None:
+                raise ValueError("sample_weight is not supported for device input; pass host arrays.")
+            data = _OnGpu(engines.resolve("cuda"), X)
+            data.start(self.n_clusters)
+            data.assign(C, None)
+            return engines.like_input(engines.to_device(data.labels.astype(np.int64)), X.input), float(data._d2.sum())
         rows = Rows(X)
         weights = np.asarray(_check_sample_weight(sample_weight, X, dtype=X.dtype), dtype=np.float64)
         state = LloydState(rows, weights, self.n_clusters)
@@ -353,6 +416,8 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
         return self._transform(self._check_test_data(X))
 
     def _transform(self, X):
+        if isinstance(X, engines.DeviceSource):
+            raise TypeError("transform needs host data (it returns an N x K array); copy X to the host first.")
         d2 = Rows(X).sq_distances(self.cluster_centers_)
         return np.sqrt(d2).astype(X.dtype, copy=False)
 
@@ -367,6 +432,17 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
         tags = super().__sklearn_tags__()
         tags.input_tags.sparse = True
         return tags
+
+
+def _check_gpu_input(X, source, sample_weight):
+    """The GPU path takes dense data without sample weights (in memory or on the device)."""
+    if sp.issparse(X):
+        raise TypeError("KMeans(backend='cuda') takes dense data; sparse matrices run on backend='cpu'.")
+    if source is not None and not isinstance(source, engines.DeviceSource):
+        raise TypeError("KMeans(backend='cuda') takes in-memory or device arrays; streamed sources (memmap, "
+                        "HDF5/Zarr, chunk callables, Dask) run on backend='cpu'.")
+    if sample_weight is not None and np.any(np.asarray(sample_weight) != 1):
+        raise ValueError("KMeans(backend='cuda') does not take sample weights; use backend='cpu'.")
 
 
 def _finite(X):

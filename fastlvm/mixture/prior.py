@@ -9,7 +9,7 @@ Spherical: sigma2_k ~ InvGamma(nu0 D/2, D psi0/2), mu_k ~ N(m0, sigma2_k I / kap
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import special, stats
+from scipy import special
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,7 @@ class GaussianMixturePrior:
         if self.covariance is None:
             psi = cov_type.from_full(data_cov / K ** (2.0 / D))
         else:
-            psi = np.asarray(self.covariance, dtype=np.float64)
-            expected = cov_type.shape(1, D)[1:] if cov_type.name in ("full", "diag") else cov_type.shape(1, D)
-            expected = () if cov_type.name == "spherical" else expected
-            if psi.shape != expected:
-                raise ValueError(f"prior covariance must have shape {expected} for covariance_type="
-                                 f"{cov_type.name!r}, got {psi.shape}")
-            psi = psi if cov_type.name != "spherical" else float(psi)
+            psi = cov_type.prior_scale(self.covariance, D)
         return ResolvedPrior(alpha, m0, kappa, nu, psi)
 
 
@@ -62,22 +56,9 @@ class ResolvedPrior:
 
     def log_density(self, cov_type, weights, means, covariances):
         """log p(weights, means, covariances), fully normalised."""
-        K, D = means.shape
+        K = means.shape[0]
         a = self.weight_concentration
         lp = special.gammaln(K * a) - K * special.gammaln(a) + (a - 1) * np.log(weights).sum()
-        kappa, nu, psi, m0 = self.mean_precision, self.degrees_of_freedom, self.covariance, self.mean
-        name = cov_type.name
-        if name == "full":
-            for k in range(K):
-                lp += stats.invwishart.logpdf(covariances[k], df=nu, scale=psi)
-                lp += stats.multivariate_normal.logpdf(means[k], m0, covariances[k] / kappa)
-        elif name == "tied":
-            lp += stats.invwishart.logpdf(covariances, df=nu, scale=psi)
-            lp += stats.multivariate_normal.logpdf(means, m0, covariances / kappa).sum()
-        elif name == "diag":
-            lp += stats.invgamma.logpdf(covariances, nu / 2, scale=np.asarray(psi) / 2).sum()
-            lp += stats.norm.logpdf(means, m0, np.sqrt(covariances / kappa)).sum()
-        else:
-            lp += stats.invgamma.logpdf(covariances, nu * D / 2, scale=D * psi / 2).sum()
-            lp += stats.norm.logpdf(means, m0, np.sqrt(covariances / kappa)[:, None]).sum()
+        lp += cov_type.log_prior(means, covariances, self.mean, self.mean_precision, self.degrees_of_freedom,
+                                 self.covariance)
         return float(lp)

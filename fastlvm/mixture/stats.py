@@ -9,24 +9,13 @@ data source (array, memmap, stream, Dask) is the same loop over chunks.
 from dataclasses import dataclass, field
 from functools import partial
 
-import numba
 import numpy as np
 
-from fastlvm.kernels import cpu
 from fastlvm.data.base import Source, iter_chunks
 from fastlvm.data.sources import ArraySource
+from fastlvm.engine import CpuEngine, is_device_array, to_host
 
-# Partial statistics of one kernel call stay below this many bytes (they scale with chunk rows).
-_PARTIALS_BUDGET = 32 * 2**20
-MAX_CHUNK_ROWS = 2**18
-
-
-def default_chunk_rows(K, D, block_rows):
-    """Rows per kernel call: large enough to keep both cores busy, small enough that the
-    per-block partial statistics (K D^2 doubles per block for full) stay within budget."""
-    per_block = 8 * (K * D * D + K * D + K + 4)
-    blocks = max(2, _PARTIALS_BUDGET // per_block)
-    return int(min(MAX_CHUNK_ROWS, blocks * block_rows))
+CPU = CpuEngine()
 
 
 @dataclass
@@ -39,6 +28,7 @@ class SufficientStatistics:
     shift: np.ndarray  # (K, D)
     worst: list = field(default_factory=list)  # (log p(x), row index), lowest first
     worst_x: dict = field(default_factory=dict)  # row index -> that row (float64), for re-seeding
+    cov: object = None  # the covariance type (it knows the layout of second)
 
     def __add__(self, other):
         if not np.array_equal(self.shift, other.shift):
@@ -54,34 +44,25 @@ class SufficientStatistics:
             self.shift,
             worst,
             {r: rows[r] for _, r in worst if r in rows},
+            self.cov,
         )
 
     def scaled(self, factor):
         """The statistics times a positive factor (weighted averages of statistics in online EM)."""
         return SufficientStatistics(self.n * factor, self.s * factor, self.second * factor, self.loglik * factor,
-                                    self.n_rows * factor, self.shift, self.worst, self.worst_x)
+                                    self.n_rows * factor, self.shift, self.worst, self.worst_x, self.cov)
 
     def recentred(self, shift):
         """The same statistics centred on another shift b (K, D) instead of a = self.shift: with d = a - b,
             s_b = s_a + n d,    S_b = S_a + s_a d^T + d s_a^T + n d d^T
-        per component; diag keeps the diagonal of the update and spherical its trace. The tied type's
-        second moment is unweighted about one centre, so its update is the sum of those over k."""
+        per component; the covariance type applies the update to its layout of the second moment."""
         shift = np.asarray(shift, dtype=np.float64)
         d = self.shift - shift
         cross = self.s[:, :, None] * d[:, None, :]
         update = cross + np.swapaxes(cross, 1, 2) + self.n[:, None, None] * d[:, :, None] * d[:, None, :]
-        K = self.n.shape[0]
-        rows, cols = self.second.shape[1:]
-        if rows == 1 and cols == 1:  # spherical (or D = 1)
-            second = self.second + np.trace(update, axis1=1, axis2=2)[:, None, None]
-        elif rows == 1:  # diag
-            second = self.second + np.diagonal(update, axis1=1, axis2=2)[:, None, :]
-        elif self.second.shape[0] == 1 and K > 1:  # tied
-            second = self.second + update.sum(axis=0)[None]
-        else:  # full (the update is symmetric: right for a full or an upper-triangular layout)
-            second = self.second + update
-        return SufficientStatistics(self.n, self.s + self.n[:, None] * d, second, self.loglik, self.n_rows,
-                                    np.broadcast_to(shift, self.shift.shape).copy(), self.worst, self.worst_x)
+        return SufficientStatistics(self.n, self.s + self.n[:, None] * d, self.cov.recentre_second(self.second, update),
+                                    self.loglik, self.n_rows, np.broadcast_to(shift, self.shift.shape).copy(),
+                                    self.worst, self.worst_x, self.cov)
 
 
 def kernel_parameters(cov, weights, means, prec_chol, dtype):
@@ -102,73 +83,51 @@ def kernel_parameters(cov, weights, means, prec_chol, dtype):
     )
 
 
-def chunk_statistics(X, cov, kparams, hard=False, row_offset=0, n_worst=0, resp=None):
-    """Statistics of one in-memory chunk X (N, D) under kernel parameters kparams
-    (or under given responsibilities resp (N, K))."""
-    means, prec, log_norm, centre = kparams
-    if resp is None:
-        resp = np.empty((0, means.shape[0]))
-    with cpu.blas_single_thread():
-        n, s, second, ll, worst_ll, worst_row = cpu.suff_stats(cov.kind, X, means, prec, log_norm, centre, hard, resp,
-                                                                 numba.get_num_threads())
+def chunk_statistics(X, cov, kparams, hard=False, row_offset=0, n_worst=0, resp=None, engine=CPU):
+    """Statistics of one chunk X (N, D), in host or (cuda) device memory, under kernel parameters
+    kparams (or under given responsibilities resp (N, K))."""
+    means, _, _, centre = kparams
+    shift = cov.statistics_shift(means, centre).astype(np.float64)
+    n, s, second, ll, worst_ll, worst_row = engine.suff_stats(cov.kind, X, kparams, shift, hard, resp)
     order = np.argsort(worst_ll, kind="stable")[:n_worst]
     worst = [(float(worst_ll[i]), int(worst_row[i]) + row_offset) for i in order]
-    worst_x = {int(worst_row[i]) + row_offset: X[worst_row[i]].astype(np.float64) for i in order}
-    shift = means if cov.name == "full" else np.broadcast_to(centre, means.shape)
-    return SufficientStatistics(n, s, second, ll, X.shape[0], shift.astype(np.float64), worst, worst_x)
+    worst_x = {int(worst_row[i]) + row_offset: to_host(X[int(worst_row[i])]).astype(np.float64) for i in order}
+    return SufficientStatistics(n, s, second, ll, X.shape[0], shift, worst, worst_x, cov)
 
 
-def row_scores(X, cov, kparams, hard=False, want_log_prob=False):
-    """(log p(x_i) or max_k log p(x_i, k) when hard, argmax labels, and optionally log p(x_i, k))."""
-    means, prec, log_norm, centre = kparams
-    N, K = X.shape[0], means.shape[0]
-    ll = np.empty(N)
-    labels = np.empty(N, dtype=np.int64)
-    logp = np.empty((N if want_log_prob else 0, K))
-    with cpu.blas_single_thread():
-        cpu.row_scores(cov.kind, X, means, prec, log_norm, centre, hard, ll, labels, logp, numba.get_num_threads())
-    return ll, labels, (logp if want_log_prob else None)
+def _chunks(X, chunk_rows, dtype):
+    """(offset, chunk) over X; device rows (already a chunk of the source) as they are."""
+    if is_device_array(X):
+        return [(0, X)]
+    return iter_chunks(X, chunk_rows, dtype)
 
 
-def _rows_statistics(cov, kparams, chunk_rows, hard, n_worst, resp_fn, row_offset, X):
+def _rows_statistics(engine, cov, kparams, chunk_rows, hard, n_worst, resp_fn, row_offset, X):
     """Statistics of the rows of an in-memory X (the rows from row_offset on), in chunks of chunk_rows.
     A module-level function of plain arguments, so Dask can ship it to its workers."""
     total = None
-    for start, chunk in iter_chunks(X, chunk_rows, kparams[0].dtype):
+    for start, chunk in _chunks(X, chunk_rows, kparams[0].dtype):
         resp = None if resp_fn is None else resp_fn(chunk)
-        part = chunk_statistics(chunk, cov, kparams, hard, row_offset + start, n_worst, resp)
+        part = chunk_statistics(chunk, cov, kparams, hard, row_offset + start, n_worst, resp, engine)
         total = part if total is None else total + part
     return total
 
 
-def statistics(X, cov, kparams, chunk_rows, hard=False, n_worst=0, resp_fn=None):
+def statistics(X, cov, kparams, chunk_rows, hard=False, n_worst=0, resp_fn=None, engine=CPU):
     """Sum of chunk statistics over the rows of X (an in-memory array or a Source), in row order.
     resp_fn (responsibilities drawn per chunk) is for local sources only."""
     source = X if isinstance(X, Source) else ArraySource(X, trusted=True)
-    task = partial(_rows_statistics, cov, kparams, chunk_rows, hard, n_worst, resp_fn)
+    task = partial(_rows_statistics, engine, cov, kparams, chunk_rows, hard, n_worst, resp_fn)
     total = None
     for part in source.map(task, chunk_rows):
         total = part if total is None else total + part
     return total
 
 
-def scores(X, cov, kparams, chunk_rows, hard=False, want_log_prob=False):
-    """row_scores over the chunks of X, concatenated (N,) / (N,) / (N, K)."""
-    parts = [row_scores(c, cov, kparams, hard, want_log_prob) for _, c in iter_chunks(X, chunk_rows, kparams[0].dtype)]
-    ll = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts])
-    logp = np.concatenate([p[2] for p in parts]) if want_log_prob else None
-    return ll, labels, logp
-
-
-def rows_output(what, cov, kparams, chunk_rows, row_offset, X):
-    """One per-row answer for the rows of X: 'log_prob' log p(x_i) (N,), 'label' argmax_k (N,) int64,
-    or 'proba' the posterior over components (N, K); only the last builds an N x K array."""
-    parts = []
-    for _, chunk in iter_chunks(X, chunk_rows, kparams[0].dtype):
-        ll, labels, logp = row_scores(chunk, cov, kparams, want_log_prob=what == "proba")
-        if what == "proba":
-            parts.append(np.exp(logp - ll[:, None]))
-        else:
-            parts.append(ll if what == "log_prob" else labels)
+def rows_output(what, engine, cov, kparams, chunk_rows, dtype, row_offset, X):
+    """One per-row answer for the rows of X, in dtype (labels int64): 'log_prob' log p(x_i) (N,), 'label'
+    argmax_k (N,), or 'proba' the posterior over components (N, K); only the last builds an N x K
+    array. Device rows give a device array of the engine's."""
+    parts = [engine.rows_output(what, cov.kind, kparams, chunk, dtype)
+             for _, chunk in _chunks(X, chunk_rows, kparams[0].dtype)]
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
