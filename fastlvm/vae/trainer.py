@@ -15,7 +15,9 @@ of the global batch's mean loss. Statistics and validation sums are all-reduced;
 writes checkpoints and prints.
 """
 
+import contextlib
 import copy
+import gc
 import math
 import sys
 import time
@@ -41,6 +43,22 @@ def distributed():
 def _all_reduce(t):
     torch.distributed.all_reduce(t)
     return t
+
+
+@contextlib.contextmanager
+def _frozen_heap():
+    """Moves the objects alive now (torch's, NumPy's, scikit-learn's ...) out of the garbage
+    collector's reach for the loop: every step allocates enough Python objects to trigger
+    collections, and each full one walked the whole heap of the imported libraries (a tenth of
+    a batch-128 step's time in a profile). The loop's own garbage is still collected."""
+    if gc.get_freeze_count():  # someone froze the heap already: leave their arrangement alone
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def make_optimizer(params, lr, device, dtype):
@@ -125,8 +143,9 @@ class Trainer:
         self.model = model
         bar = self._progress_bar()
         try:
-            while self.epoch < cfg["max_epochs"] and not self.stopped:
-                self._epoch(bar)
+            with _frozen_heap():
+                while self.epoch < cfg["max_epochs"] and not self.stopped:
+                    self._epoch(bar)
         finally:
             if bar is not None:
                 bar.close()
