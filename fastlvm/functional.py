@@ -289,9 +289,7 @@ def _check_rows(rows, n, device):
         raise ValueError(f"rows has {rows.shape[0]} entries for {n} rows of mu")
     if device is not None and rows.device != device:
         rows = rows.to(device)
-    if rows.numel() and bool((rows < 0).any()):
-        raise ValueError("rows must be non-negative row indices")
-    return rows.contiguous()
+    return rows.contiguous()  # any int64 keys a stream (a negative one by its two's complement)
 
 
 def _check_step(step):

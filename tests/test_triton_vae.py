@@ -176,6 +176,34 @@ def test_normal_noise_follows_the_reference_spec(tv, seed):
     assert torch.allclose(got, expected, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("S,D,first", [(2, 5, 0), (3, 4, 1), (1, 33, 2)])
+def test_row_noise_follows_the_reference_spec(tv, S, D, first):
+    """Row-keyed noise: each row's stream (seed, step, global row), as fastlvm.reference.vae.row_noise."""
+    from fastlvm.reference.vae import row_noise as reference_row_noise
+
+    rows = torch.tensor([3, 2**33 + 5, 0, 17], device=DEVICE)
+    expected = reference_row_noise(2**40 + 7, 12, rows.cpu(), S, D, first)
+    got = ref(tv.row_noise(2**40 + 7, 12, rows, S, D, first, torch.float64))
+    assert torch.allclose(got, expected, rtol=1e-13, atol=1e-15)
+
+
+def test_reparam_with_row_noise_reads_the_row_streams(tv):
+    """reparam_noise_fwd/bwd with rows: z and gradients as with the materialised row noise."""
+    inp = Inputs(torch.float64)
+    mu, lv = inp.randn(5, 7), inp.randn(5, 7, scale=0.7)
+    rows = torch.tensor([9, 2**35 + 1, 0, 4, 3], device=DEVICE)
+    eps = tv.row_noise(11, 4, rows, 3, 7, 0, torch.float64)
+    z, kl = tv.reparam_noise_fwd(mu, lv, 3, 11, rows, 4)
+    z_ref, kl_ref = reparam_formula(ref(mu), ref(lv), ref(eps))
+    assert_close(z, z_ref, torch.float64, "z")
+    assert_close(kl, kl_ref, torch.float64, "kl")
+    gz, gkl = inp.randn(3, 5, 7), inp.randn(5)
+    got = tv.reparam_noise_bwd(mu, lv, 3, 11, gz, gkl, rows, 4)
+    want = tv.reparam_bwd(mu, lv, eps, gz, gkl)
+    for a, b in zip(got, want):
+        assert_close(a, ref(b), torch.float64, "grad")
+
+
 # ---------------------------------------------------------------------------------------------
 # reparameterisation and KL
 # ---------------------------------------------------------------------------------------------
