@@ -4,6 +4,7 @@ ties to the lowest index, as argmin; squared distances) and cluster_sums (counts
 import numpy as np
 import pytest
 
+from fastlvm.kernels import kmeans as kernels
 from fastlvm.kernels.kmeans import BLOCK_ROWS, cluster_sums, nearest_centres, tile_rows
 
 
@@ -76,3 +77,27 @@ def test_cluster_sums_rejects_bad_labels():
         cluster_sums(X, np.array([0, 1, 2, 3]), 3)
     with pytest.raises(ValueError, match="labels must have shape"):
         cluster_sums(X, np.array([0, 1]), 3)
+
+
+@pytest.mark.parametrize("share", [-1.0, 0.2, 1.0])  # never bounded, as predicted, always bounded
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lloyd_passes_give_the_nearest_centre_whichever_pass_runs(share, dtype, monkeypatch):
+    """Full and bounded passes interleave (the sample's prediction, the back-off); every pass must
+    give nearest_centres' labels and the sums of its labels, also with near-duplicate centres."""
+    monkeypatch.setattr(kernels, "BOUNDED_MAX_SHARE", share)
+    rng = np.random.default_rng(5)
+    means = rng.normal(size=(6, 4)) * 3
+    X = (means[rng.integers(6, size=4000)] + rng.normal(size=(4000, 4))).astype(dtype)
+    C = X[:9].astype(np.float64)
+    C[8] = C[7] + 1e-9  # all but a tie: a bound that rounds the wrong way shows up here
+    state = kernels.LloydState(kernels.Rows(X), np.ones(len(X)), 9)
+    moves = np.zeros(9)
+    for _ in range(8):
+        state.assign(C, moves)
+        labels, _ = nearest_centres(X, C.astype(dtype))
+        np.testing.assert_array_equal(state.labels, labels)
+        counts, sums = cluster_sums(X, labels, 9)
+        np.testing.assert_allclose(state.counts, counts)
+        np.testing.assert_allclose(state.sums, sums, rtol=1e-9, atol=1e-6)
+        new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], C)
+        moves, C = np.sqrt(((new - C) ** 2).sum(axis=1)), new

@@ -26,6 +26,13 @@ _inline = njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
 _par = njit(fastmath=_FASTMATH, cache=True, nogil=True, parallel=True)
 
 BLOCK_ROWS = 2048  # rows per block; fixed, so results ignore the thread count
+# A bounded pass scores a row (its own centre, then the groups its bounds cannot rule out) several
+# times slower than a full pass of tiled products does; it pays only while it scores few rows. A
+# sample of every SAMPLE_STRIDE-th row predicts the share it would score. After a miss, full passes
+# (which then skip the bounds' bookkeeping) run for a while, twice as long after each miss.
+BOUNDED_MAX_SHARE = 0.2
+SAMPLE_STRIDE = 64
+MAX_WAIT = 16
 
 
 def n_groups(n_clusters):
@@ -182,70 +189,118 @@ def yinyang_pass(X, data, indices, indptr, sparse, weights, x_norms, C, c_norms,
 
 
 @_par
-def sparse_products(data, indices, indptr, first, CT, out):
-    """out[r, k] = x_{first + r} . c_k for CSR rows, along the transposed centres CT (D, K): one
-    axpy over the K centres per non-zero."""
-    T, K = out.shape
+def bounded_share(X, data, indices, indptr, sparse, x_norms, C, c_norms, half_sep, moves, group_moves, eps, shrink,
+                  labels, upper, lower, stride):
+    """The share of the rows i = 0, stride, 2 stride, ... that a yinyang_pass with these moves
+    would score (neither the loose nor the tightened bound skips them); changes nothing."""
+    N = labels.shape[0]
+    n = (N + stride - 1) // stride
+    hits = np.zeros(n, dtype=np.bool_)
+    for r in prange(n):
+        i = r * stride
+        a = labels[i]
+        gmin = np.inf
+        for g in range(lower.shape[1]):
+            gmin = min(gmin, (lower[i, g] - group_moves[g]) * shrink)
+        gmin = max(gmin, half_sep[a])
+        if upper[i] + moves[a] < gmin:
+            continue
+        s_a = c_norms[a] - 2.0 * _product(X, data, indices, indptr, sparse, i, C, a)
+        hits[r] = np.sqrt(max(x_norms[i] + s_a, 0.0) + eps * (x_norms[i] + c_norms[a])) >= gmin
+    return hits.sum() / n
+
+
+@_par
+def sparse_products(data, indices, indptr, first, C, out):
+    """out[k, r] = x_{first + r} . c_k for CSR rows: one axpy over the K centres per non-zero,
+    along the transposed centres C (D, K)."""
+    K, T = out.shape
     for b in prange(n_blocks(T)):
+        acc = np.empty(K, dtype=out.dtype)
         for r in range(b * BLOCK_ROWS, min(T, (b + 1) * BLOCK_ROWS)):
             i = first + r
-            for k in range(K):
-                out[r, k] = 0.0
+            acc[:] = 0.0
             for j in range(indptr[i], indptr[i + 1]):
                 v = data[j]
                 col = indices[j]
                 for k in range(K):
-                    out[r, k] += v * CT[col, k]
+                    acc[k] += v * C[col, k]
+            for k in range(K):
+                out[k, r] = acc[k]
 
 
 @_inline
-def _nearest(G, r, c_norms):
-    """The nearest centre of the row behind G[r] = (x . c_k)_k: argmin_k ||c_k||^2 - 2 x . c_k (ties to
-    the lowest k, as argmin), with that score. The one nearest-centre search of every full pass."""
-    best = 0
-    s_best = c_norms[0] - 2.0 * G[r, 0]
-    for k in range(1, G.shape[1]):
-        s = c_norms[k] - 2.0 * G[r, k]
-        if s < s_best:
-            best, s_best = k, s
-    return best, s_best
+def _fold(s, k, best, s1, s2):
+    """One more centre k (score s) into a row's best centre, lowest score s1 and next lowest s2."""
+    lower = s < s1  # strict: ties keep the lower index
+    return (k if lower else best), (s if lower else s1), min(s2, s1 if lower else s)
+
+
+@_inline
+def _nearest_block(G, lo, hi, c_norms, best, s1, s2):
+    """The one nearest-centre search of every full pass. For the rows lo..hi of a tile of products
+    G (K, T), G[k, r] = x_r . c_k: best[r - lo] = argmin_k ||c_k||^2 - 2 x . c_k (ties to the lowest
+    k, as argmin), s1 its score and s2 the next lowest score (inf when K = 1). Sweeps of four
+    centres, vectorised over rows (the running minima are read and written once a sweep)."""
+    K = G.shape[0]
+    for r in range(lo, hi):
+        best[r - lo] = 0
+        s1[r - lo] = c_norms[0] - 2.0 * G[0, r]
+        s2[r - lo] = np.inf
+    k = 1
+    while k + 4 <= K:
+        c0, c1, c2, c3 = c_norms[k], c_norms[k + 1], c_norms[k + 2], c_norms[k + 3]
+        for r in range(lo, hi):
+            j = r - lo
+            b, p, q = best[j], s1[j], s2[j]
+            b, p, q = _fold(c0 - 2.0 * G[k, r], k, b, p, q)
+            b, p, q = _fold(c1 - 2.0 * G[k + 1, r], k + 1, b, p, q)
+            b, p, q = _fold(c2 - 2.0 * G[k + 2, r], k + 2, b, p, q)
+            best[j], s1[j], s2[j] = _fold(c3 - 2.0 * G[k + 3, r], k + 3, b, p, q)
+        k += 4
+    for k in range(k, K):
+        for r in range(lo, hi):
+            j = r - lo
+            best[j], s1[j], s2[j] = _fold(c_norms[k] - 2.0 * G[k, r], k, best[j], s1[j], s2[j])
 
 
 @_par
 def _nearest_rows(G, first, X, c_norms, labels, d2):
     """labels[first + r] and d2[first + r] = ||x - c||^2 (in d2's dtype, >= 0) of the nearest centre,
-    from the products G[r, k] = x_{first + r} . c_k."""
-    T = G.shape[0]
+    from the products G[k, r] = x_{first + r} . c_k."""
+    T = G.shape[1]
     for b in prange(n_blocks(T)):
-        for r in range(b * BLOCK_ROWS, min(T, (b + 1) * BLOCK_ROWS)):
+        lo, hi = b * BLOCK_ROWS, min(T, (b + 1) * BLOCK_ROWS)
+        best, s1, s2 = np.empty(hi - lo, dtype=np.int64), np.empty(hi - lo), np.empty(hi - lo)
+        _nearest_block(G, lo, hi, c_norms, best, s1, s2)
+        for r in range(lo, hi):
             i = first + r
-            best, s_best = _nearest(G, r, c_norms)
             x_norm = 0.0
             for d in range(X.shape[1]):
                 x_norm += np.float64(X[i, d]) * X[i, d]
-            labels[i] = best
-            d2[i] = max(x_norm + s_best, 0.0)
+            labels[i] = best[r - lo]
+            d2[i] = max(x_norm + s1[r - lo], 0.0)
 
 
-def product_tiles(rows, CT, tile):
-    """(first row, G) over tiles of `tile` rows: G[r, k] = x_{first + r} . c_k in the rows' dtype, from
-    one BLAS call per tile (dense; between parallel loops, never inside one) or the CSR kernel. No
-    N x K array: a tile holds about `tile` x K products."""
+def product_tiles(rows, C, tile):
+    """(first row, G) over tiles of `tile` rows: G[k, r] = x_{first + r} . c_k (K, tile) in the rows'
+    dtype, from one BLAS call per tile (dense; between parallel loops, never inside one) or the CSR
+    kernel (C then transposed, (D, K)). No N x K array: a tile holds tile x K products."""
     X, data, indices, indptr, sparse = rows
     N = indptr.shape[0] - 1 if sparse else X.shape[0]
     for first in range(0, N, tile):
         size = min(N - first, tile)
         if sparse:
-            G = np.empty((size, CT.shape[1]), dtype=data.dtype)
-            sparse_products(data, indices, indptr, first, CT, G)
+            G = np.empty((C.shape[1], size), dtype=data.dtype)
+            sparse_products(data, indices, indptr, first, C, G)
         else:
-            G = X[first : first + size] @ CT
+            G = C @ X[first : first + size].T
         yield first, G
 
 
 def tile_rows(n_clusters):
-    """Rows per product tile: a multiple of BLOCK_ROWS, about 2^20 products."""
-    return BLOCK_ROWS * max(1, min(32, (1 << 20) // (n_clusters * BLOCK_ROWS)))
+    """Rows per product tile: a few blocks, about 2^18 products (the tile stays in cache)."""
+    return BLOCK_ROWS * max(2, min(8, (1 << 18) // (n_clusters * BLOCK_ROWS)))
 
 
 def _check_dense(name, A):
@@ -270,8 +325,7 @@ def nearest_centres(X, C):
     labels = np.empty(X.shape[0], dtype=np.int64)
     d2 = np.empty(X.shape[0], dtype=X.dtype)
     c_norms = (C.astype(np.float64) ** 2).sum(axis=1)
-    CT = np.ascontiguousarray(C.T)
-    for first, G in product_tiles((X, None, None, None, False), CT, tile_rows(C.shape[0])):
+    for first, G in product_tiles((X, None, None, None, False), C, tile_rows(C.shape[0])):
         _nearest_rows(G, first, X, c_norms, labels, d2)
     return labels, d2
 
@@ -307,36 +361,35 @@ def cluster_sums(X, labels, n_clusters):
 
 
 @_par
-def finish_rows(G, first, X, data, indices, indptr, sparse, weights, x_norms, c_norms, members, group_start,
-                eps, shrink, labels, upper, lower, sums, counts, changed):
-    """Labels of the rows first + r from their products G[r, k] = x . c_k (argmin of
-    ||c_k||^2 - 2 x . c_k, ties to the lowest k), their bounds (distance to the nearest centre and
-    to each group's nearest other centre, widened by the rounding margin), and per block of G the
-    changes of the weighted sums (sums (B, K, D), counts (B, K), changed (B,))."""
-    T, K = G.shape
+def finish_rows(G, first, X, data, indices, indptr, sparse, weights, x_norms, c_norms, eps, shrink, labels, bounds,
+                upper, lower, sums, counts, changed):
+    """Labels of the rows first + r from their products G[k, r] = x . c_k (_nearest_block), if
+    `bounds` their bounds (distance to the nearest centre, and to the next nearest as every group's
+    lower bound, widened by the rounding margin), and per block of G the changes of the weighted
+    sums (sums (B, K, D), counts (B, K), changed (B,))."""
+    T = G.shape[1]
     c_max = 0.0
-    for k in range(K):
+    for k in range(c_norms.shape[0]):
         c_max = max(c_max, c_norms[k])
     for b in prange(sums.shape[0]):
+        lo, hi = b * BLOCK_ROWS, min(T, (b + 1) * BLOCK_ROWS)
+        best, s1, s2 = np.empty(hi - lo, dtype=np.int64), np.empty(hi - lo), np.empty(hi - lo)
+        _nearest_block(G, lo, hi, c_norms, best, s1, s2)
         n_changed = 0
         _zero(sums[b], counts[b])
-        for r in range(b * BLOCK_ROWS, min(T, (b + 1) * BLOCK_ROWS)):
+        for r in range(lo, hi):
             i = first + r
-            best, s_best = _nearest(G, r, c_norms)
-            margin = eps * (x_norms[i] + c_max)
-            upper[i] = np.sqrt(max(x_norms[i] + s_best, 0.0) + margin)
-            for g in range(group_start.shape[0] - 1):
-                low2 = np.inf
-                for m in range(group_start[g], group_start[g + 1]):
-                    k = members[m]
-                    if k != best:
-                        low2 = min(low2, c_norms[k] - 2.0 * G[r, k])
-                lower[i, g] = _low(x_norms[i] + low2, margin, shrink)
-            a = labels[i]
-            if best != a:
-                labels[i] = best
+            if bounds:
+                margin = eps * (x_norms[i] + c_max)
+                upper[i] = np.sqrt(max(x_norms[i] + s1[r - lo], 0.0) + margin)
+                low = _low(x_norms[i] + s2[r - lo], margin, shrink)
+                for g in range(lower.shape[1]):
+                    lower[i, g] = low
+            a, k = labels[i], best[r - lo]
+            if k != a:
+                labels[i] = k
                 n_changed += 1
-                _move_row(X, data, indices, indptr, sparse, i, weights[i], sums[b], counts[b], a, best)
+                _move_row(X, data, indices, indptr, sparse, i, weights[i], sums[b], counts[b], a, k)
         changed[b] = n_changed
 
 
@@ -458,6 +511,8 @@ class LloydState:
         self.eps = 8.0 * np.finfo(rows.dtype).eps * np.sqrt(D)
         self.shrink = 1.0 - 2.0**-20
         self.groups = None
+        self._wait = 0  # full passes before the bounds are tried again (0: they are fresh, try them)
+        self._backoff = 1
 
     def _group(self, C):
         """Groups of centres near each other: contiguous runs along the centres' main axis."""
@@ -475,34 +530,50 @@ class LloydState:
         """Assign every row to its nearest centre in C (moves: each centre's move since the last
         call); returns the number of rows whose label changed. Sums and counts follow.
 
-        The first pass scores every row: products x . c_k in tiles, from one BLAS call per tile
-        (dense; between parallel loops, never inside one) or the CSR kernel, then one parallel pass
-        takes the argmin and sets the bounds. Later passes use the bounds (yinyang_pass)."""
+        A full pass scores every row: products x . c_k in tiles (product_tiles), then one parallel
+        pass per tile takes the argmin and, when the next pass will try them, sets the bounds. A
+        pass after that uses the bounds (yinyang_pass) if a sample predicts they skip most rows."""
         rows = self.rows
         C = np.asarray(C, dtype=np.float64)
         Cd, CT, c_norms = rows.centres(C)
         if self.groups is None:
             self._group(C)
-        members, group_start, group_of = self.groups
         if self.labels[0] >= 0:
-            moves = np.asarray(moves, dtype=np.float64)
-            group_moves = np.array([moves[members[group_start[g] : group_start[g + 1]]].max()
-                                    for g in range(self.n_groups)])
-            B = n_blocks(rows.n_rows)
-            yinyang_pass(*rows.args(), self.weights, rows.norms, Cd, c_norms, _half_separations(C, self.eps),
-                         members, group_start, group_of, moves, group_moves, self.eps, self.shrink, self.labels,
-                         self.upper, self.lower, self._sums[:B], self._counts[:B], self._changed[:B])
-            self._reduce(B)
-            return int(self._changed[:B].sum())
+            if self._wait:
+                self._wait -= 1
+            else:
+                n_changed = self._bounded_pass(C, Cd, c_norms, np.asarray(moves, dtype=np.float64))
+                if n_changed >= 0:
+                    return n_changed
         n_changed = 0
-        for start, G in product_tiles(rows.args(), CT, self.tile):
-            B = n_blocks(G.shape[0])
-            finish_rows(G, start, *rows.args(), self.weights, rows.norms, c_norms, members, group_start, self.eps,
-                        self.shrink, self.labels, self.upper, self.lower, self._sums[:B], self._counts[:B],
-                        self._changed[:B])
+        for start, G in product_tiles(rows.args(), CT if rows.sparse else Cd, self.tile):
+            B = n_blocks(G.shape[1])
+            finish_rows(G, start, *rows.args(), self.weights, rows.norms, c_norms, self.eps, self.shrink, self.labels,
+                        self._wait == 0, self.upper, self.lower, self._sums[:B], self._counts[:B], self._changed[:B])
             self._reduce(B)
             n_changed += int(self._changed[:B].sum())
         return n_changed
+
+    def _bounded_pass(self, C, Cd, c_norms, moves):
+        """A yinyang_pass, if the sample predicts it scores few rows (then the number of changed
+        labels); else -1, and full passes for a while."""
+        rows = self.rows
+        members, group_start, group_of = self.groups
+        group_moves = np.array([moves[members[group_start[g] : group_start[g + 1]]].max()
+                                for g in range(self.n_groups)])
+        half_sep = _half_separations(C, self.eps)
+        if bounded_share(*rows.args(), rows.norms, Cd, c_norms, half_sep, moves, group_moves, self.eps, self.shrink,
+                         self.labels, self.upper, self.lower, SAMPLE_STRIDE) > BOUNDED_MAX_SHARE:
+            self._wait = self._backoff
+            self._backoff = min(2 * self._backoff, MAX_WAIT)
+            return -1
+        self._backoff = 1
+        B = n_blocks(rows.n_rows)
+        yinyang_pass(*rows.args(), self.weights, rows.norms, Cd, c_norms, half_sep, members, group_start, group_of,
+                     moves, group_moves, self.eps, self.shrink, self.labels, self.upper, self.lower, self._sums[:B],
+                     self._counts[:B], self._changed[:B])
+        self._reduce(B)
+        return int(self._changed[:B].sum())
 
     def _reduce(self, B):
         for b in range(B):  # in order: the same sums for any thread count
