@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fastlvm.kernels import kmeans as kernels
-from fastlvm.kernels.kmeans import BLOCK_ROWS, cluster_sums, nearest_centres, tile_rows
+from fastlvm.kernels.kmeans import BLOCK_ROWS, SUB_ROWS, cluster_sums, nearest_centres
 
 
 def brute_force(X, C):
@@ -14,7 +14,7 @@ def brute_force(X, C):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n, d, k", [(1, 1, 1), (7, 3, 5), (BLOCK_ROWS + 3, 5, 1), (tile_rows(300) + 17, 4, 300)])
+@pytest.mark.parametrize("n, d, k", [(1, 1, 1), (7, 3, 5), (BLOCK_ROWS + 3, 5, 1), (BLOCK_ROWS + SUB_ROWS + 17, 4, 300)])
 def test_nearest_centres_with_ties_is_argmin(dtype, n, d, k):
     """Small integers: every product is exact, so ties are exact and must go to the lowest index."""
     rng = np.random.default_rng(n + k)
