@@ -227,8 +227,10 @@ def bounded_hits(X, data, indices, indptr, sparse, x_norms, C, c_norms, half_sep
 
 @_inline
 def _tile_products(X, data, indices, indptr, sparse, r0, n, C, CT, G, acc):
-    """G[k, r] = x_{r0 + r} . c_k for r < n <= G.shape[1], in the rows' dtype: one BLAS call (dense)
-    or one axpy over the K centres per non-zero along the transposed centres CT (D, K) (CSR)."""
+    """G[k, r] = x_{r0 + r} . c_k for r < n <= G.shape[1], in the rows' dtype (returns G, or a new
+    (K, n) array for a short dense tile): one BLAS call (dense; np.dot into its output, whose code
+    compiles several times faster than an allocating or sliced one) or one axpy over the K centres
+    per non-zero along the transposed centres CT (D, K) (CSR)."""
     if sparse:
         for r in range(n):
             i = r0 + r
@@ -238,11 +240,12 @@ def _tile_products(X, data, indices, indptr, sparse, r0, n, C, CT, G, acc):
                 col = indices[j]
                 for k in range(acc.shape[0]):
                     acc[k] += v * CT[col, k]
-            G[:, r] = acc
-    elif n == G.shape[1]:
-        np.dot(C, X[r0 : r0 + n].T, G)
-    else:
-        G[:, :n] = np.dot(C, X[r0 : r0 + n].T)
+            for k in range(acc.shape[0]):
+                G[k, r] = acc[k]
+        return G
+    out = G if n == G.shape[1] else np.empty((G.shape[0], n), dtype=G.dtype)
+    np.dot(C, X[r0 : r0 + n].T, out)
+    return out
 
 
 @_inline
@@ -290,8 +293,8 @@ def _nearest_rows(X, C, c_norms, labels, d2, first, step):
     for b in range(first, n_blocks(N), step):
         for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
             n = min(SUB_ROWS, N - r0)
-            _tile_products(X, none, no_index, no_index, False, r0, n, C, C, G, none)
-            _nearest_block(G, n, c_norms, best, s1, s2)
+            P = _tile_products(X, none, no_index, no_index, False, r0, n, C, C, G, none)
+            _nearest_block(P, n, c_norms, best, s1, s2)
             for r in range(n):
                 i = r0 + r
                 x_norm = 0.0
@@ -374,8 +377,8 @@ def full_pass(X, data, indices, indptr, sparse, weights, x_norms, C, CT, c_norms
         _zero(sums[b], counts[b])
         for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
             n = min(SUB_ROWS, N - r0)
-            _tile_products(X, data, indices, indptr, sparse, r0, n, C, CT, G, acc)
-            _nearest_block(G, n, c_norms, best, s1, s2)
+            P = _tile_products(X, data, indices, indptr, sparse, r0, n, C, CT, G, acc)
+            _nearest_block(P, n, c_norms, best, s1, s2)
             for r in range(n):
                 i = r0 + r
                 if bounds:
