@@ -101,3 +101,22 @@ def test_lloyd_passes_give_the_nearest_centre_whichever_pass_runs(share, dtype, 
         np.testing.assert_allclose(state.sums, sums, rtol=1e-9, atol=1e-6)
         new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], C)
         moves, C = np.sqrt(((new - C) ** 2).sum(axis=1)), new
+
+
+def test_passes_ignore_the_thread_count():
+    """Fixed blocks summed in order: one thread and every thread give the same bits."""
+    numba = pytest.importorskip("numba")
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(5 * BLOCK_ROWS + 11, 3))
+    C = X[:7].copy()
+    results = []
+    for threads in (1, numba.config.NUMBA_NUM_THREADS):
+        numba.set_num_threads(threads)
+        try:
+            state = kernels.LloydState(kernels.Rows(X), np.ones(len(X)), 7)
+            state.assign(C, np.zeros(7))
+            results.append((state.labels.copy(), state.sums.copy(), cluster_sums(X, state.labels, 7)[1]))
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
