@@ -8,7 +8,10 @@ n_iter_, the median over rounds; libraries take turns within a round, under the 
 load. The GEMM fraction counts 2*N*K*D FLOPs per iteration, skipped distances counted as done.
 A peer that is not installed or fails is left out.
 
-    python bench/bench_kmeans.py [--quick] [--cases dense-f32,sparse] [--rounds 3] [--machine m.json]
+    python bench/bench_kmeans.py [--quick] [--cases dense-f32,sparse] [--rounds 3] [--threads 1] [--machine m.json]
+
+--threads N limits every library to N threads (BLAS/OpenMP pools through threadpoolctl, Numba's
+workers, faiss's OpenMP): on a shared machine single-thread ratios are the ones to trust.
 """
 
 from __future__ import annotations
@@ -148,9 +151,22 @@ def main(argv=None):
     ap.add_argument("--cases", help="comma-separated case names (default: all)")
     ap.add_argument("--libs", default=",".join(LIBS), help="comma-separated libraries")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="limit every library to this many threads")
     ap.add_argument("--machine", help="bench/machine.py --json output (GEMM rate); measured here if absent")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
+    if args.threads:
+        import numba
+        from threadpoolctl import threadpool_limits
+
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+        threadpool_limits(args.threads)  # kept for the whole run
+        try:
+            import faiss
+
+            faiss.omp_set_num_threads(args.threads)
+        except ImportError:
+            pass
 
     if args.machine and os.path.exists(args.machine):
         with open(args.machine) as f:

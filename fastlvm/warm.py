@@ -1,6 +1,7 @@
 """Compiles and caches the Numba kernels once, so that no later fit pays for compilation:
 a tiny fit (and the per-row methods) of every covariance type in float32 and float64, and of
-KMeans, through the public estimators, so every kernel they reach is warmed.
+KMeans (dense and CSR) through the public estimators, so every kernel they reach is warmed, and the
+k-means kernels' nearest-centre search and cluster sums.
 
     python -m fastlvm.warm
 
@@ -12,7 +13,9 @@ import time
 import warnings
 
 import numpy as np
+import scipy.sparse as sp
 
+from fastlvm.kernels.kmeans import cluster_sums, nearest_centres
 from fastlvm.mixture import GaussianMixture, KMeans
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
@@ -32,7 +35,12 @@ def warm(verbose=True):
             if verbose:
                 print(f"fastlvm.warm: GaussianMixture {cov} {np.dtype(dtype).name}: {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
-        KMeans(2, n_init=1, random_state=0).fit(Xd).predict(Xd)
+        # separated clusters, so the bounded passes run too; dense and CSR; the codebook search
+        blobs = (X + np.repeat(np.eye(3) * 20, 100, axis=0)).astype(dtype)
+        KMeans(3, n_init=1, random_state=0).fit(blobs).predict(blobs)
+        KMeans(3, n_init=1, random_state=0).fit(sp.csr_matrix(blobs))
+        nearest_centres(blobs, blobs[:3].copy())
+        cluster_sums(blobs, np.zeros(len(blobs), dtype=np.int64), 3)
         if verbose:
             print(f"fastlvm.warm: KMeans {np.dtype(dtype).name}: {time.perf_counter() - t0:.1f} s")
 

@@ -13,19 +13,33 @@ c_a to its nearest other centre. Bounds are widened by a rounding margin, so a s
 label is the label the full computation gives: the result is Lloyd's. Only rows whose label
 changes touch the sums, so a skipped row costs its three bound words.
 
-A pass runs over fixed blocks of rows (prange), each with its own partial sums, reduced in block
-order: the result does not depend on the number of threads. Dense products x . c_k are BLAS
-calls on tiles of rows, made between the parallel loops, never inside one.
+A pass runs over fixed blocks of rows, each with its own partial sums, reduced in block order:
+the result does not depend on the number of threads. The kernels are serial and release the GIL;
+`_run` calls one per thread (cpu._on_workers), each on every step-th block: plain threads rather
+than Numba's parallel loops, which compile several times slower. Dense products x . c_k are
+single-threaded BLAS calls on tiles of SUB_ROWS rows inside the kernels (BLAS limited to one
+thread meanwhile), so the tile of products stays in cache beside the argmin that reads it.
 """
 
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
+
+from fastlvm.kernels.cpu import _on_workers, blas_single_thread
 
 _FASTMATH = {"reassoc", "contract", "arcp"}
 _inline = njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
-_par = njit(fastmath=_FASTMATH, cache=True, nogil=True, parallel=True)
+_jit = njit(fastmath=_FASTMATH, cache=True, nogil=True)
 
 BLOCK_ROWS = 2048  # rows per block; fixed, so results ignore the thread count
+SUB_ROWS = 256  # rows per tile of products inside a block
+# A bounded pass scores a row (its own centre, then the groups its bounds cannot rule out) several
+# times slower than a full pass of tiled products does; it pays only while it scores few rows. A
+# sample of every SAMPLE_STRIDE-th row predicts the share it would score. After a miss, full passes
+# (which then skip the bounds' bookkeeping) run for a while, twice as long after each miss.
+BOUNDED_MAX_SHARE = 0.2
+SAMPLE_STRIDE = 64
+MAX_WAIT = 16
 
 
 def n_groups(n_clusters):
@@ -36,6 +50,17 @@ def n_groups(n_clusters):
 @njit(cache=True)
 def n_blocks(n_rows):
     return max(1, (n_rows + BLOCK_ROWS - 1) // BLOCK_ROWS)
+
+
+def _run(kernel, n_items, *args, blas=False):
+    """kernel(*args, first, step) on up to numba.get_num_threads() threads; `blas`: the kernel calls
+    BLAS, which then runs single-threaded (one level of parallelism)."""
+    n_workers = max(1, min(numba.get_num_threads(), n_items))
+    if blas:
+        with blas_single_thread():
+            _on_workers(kernel, n_workers, *args)
+    else:
+        _on_workers(kernel, n_workers, *args)
 
 
 @_inline
@@ -102,9 +127,9 @@ def _low(d2, margin, shrink):
     return np.sqrt(max(d2 - margin, 0.0)) * shrink
 
 
-@_par
+@_jit
 def yinyang_pass(X, data, indices, indptr, sparse, weights, x_norms, C, c_norms, half_sep, members, group_start,
-                 group_of, moves, group_moves, eps, shrink, labels, upper, lower, sums, counts, changed):
+                 group_of, moves, group_moves, eps, shrink, labels, upper, lower, sums, counts, changed, first, step):
     """One assignment pass with Yinyang bounds (Ding et al., 2015) over rows that have a label.
 
     The centres form G groups (members[group_start[g]:group_start[g+1]]); lower[i, g] bounds the
@@ -119,10 +144,10 @@ def yinyang_pass(X, data, indices, indptr, sparse, weights, x_norms, C, c_norms,
     K = C.shape[0]
     G = group_start.shape[0] - 1
     c_max = c_norms.max()
-    for b in prange(sums.shape[0]):
+    scored = np.zeros(G, dtype=np.bool_)
+    scores = np.empty(K)
+    for b in range(first, sums.shape[0], step):
         n_changed = 0
-        scored = np.zeros(G, dtype=np.bool_)
-        scores = np.empty(K)
         _zero(sums[b], counts[b])
         for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
             a = labels[i]
@@ -181,67 +206,200 @@ def yinyang_pass(X, data, indices, indptr, sparse, weights, x_norms, C, c_norms,
         changed[b] = n_changed
 
 
-@_par
-def sparse_products(data, indices, indptr, first, CT, out):
-    """out[r, k] = x_{first + r} . c_k for CSR rows, along the transposed centres CT (D, K): one
-    axpy over the K centres per non-zero."""
-    T, K = out.shape
-    for b in prange(n_blocks(T)):
-        for r in range(b * BLOCK_ROWS, min(T, (b + 1) * BLOCK_ROWS)):
-            i = first + r
-            for k in range(K):
-                out[r, k] = 0.0
+@_jit
+def bounded_hits(X, data, indices, indptr, sparse, x_norms, C, c_norms, half_sep, moves, group_moves, eps, shrink,
+                 labels, upper, lower, stride, hits, first, step):
+    """hits[r]: whether a yinyang_pass with these moves would score row i = r * stride (neither the
+    loose nor the tightened bound skips it); changes nothing else."""
+    n = hits.shape[0]
+    for r in range(first, n, step):
+        i = r * stride
+        a = labels[i]
+        gmin = np.inf
+        for g in range(lower.shape[1]):
+            gmin = min(gmin, (lower[i, g] - group_moves[g]) * shrink)
+        gmin = max(gmin, half_sep[a])
+        if upper[i] + moves[a] < gmin:
+            continue
+        s_a = c_norms[a] - 2.0 * _product(X, data, indices, indptr, sparse, i, C, a)
+        hits[r] = np.sqrt(max(x_norms[i] + s_a, 0.0) + eps * (x_norms[i] + c_norms[a])) >= gmin
+
+
+@_inline
+def _tile_products(X, data, indices, indptr, sparse, r0, n, C, CT, G, acc):
+    """G[k, r] = x_{r0 + r} . c_k for r < n <= G.shape[1], in the rows' dtype (returns G, or a new
+    (K, n) array for a short dense tile): one BLAS call (dense; np.dot into its output, whose code
+    compiles several times faster than an allocating or sliced one) or one axpy over the K centres
+    per non-zero along the transposed centres CT (D, K) (CSR)."""
+    if sparse:
+        for r in range(n):
+            i = r0 + r
+            acc[:] = 0.0
             for j in range(indptr[i], indptr[i + 1]):
                 v = data[j]
                 col = indices[j]
-                for k in range(K):
-                    out[r, k] += v * CT[col, k]
+                for k in range(acc.shape[0]):
+                    acc[k] += v * CT[col, k]
+            for k in range(acc.shape[0]):
+                G[k, r] = acc[k]
+        return G
+    out = G if n == G.shape[1] else np.empty((G.shape[0], n), dtype=G.dtype)
+    np.dot(C, X[r0 : r0 + n].T, out)
+    return out
 
 
-@_par
-def finish_rows(G, first, X, data, indices, indptr, sparse, weights, x_norms, c_norms, members, group_start,
-                eps, shrink, labels, upper, lower, sums, counts, changed):
-    """Labels of the rows first + r from their products G[r, k] = x . c_k (argmin of
-    ||c_k||^2 - 2 x . c_k, ties to the lowest k), their bounds (distance to the nearest centre and
-    to each group's nearest other centre, widened by the rounding margin), and per block of G the
-    changes of the weighted sums (sums (B, K, D), counts (B, K), changed (B,))."""
-    T, K = G.shape
-    c_max = 0.0
-    for k in range(K):
-        c_max = max(c_max, c_norms[k])
-    for b in prange(sums.shape[0]):
+@_inline
+def _fold(s, k, best, s1, s2):
+    """One more centre k (score s) into a row's best centre, lowest score s1 and next lowest s2."""
+    lower = s < s1  # strict: ties keep the lower index
+    return (k if lower else best), (s if lower else s1), min(s2, s1 if lower else s)
+
+
+@_inline
+def _nearest_block(G, n, c_norms, best, s1, s2):
+    """The one nearest-centre search of every full pass. For the rows r < n of a tile of products
+    G (K, SUB_ROWS), G[k, r] = x_r . c_k: best[r] = argmin_k ||c_k||^2 - 2 x . c_k (ties to the
+    lowest k, as argmin), s1[r] its score and s2[r] the next lowest score (inf when K = 1). Sweeps
+    of four centres, vectorised over rows (the running minima are read and written once a sweep)."""
+    K = G.shape[0]
+    for r in range(n):
+        best[r] = 0
+        s1[r] = c_norms[0] - 2.0 * G[0, r]
+        s2[r] = np.inf
+    k = 1
+    while k + 4 <= K:
+        c0, c1, c2, c3 = c_norms[k], c_norms[k + 1], c_norms[k + 2], c_norms[k + 3]
+        for r in range(n):
+            b, p, q = best[r], s1[r], s2[r]
+            b, p, q = _fold(c0 - 2.0 * G[k, r], k, b, p, q)
+            b, p, q = _fold(c1 - 2.0 * G[k + 1, r], k + 1, b, p, q)
+            b, p, q = _fold(c2 - 2.0 * G[k + 2, r], k + 2, b, p, q)
+            best[r], s1[r], s2[r] = _fold(c3 - 2.0 * G[k + 3, r], k + 3, b, p, q)
+        k += 4
+    for k in range(k, K):
+        for r in range(n):
+            best[r], s1[r], s2[r] = _fold(c_norms[k] - 2.0 * G[k, r], k, best[r], s1[r], s2[r])
+
+
+@_jit
+def _nearest_rows(X, C, c_norms, labels, d2, first, step):
+    """labels[i] and d2[i] = ||x_i - c||^2 (in d2's dtype, >= 0) of the nearest centre c, for the
+    blocks first, first + step, ... of dense rows."""
+    N, K = X.shape[0], C.shape[0]
+    G = np.empty((K, SUB_ROWS), dtype=X.dtype)
+    best, s1, s2 = np.empty(SUB_ROWS, dtype=np.int64), np.empty(SUB_ROWS), np.empty(SUB_ROWS)
+    none = np.empty(0, dtype=X.dtype)
+    no_index = np.zeros(1, dtype=np.int32)
+    for b in range(first, n_blocks(N), step):
+        for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
+            n = min(SUB_ROWS, N - r0)
+            P = _tile_products(X, none, no_index, no_index, False, r0, n, C, C, G, none)
+            _nearest_block(P, n, c_norms, best, s1, s2)
+            for r in range(n):
+                i = r0 + r
+                x_norm = 0.0
+                for d in range(X.shape[1]):
+                    x_norm += np.float64(X[i, d]) * X[i, d]
+                labels[i] = best[r]
+                d2[i] = max(x_norm + s1[r], 0.0)
+
+
+def _check_dense(name, A):
+    if not isinstance(A, np.ndarray) or A.ndim != 2 or A.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be a 2-D float32 or float64 NumPy array, got "
+                        f"{getattr(A, 'dtype', type(A).__name__)} with shape {getattr(A, 'shape', None)}")
+    if not A.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+
+
+def nearest_centres(X, C):
+    """The nearest centre of every row: (labels int64 (N,), squared distances (N,) in X's dtype).
+
+    X (N, D) and C (K, D): C-contiguous float32/float64 arrays of one dtype. The label is the argmin
+    over k of ||c_k||^2 - 2 x . c_k (||x||^2 folded in only for the distance), ties to the lowest k;
+    products come in tiles of rows, never as an N x K array."""
+    _check_dense("X", X)
+    _check_dense("C", C)
+    if C.dtype != X.dtype or C.shape[1] != X.shape[1] or C.shape[0] == 0:
+        raise ValueError(f"C must be a non-empty (K, {X.shape[1]}) array of X's dtype {X.dtype}, got "
+                         f"{C.shape} {C.dtype}")
+    labels = np.empty(X.shape[0], dtype=np.int64)
+    d2 = np.empty(X.shape[0], dtype=X.dtype)
+    c_norms = (C.astype(np.float64) ** 2).sum(axis=1)
+    _run(_nearest_rows, n_blocks(X.shape[0]), X, C, c_norms, labels, d2, blas=True)
+    return labels, d2
+
+
+SUM_PARTS = 8  # row ranges summed apart, then in order: a fixed split, so any thread count agrees
+
+
+@_jit
+def _cluster_sums(X, labels, counts, sums, first, step):
+    N, P = X.shape[0], sums.shape[0]
+    for p in range(first, P, step):
+        for i in range(p * N // P, (p + 1) * N // P):
+            k = labels[i]
+            counts[p, k] += 1.0
+            for d in range(X.shape[1]):
+                sums[p, k, d] += X[i, d]
+
+
+def cluster_sums(X, labels, n_clusters):
+    """(counts float64 (K,), sums float64 (K, D)) of the rows of X (N, D), C-contiguous float32/float64,
+    by label (integers in [0, K))."""
+    _check_dense("X", X)
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    if labels.shape != (X.shape[0],):
+        raise ValueError(f"labels must have shape ({X.shape[0]},), got {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= n_clusters):
+        raise ValueError(f"labels must lie in [0, {n_clusters}), got [{labels.min()}, {labels.max()}]")
+    P = max(1, min(SUM_PARTS, X.shape[0] // BLOCK_ROWS))
+    counts = np.zeros((P, n_clusters))
+    sums = np.zeros((P, n_clusters, X.shape[1]))
+    _run(_cluster_sums, P, X, labels, counts, sums)
+    return counts.sum(axis=0), sums.sum(axis=0)
+
+
+@_jit
+def full_pass(X, data, indices, indptr, sparse, weights, x_norms, C, CT, c_norms, eps, shrink, labels, bounds,
+              upper, lower, sums, counts, changed, first, step):
+    """Labels of every row of the blocks first, first + step, ... from tiles of products
+    (_tile_products, _nearest_block), if `bounds` their bounds (distance to the nearest centre, and
+    to the next nearest as every group's lower bound, widened by the rounding margin), and per block
+    the changes of the weighted sums (sums (B, K, D), counts (B, K), changed (B,))."""
+    N, K = labels.shape[0], C.shape[0]
+    G = np.empty((K, SUB_ROWS), dtype=C.dtype)
+    acc = np.empty(K, dtype=C.dtype)
+    best, s1, s2 = np.empty(SUB_ROWS, dtype=np.int64), np.empty(SUB_ROWS), np.empty(SUB_ROWS)
+    c_max = c_norms.max()
+    for b in range(first, sums.shape[0], step):
         n_changed = 0
         _zero(sums[b], counts[b])
-        for r in range(b * BLOCK_ROWS, min(T, (b + 1) * BLOCK_ROWS)):
-            i = first + r
-            best = 0
-            s_best = c_norms[0] - 2.0 * G[r, 0]
-            for k in range(1, K):
-                s = c_norms[k] - 2.0 * G[r, k]
-                if s < s_best:
-                    best, s_best = k, s
-            margin = eps * (x_norms[i] + c_max)
-            upper[i] = np.sqrt(max(x_norms[i] + s_best, 0.0) + margin)
-            for g in range(group_start.shape[0] - 1):
-                low2 = np.inf
-                for m in range(group_start[g], group_start[g + 1]):
-                    k = members[m]
-                    if k != best:
-                        low2 = min(low2, c_norms[k] - 2.0 * G[r, k])
-                lower[i, g] = _low(x_norms[i] + low2, margin, shrink)
-            a = labels[i]
-            if best != a:
-                labels[i] = best
-                n_changed += 1
-                _move_row(X, data, indices, indptr, sparse, i, weights[i], sums[b], counts[b], a, best)
+        for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
+            n = min(SUB_ROWS, N - r0)
+            P = _tile_products(X, data, indices, indptr, sparse, r0, n, C, CT, G, acc)
+            _nearest_block(P, n, c_norms, best, s1, s2)
+            for r in range(n):
+                i = r0 + r
+                if bounds:
+                    margin = eps * (x_norms[i] + c_max)
+                    upper[i] = np.sqrt(max(x_norms[i] + s1[r], 0.0) + margin)
+                    low = _low(x_norms[i] + s2[r], margin, shrink)
+                    for g in range(lower.shape[1]):
+                        lower[i, g] = low
+                a, k = labels[i], best[r]
+                if k != a:
+                    labels[i] = k
+                    n_changed += 1
+                    _move_row(X, data, indices, indptr, sparse, i, weights[i], sums[b], counts[b], a, k)
         changed[b] = n_changed
 
 
-@_par
-def own_sq_distances(X, data, indices, indptr, sparse, x_norms, C, c_norms, labels, out):
+@_jit
+def own_sq_distances(X, data, indices, indptr, sparse, x_norms, C, c_norms, labels, out, first, step):
     """out[i] = ||x_i - c_{labels[i]}||^2 (direct for dense rows)."""
     N = labels.shape[0]
-    for b in prange(n_blocks(N)):
+    for b in range(first, n_blocks(N), step):
         for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
             a = labels[i]
             if sparse:
@@ -250,11 +408,11 @@ def own_sq_distances(X, data, indices, indptr, sparse, x_norms, C, c_norms, labe
                 out[i] = _dense_sq_distance(X, i, C, a)
 
 
-@_par
-def all_sq_distances(X, data, indices, indptr, sparse, x_norms, C, c_norms, out):
+@_jit
+def all_sq_distances(X, data, indices, indptr, sparse, x_norms, C, c_norms, out, first, step):
     """out[i, k] = ||x_i - c_k||^2 (direct for dense rows, so a row equal to c_k gives exactly 0)."""
     N, K = out.shape
-    for b in prange(n_blocks(N)):
+    for b in range(first, n_blocks(N), step):
         for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
             for k in range(K):
                 if sparse:
@@ -263,11 +421,11 @@ def all_sq_distances(X, data, indices, indptr, sparse, x_norms, C, c_norms, out)
                     out[i, k] = _dense_sq_distance(X, i, C, k)
 
 
-@_par
-def row_sq_norms(X, data, indptr, sparse, out):
+@_jit
+def row_sq_norms(X, data, indptr, sparse, out, first, step):
     """out[i] = ||x_i||^2 in float64."""
     N = out.shape[0]
-    for b in prange(n_blocks(N)):
+    for b in range(first, n_blocks(N), step):
         for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
             acc = 0.0
             if sparse:
@@ -296,7 +454,7 @@ class Rows:
             self.indices = self.indptr = np.zeros(1, dtype=np.int32)
         self.n_rows, self.n_features = X.shape
         self.norms = np.empty(self.n_rows)
-        row_sq_norms(self.X, self.data, self.indptr, self.sparse, self.norms)
+        _run(row_sq_norms, n_blocks(self.n_rows), self.X, self.data, self.indptr, self.sparse, self.norms)
 
     @property
     def shape(self):
@@ -314,13 +472,13 @@ class Rows:
         """(N, K) squared distances to the centres C."""
         Cd, _, c_norms = self.centres(C)
         out = np.empty((self.n_rows, Cd.shape[0]))
-        all_sq_distances(*self.args(), self.norms, Cd, c_norms, out)
+        _run(all_sq_distances, n_blocks(self.n_rows), *self.args(), self.norms, Cd, c_norms, out)
         return out
 
     def own_sq_distances(self, C, labels):
         Cd, _, c_norms = self.centres(C)
         out = np.empty(self.n_rows)
-        own_sq_distances(*self.args(), self.norms, Cd, c_norms, labels, out)
+        _run(own_sq_distances, n_blocks(self.n_rows), *self.args(), self.norms, Cd, c_norms, labels, out)
         return out
 
     def rows(self, index):
@@ -347,15 +505,15 @@ class LloydState:
         self.lower = np.zeros((N, self.n_groups), dtype=np.float32)
         self.sums = np.zeros((K, D))
         self.counts = np.zeros(K)
-        # rows per product tile of a fresh pass: a multiple of BLOCK_ROWS, about 2^20 products
-        self.tile = BLOCK_ROWS * max(1, min(32, (1 << 20) // (K * BLOCK_ROWS)))
-        B = max(self.tile // BLOCK_ROWS, n_blocks(N))
+        B = n_blocks(N)
         self._sums = np.empty((B, K, D))
         self._counts = np.empty((B, K))
         self._changed = np.empty(B, dtype=np.int64)
         self.eps = 8.0 * np.finfo(rows.dtype).eps * np.sqrt(D)
         self.shrink = 1.0 - 2.0**-20
         self.groups = None
+        self._wait = 0  # full passes before the bounds are tried again (0: they are fresh, try them)
+        self._backoff = 1
 
     def _group(self, C):
         """Groups of centres near each other: contiguous runs along the centres' main axis."""
@@ -373,43 +531,51 @@ class LloydState:
         """Assign every row to its nearest centre in C (moves: each centre's move since the last
         call); returns the number of rows whose label changed. Sums and counts follow.
 
-        The first pass scores every row: products x . c_k in tiles, from one BLAS call per tile
-        (dense; between parallel loops, never inside one) or the CSR kernel, then one parallel pass
-        takes the argmin and sets the bounds. Later passes use the bounds (yinyang_pass)."""
+        A full pass (full_pass) scores every row from tiles of products and, when the next pass will
+        try them, sets the bounds. A
+        pass after that uses the bounds (yinyang_pass) if a sample predicts they skip most rows."""
         rows = self.rows
         C = np.asarray(C, dtype=np.float64)
         Cd, CT, c_norms = rows.centres(C)
         if self.groups is None:
             self._group(C)
-        members, group_start, group_of = self.groups
         if self.labels[0] >= 0:
-            moves = np.asarray(moves, dtype=np.float64)
-            group_moves = np.array([moves[members[group_start[g] : group_start[g + 1]]].max()
-                                    for g in range(self.n_groups)])
-            B = n_blocks(rows.n_rows)
-            yinyang_pass(*rows.args(), self.weights, rows.norms, Cd, c_norms, _half_separations(C, self.eps),
-                         members, group_start, group_of, moves, group_moves, self.eps, self.shrink, self.labels,
-                         self.upper, self.lower, self._sums[:B], self._counts[:B], self._changed[:B])
-            self._reduce(B)
-            return int(self._changed[:B].sum())
-        n_changed = 0
-        for start in range(0, rows.n_rows, self.tile):
-            size = min(rows.n_rows - start, self.tile)
-            if rows.sparse:
-                G = np.empty((size, Cd.shape[0]), dtype=rows.dtype)
-                sparse_products(rows.data, rows.indices, rows.indptr, start, CT, G)
+            if self._wait:
+                self._wait -= 1
             else:
-                G = rows.X[start : start + size] @ CT
-            B = n_blocks(size)
-            finish_rows(G, start, *rows.args(), self.weights, rows.norms, c_norms, members, group_start, self.eps,
-                        self.shrink, self.labels, self.upper, self.lower, self._sums[:B], self._counts[:B],
-                        self._changed[:B])
-            self._reduce(B)
-            n_changed += int(self._changed[:B].sum())
-        return n_changed
+                n_changed = self._bounded_pass(C, Cd, c_norms, np.asarray(moves, dtype=np.float64))
+                if n_changed >= 0:
+                    return n_changed
+        _run(full_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, Cd, CT, c_norms, self.eps,
+             self.shrink, self.labels, self._wait == 0, self.upper, self.lower, self._sums, self._counts,
+             self._changed, blas=not rows.sparse)
+        self._reduce()
+        return int(self._changed.sum())
 
-    def _reduce(self, B):
-        for b in range(B):  # in order: the same sums for any thread count
+    def _bounded_pass(self, C, Cd, c_norms, moves):
+        """A yinyang_pass, if the sample predicts it scores few rows (then the number of changed
+        labels); else -1, and full passes for a while."""
+        rows = self.rows
+        members, group_start, group_of = self.groups
+        group_moves = np.array([moves[members[group_start[g] : group_start[g + 1]]].max()
+                                for g in range(self.n_groups)])
+        half_sep = _half_separations(C, self.eps)
+        hits = np.zeros((rows.n_rows + SAMPLE_STRIDE - 1) // SAMPLE_STRIDE, dtype=np.bool_)
+        _run(bounded_hits, n_blocks(hits.shape[0]), *rows.args(), rows.norms, Cd, c_norms, half_sep, moves, group_moves,
+             self.eps, self.shrink, self.labels, self.upper, self.lower, SAMPLE_STRIDE, hits)
+        if hits.mean() > BOUNDED_MAX_SHARE:
+            self._wait = self._backoff
+            self._backoff = min(2 * self._backoff, MAX_WAIT)
+            return -1
+        self._backoff = 1
+        _run(yinyang_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, Cd, c_norms, half_sep, members,
+             group_start, group_of, moves, group_moves, self.eps, self.shrink, self.labels, self.upper, self.lower,
+             self._sums, self._counts, self._changed)
+        self._reduce()
+        return int(self._changed.sum())
+
+    def _reduce(self):
+        for b in range(self._sums.shape[0]):  # in order: the same sums for any thread count
             self.sums += self._sums[b]
             self.counts += self._counts[b]
 
@@ -425,9 +591,9 @@ def _half_separations(C, eps):
     return 0.5 * np.sqrt(gaps.min(axis=1))
 
 
-@_par
-def _column_sq_sums(X, out):
-    for b in prange(out.shape[0]):
+@_jit
+def _column_sq_sums(X, out, first, step):
+    for b in range(first, out.shape[0], step):
         for i in range(b * BLOCK_ROWS, min(X.shape[0], (b + 1) * BLOCK_ROWS)):
             for d in range(X.shape[1]):
                 out[b, d] += np.float64(X[i, d]) * X[i, d]
@@ -436,5 +602,5 @@ def _column_sq_sums(X, out):
 def column_sq_sums(X):
     """sum_i x_id^2 of every column d of a dense array, in float64 (blocks summed in order)."""
     out = np.zeros((n_blocks(X.shape[0]), X.shape[1]))
-    _column_sq_sums(X, out)
+    _run(_column_sq_sums, out.shape[0], X, out)
     return out.sum(axis=0)
