@@ -100,7 +100,93 @@ def _exp_nonpositive(a, n, bits):
 # pass (s_k = P_k^-T sum r y, S_k = P_k^-T (sum r y y^T) P_k^-1), so each row is multiplied by P_k
 # once. Rows are centred once, on the mixture mean c, and y_i = P_k^T (x_i - c) - b_k with
 # b_k = P_k^T (mu_k - c): the rounding of y is then relative to |mu_k - c| / sigma_k rather than to
-# |x|, and the moments need no cancelling correction. The sub-chunk keeps every y: Y (K, rows, D).
+# |x|, and the moments need no cancelling correction.
+#
+# The full type's two products are loops of our own rather than BLAS calls: at these shapes (a
+# sub-chunk of rows by D x D) BLAS spends as long packing its operands as multiplying, and it
+# cannot use the structure (P_k triangular, sum r y y^T symmetric), which halves the arithmetic.
+# Rows are stored transposed, dT (Dp, rows) and YT[k] (Dp, rows), so every inner loop runs along
+# contiguous rows and vectorises at any SIMD width; D is padded with zeros to Dp, a multiple of 4,
+# so the loops step through the triangle four columns at a time. Accumulators are scalars the
+# compiler keeps in registers: 4 (E-step) and 2 x 4 (M-step) of them stay well inside AVX2's 16
+# vector registers (and AVX-512's 32).
+PAD = 4  # the full type's feature count is padded to a multiple of this
+
+
+@_inline
+def _transpose_centred(X, r0, C, m, dT):
+    """dT[p, i] = X[r0 + i, p] - m[p] for i < C, p < D (rows D.. of dT stay zero)."""
+    D = X.shape[1]
+    for i in range(C):
+        xi = X[r0 + i]
+        for p in range(D):
+            dT[p, i] = xi[p] - m[p]
+
+
+@_inline
+def _whiten(P, b, dT, YT, nrm):
+    """YT[j] = sum_{p <= j} P[p, j] dT[p] - b[j] (P upper triangular, Dp x Dp) and
+    nrm[i] = ||YT[:, i]||^2."""
+    Dp, rows = dT.shape
+    nrm[:] = 0.0
+    for j in range(Dp):
+        y = YT[j]
+        y[:] = -b[j]
+        for p in range(0, j + 1, 4):
+            c0, c1, c2, c3 = P[p, j], P[p + 1, j], P[p + 2, j], P[p + 3, j]
+            x0, x1, x2, x3 = dT[p], dT[p + 1], dT[p + 2], dT[p + 3]
+            for i in range(rows):
+                y[i] += c0 * x0[i] + c1 * x1[i] + c2 * x2[i] + c3 * x3[i]
+        for i in range(rows):
+            nrm[i] += y[i] * y[i]
+
+
+@_inline
+def _accumulate_whitened(YT, r, n, s, second, k, ZT):
+    """n[k] += sum r, s[k] += YT r and the upper triangle of second[k] += YT diag(r) YT^T, in 2 x 4
+    blocks (a block on the diagonal also adds a few entries below it; only the upper triangle is
+    read). r (rows,) in the data's dtype, zero on padding rows."""
+    Dp, rows = YT.shape
+    tot = 0.0
+    for i in range(rows):
+        tot += r[i]
+    if tot == 0.0:
+        return  # exact zero weight adds nothing
+    n[k] += tot
+    for p in range(Dp):
+        z = ZT[p]
+        y = YT[p]
+        acc = YT.dtype.type(0.0)
+        for i in range(rows):
+            v = r[i] * y[i]
+            z[i] = v
+            acc += v
+        s[k, p] += acc
+    S = second[k]
+    for p in range(0, Dp, 2):
+        z0, z1 = ZT[p], ZT[p + 1]
+        for j in range(p - p % 4, Dp, 4):
+            y0, y1, y2, y3 = YT[j], YT[j + 1], YT[j + 2], YT[j + 3]
+            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = YT.dtype.type(0.0)
+            for i in range(rows):
+                a00 += z0[i] * y0[i]
+                a01 += z0[i] * y1[i]
+                a02 += z0[i] * y2[i]
+                a03 += z0[i] * y3[i]
+                a10 += z1[i] * y0[i]
+                a11 += z1[i] * y1[i]
+                a12 += z1[i] * y2[i]
+                a13 += z1[i] * y3[i]
+            S[p, j] += a00
+            S[p, j + 1] += a01
+            S[p, j + 2] += a02
+            S[p, j + 3] += a03
+            S[p + 1, j] += a10
+            S[p + 1, j + 1] += a11
+            S[p + 1, j + 2] += a12
+            S[p + 1, j + 3] += a13
+
+
 @_inline
 def _centre_rows(X, r0, C, m, d):
     """d[:C] = X[r0:r0+C] - m"""
@@ -113,53 +199,37 @@ def _centre_rows(X, r0, C, m, d):
 
 
 @_inline
-def _shift_log_prob(Y, C, b, log_norm_k, logp_k, keep):
-    """logp_k[i] = log_norm_k - ||Y[i] - b||^2 / 2 for i < C; Y[i] becomes Y[i] - b unless keep."""
+def _shifted_log_prob(Y, C, b, log_norm_k, logp_k):
+    """logp_k[i] = log_norm_k - ||Y[i] - b||^2 / 2 for i < C (tied: Y = P^T (x - c))."""
     for i in range(C):
         yi = Y[i]
         acc = Y.dtype.type(0.0)
         for p in range(Y.shape[1]):
             v = yi[p] - b[p]
-            if not keep:
-                yi[p] = v
             acc += v * v
         logp_k[i] = log_norm_k - 0.5 * acc
 
 
-@_inline
-def _accumulate_whitened(Y, r, n, s, second, k, Z, acc, prod):
-    """n[k] += sum r, s[k] += Y^T r, second[k] += Y^T diag(r) Y (r (rows,) in the data's dtype,
-    zero on padding rows)."""
-    rows, D = Y.shape
-    tot = 0.0
-    for i in range(rows):
-        tot += r[i]
-    if tot == 0.0:
-        return  # exact zero weight adds nothing
-    n[k] += tot
-    acc[:] = 0.0
-    for i in range(rows):
-        yi = Y[i]
-        zi = Z[i]
-        ri = r[i]
-        for p in range(D):
-            v = ri * yi[p]
-            zi[p] = v
-            acc[p] += v
-    for p in range(D):
-        s[k, p] += acc[p]
-    np.dot(Z.T, Y, prod)
-    for p in range(D):
-        for j in range(D):
-            second[k, p, j] += prod[p, j]
+def _padded(kind, prec, b):
+    """The full type's precision factors and offsets padded with zeros to Dp features (see PAD)."""
+    if kind != FULL:
+        return prec, b
+    K, D = b.shape
+    Dp = -(-D // PAD) * PAD
+    P = np.zeros((K, Dp, Dp), dtype=prec.dtype)
+    P[:, :D, :D] = np.triu(prec)
+    bp = np.zeros((K, Dp), dtype=b.dtype)
+    bp[:, :D] = b
+    return P, bp
 
 
-def _unwhiten(prec, s, second):
-    """Moments from whitened sums, in place: s_k <- A_k^T s_k, S_k <- A_k^T S_k A_k, A_k = P_k^-1."""
+def _unwhiten(prec, s, upper):
+    """Moments from whitened sums: (A_k^T s_k, A_k^T S_k A_k) with A_k = P_k^-1, given the upper
+    triangle of the symmetric S_k."""
     D = s.shape[1]
     A = np.linalg.solve(np.triu(prec).astype(np.float64), np.eye(D))  # P_k A_k = I
-    s[:] = np.einsum("kp,kpj->kj", s, A)
-    second[:] = np.swapaxes(A, 1, 2) @ second @ A
+    second = np.triu(upper) + np.swapaxes(np.triu(upper, 1), 1, 2)
+    return np.einsum("kp,kpj->kj", s, A), np.swapaxes(A, 1, 2) @ second @ A
 
 
 def _whitened_offsets(kind, means, prec, centre):
@@ -218,19 +288,21 @@ def _squares_and_rows(kind, X, r0, C, centre, aa):
 @_inline
 def _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp):
     """logp[k, i] = log p(x_i, k) for i < C, leaving the rows in the form the type's M-step needs:
-    Y[k] = P_k^T (x - mu_k) = P_k^T (x - c) - b_k (full), Y[0] = P^T (x - c) and d = x - c (tied),
-    aa as _squares_and_rows makes it (diag, spherical). Padding rows of d and aa must be zero."""
+    full: d = (x - c)^T (Dp, rows) and YT[k] = P_k^T (x - mu_k) = P_k^T d - b_k (Dp, rows);
+    tied: d = x - c (rows, D) and Y[0] = P^T (x - c); diag, spherical: aa as _squares_and_rows
+    makes it. Padding rows (columns of the full type's d) of d and aa must be zero."""
     K = means.shape[0]
-    if kind == FULL or kind == TIED:
-        _centre_rows(X, r0, C, centre, d)
-        if kind == TIED:
-            np.dot(d, prec[0], Y[0])
+    if kind == FULL:
+        _transpose_centred(X, r0, C, centre, d)
         for k in range(K):
-            if kind == FULL:
-                np.dot(d, prec[k], Y[k])
-                _shift_log_prob(Y[k], C, b[k], log_norm[k], logp[k], False)
-            else:
-                _shift_log_prob(Y[0], C, b[k], log_norm[k], logp[k], True)
+            _whiten(prec[k], b[k], d, Y[k], dist[k])
+            for i in range(C):
+                logp[k, i] = log_norm[k] - 0.5 * dist[k, i]
+    elif kind == TIED:
+        _centre_rows(X, r0, C, centre, d)
+        np.dot(d, prec[0], Y[0])
+        for k in range(K):
+            _shifted_log_prob(Y[0], C, b[k], log_norm[k], logp[k])
     else:
         _squares_and_rows(kind, X, r0, C, centre, aa)
         np.dot(Wt, aa.T, dist)
@@ -304,7 +376,7 @@ def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, rd, mom, Z,
             rd[k, i] = r if r >= tiny else 0.0
     if kind == FULL:
         for k in range(K):
-            _accumulate_whitened(Y[k], rd[k], n, s, second, k, Z, mom[k], prod)
+            _accumulate_whitened(Y[k], rd[k], n, s, second, k, Z)
         return
     for k in range(K):
         tot = 0.0
@@ -341,11 +413,23 @@ def _add_vector_moments(kind, mom, s, second):
 
 
 @_inline
-def _n_whitened(kind, K):
-    """Y's length: one (D, rows) per component (full), one (tied), none (diag, spherical)."""
+def _row_buffers(kind, X, K, Dp, sub):
+    """(d, Y) in _log_prob's layout: full (Dp, sub) and (K, Dp, sub); tied (sub, D) and (1, sub, D);
+    diag and spherical (sub, D) and nothing."""
     if kind == FULL:
-        return K
-    return 1 if kind == TIED else 0
+        return np.zeros((Dp, sub), dtype=X.dtype), np.empty((K, Dp, sub), dtype=X.dtype)
+    D = X.shape[1]
+    return np.zeros((sub, D), dtype=X.dtype), np.empty((1 if kind == TIED else 0, sub, D), dtype=X.dtype)
+
+
+@_inline
+def _zero_padding(kind, C, d, aa):
+    """Zero the rows past C of a short last sub-chunk (columns of the full type's d)."""
+    if kind == FULL:
+        d[:, C:] = 0
+    else:
+        d[C:] = 0
+        aa[C:] = 0
 
 
 # ----------------------------------------------------------------------------- drivers
@@ -364,9 +448,8 @@ def _stats_kernel(kind):
         sub = SUB_ROWS
         given = resp_in.shape[0] == N
         onehot_rows = hard and not given and (kind == DIAG or kind == SPHERICAL)
-        d = np.zeros((sub, D), dtype=X.dtype)
-        Y = np.empty((_n_whitened(kind, K), sub, D), dtype=X.dtype)
-        Z = np.empty((sub, D), dtype=X.dtype)
+        d, Y = _row_buffers(kind, X, K, prec.shape[1], sub)
+        Z = np.empty((prec.shape[1], sub), dtype=X.dtype)
         prod = np.empty((D, D), dtype=X.dtype)
         aa = np.zeros((sub, _n_squares(kind, D) + D), dtype=X.dtype)
         dist = np.empty((K, sub), dtype=X.dtype)
@@ -383,8 +466,7 @@ def _stats_kernel(kind):
             for r0 in range(blk * block_rows, stop, sub):
                 C = min(sub, stop - r0)
                 if C < sub:
-                    d[C:] = 0
-                    aa[C:] = 0
+                    _zero_padding(kind, C, d, aa)
                 _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
                 if given:
                     for k in range(K):
@@ -412,8 +494,7 @@ def _scores_kernel(kind):
         K = means.shape[0]
         sub = SUB_ROWS
         want_logp = out_logp.shape[0] == N
-        d = np.zeros((sub, D), dtype=X.dtype)
-        Y = np.empty((_n_whitened(kind, K), sub, D), dtype=X.dtype)
+        d, Y = _row_buffers(kind, X, K, prec.shape[1], sub)
         aa = np.zeros((sub, _n_squares(kind, D) + D), dtype=X.dtype)
         dist = np.empty((K, sub), dtype=X.dtype)
         logp = np.empty((K, sub))
@@ -426,8 +507,7 @@ def _scores_kernel(kind):
             r0 = c * sub
             C = min(sub, N - r0)
             if C < sub:
-                d[C:] = 0
-                aa[C:] = 0
+                _zero_padding(kind, C, d, aa)
             _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
             _normalise(logp, C, hard, True, resp, row_ll, best, bits, scratch)
             for i in range(C):
@@ -474,20 +554,20 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, n_workers,
     N, D = X.shape
     K = means.shape[0]
     n_blocks = (N + block_rows - 1) // block_rows
+    kprec, b = _padded(kind, prec, _whitened_offsets(kind, means, prec, centre))
     b_n = np.zeros((n_blocks, K))
-    b_s = np.zeros((n_blocks, K, D))
-    b_second = np.zeros((n_blocks,) + prec.shape)
+    b_s = np.zeros((n_blocks, K, kprec.shape[2] if kind == FULL else D))
+    b_second = np.zeros((n_blocks,) + kprec.shape)
     b_ll = np.zeros(n_blocks)
     worst_ll = np.full(n_blocks, np.inf)
     worst_row = np.zeros(n_blocks, dtype=np.int64)
-    b = _whitened_offsets(kind, means, prec, centre)
     Wt, off = _vector_weights(kind, means, prec, centre)
-    _on_workers(_STATS[kind], max(1, min(n_workers, n_blocks)), X, means, prec, log_norm, centre, b, Wt, off,
+    _on_workers(_STATS[kind], max(1, min(n_workers, n_blocks)), X, means, kprec, log_norm, centre, b, Wt, off,
                 bool(hard), resp_in, block_rows, b_n, b_s, b_second, b_ll, worst_ll, worst_row)
     # Fixed-order reduction over blocks.
     n, s, second, ll = b_n.sum(axis=0), b_s.sum(axis=0), b_second.sum(axis=0), float(b_ll.sum())
     if kind == FULL:
-        _unwhiten(prec, s, second)
+        s, second = _unwhiten(prec, s[:, :D], second[:, :D, :D])
     return n, s, second, ll, worst_ll, worst_row
 
 
@@ -496,7 +576,7 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
     out_ll[i] = log p(x_i) (hard: max_k log p(x_i, k)), and, when out_logp has N rows,
     out_logp[i, k] = log p(x_i, k)."""
     n_sub = (X.shape[0] + SUB_ROWS - 1) // SUB_ROWS
-    b = _whitened_offsets(kind, means, prec, centre)
+    kprec, b = _padded(kind, prec, _whitened_offsets(kind, means, prec, centre))
     Wt, off = _vector_weights(kind, means, prec, centre)
-    _on_workers(_SCORES[kind], max(1, min(n_workers, n_sub)), X, means, prec, log_norm, centre, b, Wt, off,
+    _on_workers(_SCORES[kind], max(1, min(n_workers, n_sub)), X, means, kprec, log_norm, centre, b, Wt, off,
                 bool(hard), out_ll, out_label, out_logp)
