@@ -39,7 +39,7 @@ SUB_ROWS = 128  # rows per sub-chunk: its products run near BLAS speed and its b
 _FASTMATH = {"reassoc", "contract", "arcp"}
 _jit = njit(fastmath=_FASTMATH, cache=True, nogil=True)
 # Per-row loops are inlined into the kernels so they vectorise where they are used.
-_inline = njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
+_inline = njit(fastmath=_FASTMATH, cache=True, nogil=True)
 
 
 _controller = None
@@ -124,28 +124,67 @@ def _transpose_centred(X, r0, C, m, dT):
 
 
 @_inline
+def _axpy_rows(C, A, out, upper):
+    """out[j] += sum_p C[p, j] A[p] over the rows p of A (p <= j when upper: C upper triangular),
+    four rows of A at a time (A has a multiple of 4 rows; out's rows stay in cache)."""
+    n = A.shape[1]
+    for j in range(out.shape[0]):
+        y = out[j]
+        for p in range(0, j + 1 if upper else A.shape[0], 4):
+            c0, c1, c2, c3 = C[p, j], C[p + 1, j], C[p + 2, j], C[p + 3, j]
+            x0, x1, x2, x3 = A[p], A[p + 1], A[p + 2], A[p + 3]
+            for i in range(n):
+                y[i] += c0 * x0[i] + c1 * x1[i] + c2 * x2[i] + c3 * x3[i]
+
+
+@_inline
+def _dot_rows(A, B, out, upper):
+    """out[a, b] += sum_i A[a, i] B[b, i] in blocks of 2 rows of A by 4 of B (A has a multiple of 2
+    rows, B of 4), eight accumulators in registers. When upper, only blocks that reach b >= a
+    (a block on the diagonal also adds a few entries below it)."""
+    n = A.shape[1]
+    for a in range(0, A.shape[0], 2):
+        u0, u1 = A[a], A[a + 1]
+        for b in range(a - a % 4 if upper else 0, B.shape[0], 4):
+            v0, v1, v2, v3 = B[b], B[b + 1], B[b + 2], B[b + 3]
+            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = A.dtype.type(0.0)
+            for i in range(n):
+                a00 += u0[i] * v0[i]
+                a01 += u0[i] * v1[i]
+                a02 += u0[i] * v2[i]
+                a03 += u0[i] * v3[i]
+                a10 += u1[i] * v0[i]
+                a11 += u1[i] * v1[i]
+                a12 += u1[i] * v2[i]
+                a13 += u1[i] * v3[i]
+            out[a, b] += a00
+            out[a, b + 1] += a01
+            out[a, b + 2] += a02
+            out[a, b + 3] += a03
+            out[a + 1, b] += a10
+            out[a + 1, b + 1] += a11
+            out[a + 1, b + 2] += a12
+            out[a + 1, b + 3] += a13
+
+
+@_inline
 def _whiten(P, b, dT, YT, nrm):
     """YT[j] = sum_{p <= j} P[p, j] dT[p] - b[j] (P upper triangular, Dp x Dp) and
     nrm[i] = ||YT[:, i]||^2."""
-    Dp, rows = dT.shape
+    for j in range(YT.shape[0]):
+        YT[j] = -b[j]
+    _axpy_rows(P, dT, YT, True)
     nrm[:] = 0.0
-    for j in range(Dp):
+    for j in range(YT.shape[0]):
         y = YT[j]
-        y[:] = -b[j]
-        for p in range(0, j + 1, 4):
-            c0, c1, c2, c3 = P[p, j], P[p + 1, j], P[p + 2, j], P[p + 3, j]
-            x0, x1, x2, x3 = dT[p], dT[p + 1], dT[p + 2], dT[p + 3]
-            for i in range(rows):
-                y[i] += c0 * x0[i] + c1 * x1[i] + c2 * x2[i] + c3 * x3[i]
-        for i in range(rows):
+        for i in range(YT.shape[1]):
             nrm[i] += y[i] * y[i]
 
 
 @_inline
 def _accumulate_whitened(YT, r, n, s, second, k, ZT):
-    """n[k] += sum r, s[k] += YT r and the upper triangle of second[k] += YT diag(r) YT^T, in 2 x 4
-    blocks (a block on the diagonal also adds a few entries below it; only the upper triangle is
-    read). r (rows,) in the data's dtype, zero on padding rows."""
+    """n[k] += sum r, s[k] += YT r and the upper triangle of second[k] += YT diag(r) YT^T (only the
+    upper triangle is read). r (rows,) in the data's dtype, zero on padding rows."""
     Dp, rows = YT.shape
     tot = 0.0
     for i in range(rows):
@@ -162,29 +201,7 @@ def _accumulate_whitened(YT, r, n, s, second, k, ZT):
             z[i] = v
             acc += v
         s[k, p] += acc
-    S = second[k]
-    for p in range(0, Dp, 2):
-        z0, z1 = ZT[p], ZT[p + 1]
-        for j in range(p - p % 4, Dp, 4):
-            y0, y1, y2, y3 = YT[j], YT[j + 1], YT[j + 2], YT[j + 3]
-            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = YT.dtype.type(0.0)
-            for i in range(rows):
-                a00 += z0[i] * y0[i]
-                a01 += z0[i] * y1[i]
-                a02 += z0[i] * y2[i]
-                a03 += z0[i] * y3[i]
-                a10 += z1[i] * y0[i]
-                a11 += z1[i] * y1[i]
-                a12 += z1[i] * y2[i]
-                a13 += z1[i] * y3[i]
-            S[p, j] += a00
-            S[p, j + 1] += a01
-            S[p, j + 2] += a02
-            S[p, j + 3] += a03
-            S[p + 1, j] += a10
-            S[p + 1, j + 1] += a11
-            S[p + 1, j + 2] += a12
-            S[p + 1, j + 3] += a13
+    _dot_rows(ZT, YT, second[k], True)
 
 
 @_inline
@@ -247,6 +264,8 @@ def _whitened_offsets(kind, means, prec, centre):
 # so one (K x W) @ (W x rows) product gives every row's distances, and one (K x rows) @ (rows x W)
 # product gives the weighted sums of a and a^2 (moments about c). The spherical type needs only
 # ||a||^2 of the squares, so its rows are [||a||^2, a] (W = D + 1) where diag's are [a^2, a] (W = 2D).
+# Both products are the full type's loops (_axpy_rows, _dot_rows) on the expansion stored transposed,
+# aaT (Wp, rows), W padded with zeros to Wp, a multiple of 4.
 @_inline
 def _n_squares(kind, D):
     """Leading columns of a row's expansion that hold squares: D (diag), 1 (spherical)."""
@@ -254,34 +273,34 @@ def _n_squares(kind, D):
 
 
 def _vector_weights(kind, means, prec, centre):
-    """(Wt (K, W), offsets (K,)) of the expansion above."""
+    """(WT (Wp, K), offsets (K,)) of the expansion above, WT the weights transposed and padded."""
     K, D = means.shape
     if kind != DIAG and kind != SPHERICAL:
-        return np.zeros((K, 0), dtype=means.dtype), np.zeros(K)
+        return np.zeros((0, K), dtype=means.dtype), np.zeros(K)
     p2 = np.broadcast_to(prec[:, 0, :].astype(np.float64) ** 2, (K, D))
     m = means.astype(np.float64) - centre
     squares = p2 if kind == DIAG else p2[:, :1]
-    return np.hstack([squares, -2.0 * p2 * m]).astype(means.dtype), (p2 * m * m).sum(axis=1)
+    Wt = np.hstack([squares, -2.0 * p2 * m])
+    WT = np.zeros((-(-Wt.shape[1] // PAD) * PAD, K), dtype=means.dtype)
+    WT[: Wt.shape[1]] = Wt.T
+    return WT, (p2 * m * m).sum(axis=1)
 
 
 @_inline
 def _squares_and_rows(kind, X, r0, C, centre, aa):
-    """aa[i] = [(x_i - c)^2, x_i - c] (diag) or [||x_i - c||^2, x_i - c] (spherical), i < C"""
+    """aa[:, i] = [(x_i - c)^2, x_i - c] (diag) or [||x_i - c||^2, x_i - c] (spherical), i < C"""
     D = X.shape[1]
     sq = _n_squares(kind, D)
-    for i in range(C):
-        xi = X[r0 + i]
-        ai = aa[i]
-        tot = X.dtype.type(0.0)
+    _transpose_centred(X, r0, C, centre, aa[sq:])
+    if kind == DIAG:
         for p in range(D):
-            a = xi[p] - centre[p]
-            ai[sq + p] = a
-            if kind == DIAG:
-                ai[p] = a * a
-            else:
-                tot += a * a
-        if kind != DIAG:
-            ai[0] = tot
+            for i in range(C):
+                aa[p, i] = aa[sq + p, i] * aa[sq + p, i]
+    else:
+        aa[0] = 0.0
+        for p in range(D):
+            for i in range(C):
+                aa[0, i] += aa[sq + p, i] * aa[sq + p, i]
 
 
 # ----------------------------------------------------------------------------- one sub-chunk
@@ -305,7 +324,8 @@ def _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, a
             _shifted_log_prob(Y[0], C, b[k], log_norm[k], logp[k])
     else:
         _squares_and_rows(kind, X, r0, C, centre, aa)
-        np.dot(Wt, aa.T, dist)
+        dist[:] = 0.0
+        _axpy_rows(Wt, aa, dist, False)
         for k in range(K):
             for i in range(C):
                 logp[k, i] = log_norm[k] - 0.5 * (dist[k, i] + off[k])
@@ -362,9 +382,8 @@ def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, rd, mom, Z,
         for i in range(C):
             n[best[i]] += 1.0
             mk = mom[best[i]]
-            ai = aa[i]
-            for j in range(aa.shape[1]):
-                mk[j] += ai[j]
+            for j in range(aa.shape[0]):
+                mk[j] += aa[j, i]
         _add_vector_moments(kind, mom, s, second)
         return
     # Responsibilities below the dtype's smallest normal number become zero: as float32 subnormals
@@ -393,7 +412,8 @@ def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, rd, mom, Z,
             for p in range(D):
                 s[k, p] += mom[k, p]
         return
-    np.dot(rd, aa, mom)
+    mom[:] = 0.0
+    _dot_rows(rd, aa, mom, False)
     _add_vector_moments(kind, mom, s, second)
 
 
@@ -429,101 +449,95 @@ def _zero_padding(kind, C, d, aa):
         d[:, C:] = 0
     else:
         d[C:] = 0
-        aa[C:] = 0
+        aa[:, C:] = 0
 
 
 # ----------------------------------------------------------------------------- drivers
-# One compiled kernel per covariance type: `kind` is a constant of the closure, so a fit compiles
-# only its own type's code (Numba caches each closure under its constant). The kernels are serial
-# and release the GIL; `_on_workers` runs one per thread, each on every n_workers-th block. Plain
-# threads rather than Numba's parallel loops: a parallel loop compiles several times slower.
-def _stats_kernel(kind):
-    @_jit
-    def suff_stats_blocks(X, means, prec, log_norm, centre, b, Wt, off, hard, resp_in, block_rows,
-                          b_n, b_s, b_second, b_ll, worst_ll, worst_row, first, step):
-        """Statistics of blocks first, first + step, ... of block_rows rows, into the block's slot
-        of the b_* / worst_* partials (see suff_stats)."""
-        N, D = X.shape
-        K = means.shape[0]
-        sub = SUB_ROWS
-        given = resp_in.shape[0] == N
-        onehot_rows = hard and not given and (kind == DIAG or kind == SPHERICAL)
-        d, Y = _row_buffers(kind, X, K, prec.shape[1], sub)
-        Z = np.empty((prec.shape[1], sub), dtype=X.dtype)
-        prod = np.empty((D, D), dtype=X.dtype)
-        aa = np.zeros((sub, _n_squares(kind, D) + D), dtype=X.dtype)
-        dist = np.empty((K, sub), dtype=X.dtype)
-        rd = np.empty((K, sub), dtype=X.dtype)
-        mom = np.empty((K, D if kind == TIED else _n_squares(kind, D) + D), dtype=X.dtype)
-        logp = np.empty((K, sub))
-        resp = np.empty((K, sub))
-        row_ll = np.empty(sub)
-        best = np.empty(sub, dtype=np.int64)
-        bits = np.empty(sub, dtype=np.int64)
-        scratch = np.empty(sub)
-        for blk in range(first, b_ll.shape[0], step):
-            stop = min(N, (blk + 1) * block_rows)
-            for r0 in range(blk * block_rows, stop, sub):
-                C = min(sub, stop - r0)
-                if C < sub:
-                    _zero_padding(kind, C, d, aa)
-                _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
-                if given:
-                    for k in range(K):
-                        for i in range(sub):
-                            resp[k, i] = resp_in[r0 + i, k] if i < C else 0.0
-                    row_ll[:C] = 0.0
-                else:
-                    _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, scratch)
-                for i in range(C):
-                    b_ll[blk] += row_ll[i]
-                    if row_ll[i] < worst_ll[blk]:
-                        worst_ll[blk] = row_ll[i]
-                        worst_row[blk] = r0 + i
-                _accumulate(kind, C, resp, onehot_rows, best, b_n[blk], b_s[blk], b_second[blk], d, Y, aa,
-                            rd, mom, Z, prod)
-
-    return suff_stats_blocks
-
-
-def _scores_kernel(kind):
-    @_jit
-    def row_scores_subs(X, means, prec, log_norm, centre, b, Wt, off, hard, out_ll, out_label, out_logp, first, step):
-        """row_scores on sub-chunks first, first + step, ... of SUB_ROWS rows."""
-        N, D = X.shape
-        K = means.shape[0]
-        sub = SUB_ROWS
-        want_logp = out_logp.shape[0] == N
-        d, Y = _row_buffers(kind, X, K, prec.shape[1], sub)
-        aa = np.zeros((sub, _n_squares(kind, D) + D), dtype=X.dtype)
-        dist = np.empty((K, sub), dtype=X.dtype)
-        logp = np.empty((K, sub))
-        resp = np.empty((K, sub))
-        row_ll = np.empty(sub)
-        best = np.empty(sub, dtype=np.int64)
-        bits = np.empty(sub, dtype=np.int64)
-        scratch = np.empty(sub)
-        for c in range(first, (N + sub - 1) // sub, step):
-            r0 = c * sub
-            C = min(sub, N - r0)
+# One compiled kernel for every covariance type, `kind` an ordinary argument: each helper above is
+# its own small compiled function, compiled once per dtype and cached, whatever the type. (Inlining
+# the helpers, or specialising them on a constant `kind`, multiplied Numba's compile time: every
+# fit also runs the full type once, for the data's moments.) The kernels are serial and release
+# the GIL; `_on_workers` runs one per thread, each on every n_workers-th block. Plain threads
+# rather than Numba's parallel loops: a parallel loop compiles several times slower.
+@_jit
+def _suff_stats_blocks(kind, X, means, prec, log_norm, centre, b, Wt, off, hard, resp_in, block_rows,
+                      b_n, b_s, b_second, b_ll, worst_ll, worst_row, first, step):
+    """Statistics of blocks first, first + step, ... of block_rows rows, into the block's slot
+    of the b_* / worst_* partials (see suff_stats)."""
+    N, D = X.shape
+    K = means.shape[0]
+    sub = SUB_ROWS
+    given = resp_in.shape[0] == N
+    onehot_rows = hard and not given and (kind == DIAG or kind == SPHERICAL)
+    d, Y = _row_buffers(kind, X, K, prec.shape[1], sub)
+    Z = np.empty((prec.shape[1], sub), dtype=X.dtype)
+    prod = np.empty((D, D), dtype=X.dtype)
+    aa = np.zeros((Wt.shape[0], sub), dtype=X.dtype)
+    dist = np.empty((K, sub), dtype=X.dtype)
+    Kp = K + K % 2 if kind == DIAG or kind == SPHERICAL else K  # _dot_rows takes rows in pairs
+    rd = np.zeros((Kp, sub), dtype=X.dtype)
+    mom = np.empty((Kp, D if kind == TIED else Wt.shape[0]), dtype=X.dtype)
+    logp = np.empty((K, sub))
+    resp = np.empty((K, sub))
+    row_ll = np.empty(sub)
+    best = np.empty(sub, dtype=np.int64)
+    bits = np.empty(sub, dtype=np.int64)
+    scratch = np.empty(sub)
+    for blk in range(first, b_ll.shape[0], step):
+        stop = min(N, (blk + 1) * block_rows)
+        for r0 in range(blk * block_rows, stop, sub):
+            C = min(sub, stop - r0)
             if C < sub:
                 _zero_padding(kind, C, d, aa)
             _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
-            _normalise(logp, C, hard, True, resp, row_ll, best, bits, scratch)
+            if given:
+                for k in range(K):
+                    for i in range(sub):
+                        resp[k, i] = resp_in[r0 + i, k] if i < C else 0.0
+                row_ll[:C] = 0.0
+            else:
+                _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, scratch)
             for i in range(C):
-                out_ll[r0 + i] = row_ll[i]
-                out_label[r0 + i] = best[i]
-            if want_logp:
-                for i in range(C):
-                    for k in range(K):
-                        out_logp[r0 + i, k] = logp[k, i]
-
-    return row_scores_subs
+                b_ll[blk] += row_ll[i]
+                if row_ll[i] < worst_ll[blk]:
+                    worst_ll[blk] = row_ll[i]
+                    worst_row[blk] = r0 + i
+            _accumulate(kind, C, resp, onehot_rows, best, b_n[blk], b_s[blk], b_second[blk], d, Y, aa,
+                        rd, mom, Z, prod)
 
 
-_KINDS = (FULL, TIED, DIAG, SPHERICAL)
-_STATS = {kind: _stats_kernel(kind) for kind in _KINDS}
-_SCORES = {kind: _scores_kernel(kind) for kind in _KINDS}
+@_jit
+def _row_scores_subs(kind, X, means, prec, log_norm, centre, b, Wt, off, hard, out_ll, out_label, out_logp, first, step):
+    """row_scores on sub-chunks first, first + step, ... of SUB_ROWS rows."""
+    N, D = X.shape
+    K = means.shape[0]
+    sub = SUB_ROWS
+    want_logp = out_logp.shape[0] == N
+    d, Y = _row_buffers(kind, X, K, prec.shape[1], sub)
+    aa = np.zeros((Wt.shape[0], sub), dtype=X.dtype)
+    dist = np.empty((K, sub), dtype=X.dtype)
+    logp = np.empty((K, sub))
+    resp = np.empty((K, sub))
+    row_ll = np.empty(sub)
+    best = np.empty(sub, dtype=np.int64)
+    bits = np.empty(sub, dtype=np.int64)
+    scratch = np.empty(sub)
+    for c in range(first, (N + sub - 1) // sub, step):
+        r0 = c * sub
+        C = min(sub, N - r0)
+        if C < sub:
+            _zero_padding(kind, C, d, aa)
+        _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
+        _normalise(logp, C, hard, True, resp, row_ll, best, bits, scratch)
+        for i in range(C):
+            out_ll[r0 + i] = row_ll[i]
+            out_label[r0 + i] = best[i]
+        if want_logp:
+            for i in range(C):
+                for k in range(K):
+                    out_logp[r0 + i, k] = logp[k, i]
+
+
 _pool = None
 
 
@@ -562,7 +576,7 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, n_workers,
     worst_ll = np.full(n_blocks, np.inf)
     worst_row = np.zeros(n_blocks, dtype=np.int64)
     Wt, off = _vector_weights(kind, means, prec, centre)
-    _on_workers(_STATS[kind], max(1, min(n_workers, n_blocks)), X, means, kprec, log_norm, centre, b, Wt, off,
+    _on_workers(_suff_stats_blocks, max(1, min(n_workers, n_blocks)), kind, X, means, kprec, log_norm, centre, b, Wt, off,
                 bool(hard), resp_in, block_rows, b_n, b_s, b_second, b_ll, worst_ll, worst_row)
     # Fixed-order reduction over blocks.
     n, s, second, ll = b_n.sum(axis=0), b_s.sum(axis=0), b_second.sum(axis=0), float(b_ll.sum())
@@ -578,5 +592,5 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
     n_sub = (X.shape[0] + SUB_ROWS - 1) // SUB_ROWS
     kprec, b = _padded(kind, prec, _whitened_offsets(kind, means, prec, centre))
     Wt, off = _vector_weights(kind, means, prec, centre)
-    _on_workers(_SCORES[kind], max(1, min(n_workers, n_sub)), X, means, kprec, log_norm, centre, b, Wt, off,
+    _on_workers(_row_scores_subs, max(1, min(n_workers, n_sub)), kind, X, means, kprec, log_norm, centre, b, Wt, off,
                 bool(hard), out_ll, out_label, out_logp)
