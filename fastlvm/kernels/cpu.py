@@ -13,14 +13,14 @@ Hard mode replaces r_ik by the one-hot argmax (K-means). A block of rows is redu
 and blocks are summed in index order, so the result does not depend on the number of threads.
 
 Every covariance type shares one layout, so one driver's code serves all four (compiled once per
-type, see the drivers):
+dtype, see the drivers):
     prec    full (K,D,D) upper-triangular   tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
     second  full (K,D,D)                    tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
 Rows are processed in sub-chunks of SUB_ROWS. Inside one, log-probabilities and responsibilities
 are stored as (K, rows), so the log-sum-exp runs along contiguous rows and vectorises. The products
-(centred rows by P_k, weighted rows by rows, the diag/spherical expansion below) are
-single-threaded BLAS calls inside serial kernels, one per thread over fixed blocks: the caller
-limits BLAS to one thread (see `blas_single_thread`), so there is one level of parallelism. Arithmetic is in the
+of the full, diag and spherical types are loops of our own (see _axpy_rows, _dot_rows); the tied
+type's are single-threaded BLAS calls. Kernels are serial, one per thread over fixed blocks: the
+caller limits BLAS to one thread (see `blas_single_thread`), so there is one level of parallelism. Arithmetic is in the
 data's dtype, log-probabilities and responsibilities in float64, and statistics accumulate in
 float64 across sub-chunks. The last sub-chunk of a block is padded with zero rows, which carry
 zero responsibility, so every product has the same shape.
@@ -38,8 +38,6 @@ SUB_ROWS = 128  # rows per sub-chunk: its products run near BLAS speed and its b
 # Reassociation lets reductions vectorise; NaN/inf semantics are kept (no 'nnan'/'ninf').
 _FASTMATH = {"reassoc", "contract", "arcp"}
 _jit = njit(fastmath=_FASTMATH, cache=True, nogil=True)
-# Per-row loops are inlined into the kernels so they vectorise where they are used.
-_inline = njit(fastmath=_FASTMATH, cache=True, nogil=True)
 
 
 _controller = None
@@ -65,7 +63,7 @@ _FLOAT64_TINY = 2.2250738585072014e-308
 _EXP_MIN = -708.0  # below this exp(t) is subnormal or zero; returned as 0 (a responsibility < 1e-307)
 
 
-@_inline
+@_jit
 def _exp_nonpositive(a, n, bits):
     """a[:n] = exp(a[:n]) for a <= 0, to a few ulp, in loops that vectorise (libm's exp does not):
     exp(t) = 2^m exp(r), m = round(t / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series to r^12
@@ -113,7 +111,7 @@ def _exp_nonpositive(a, n, bits):
 PAD = 4  # the full type's feature count is padded to a multiple of this
 
 
-@_inline
+@_jit
 def _transpose_centred(X, r0, C, m, dT):
     """dT[p, i] = X[r0 + i, p] - m[p] for i < C, p < D (rows D.. of dT stay zero)."""
     D = X.shape[1]
@@ -123,7 +121,7 @@ def _transpose_centred(X, r0, C, m, dT):
             dT[p, i] = xi[p] - m[p]
 
 
-@_inline
+@_jit
 def _axpy_rows(C, A, out, upper):
     """out[j] += sum_p C[p, j] A[p] over the rows p of A (p <= j when upper: C upper triangular),
     four rows of A at a time (A has a multiple of 4 rows; out's rows stay in cache)."""
@@ -137,7 +135,7 @@ def _axpy_rows(C, A, out, upper):
                 y[i] += c0 * x0[i] + c1 * x1[i] + c2 * x2[i] + c3 * x3[i]
 
 
-@_inline
+@_jit
 def _dot_rows(A, B, out, upper):
     """out[a, b] += sum_i A[a, i] B[b, i] in blocks of 2 rows of A by 4 of B (A has a multiple of 2
     rows, B of 4), eight accumulators in registers. When upper, only blocks that reach b >= a
@@ -167,7 +165,7 @@ def _dot_rows(A, B, out, upper):
             out[a + 1, b + 3] += a13
 
 
-@_inline
+@_jit
 def _whiten(P, b, dT, YT, nrm):
     """YT[j] = sum_{p <= j} P[p, j] dT[p] - b[j] (P upper triangular, Dp x Dp) and
     nrm[i] = ||YT[:, i]||^2."""
@@ -181,7 +179,7 @@ def _whiten(P, b, dT, YT, nrm):
             nrm[i] += y[i] * y[i]
 
 
-@_inline
+@_jit
 def _accumulate_whitened(YT, r, n, s, second, k, ZT):
     """n[k] += sum r, s[k] += YT r and the upper triangle of second[k] += YT diag(r) YT^T (only the
     upper triangle is read). r (rows,) in the data's dtype, zero on padding rows."""
@@ -204,7 +202,7 @@ def _accumulate_whitened(YT, r, n, s, second, k, ZT):
     _dot_rows(ZT, YT, second[k], True)
 
 
-@_inline
+@_jit
 def _centre_rows(X, r0, C, m, d):
     """d[:C] = X[r0:r0+C] - m"""
     D = X.shape[1]
@@ -215,7 +213,7 @@ def _centre_rows(X, r0, C, m, d):
             di[p] = xi[p] - m[p]
 
 
-@_inline
+@_jit
 def _shifted_log_prob(Y, C, b, log_norm_k, logp_k):
     """logp_k[i] = log_norm_k - ||Y[i] - b||^2 / 2 for i < C (tied: Y = P^T (x - c))."""
     for i in range(C):
@@ -266,7 +264,7 @@ def _whitened_offsets(kind, means, prec, centre):
 # ||a||^2 of the squares, so its rows are [||a||^2, a] (W = D + 1) where diag's are [a^2, a] (W = 2D).
 # Both products are the full type's loops (_axpy_rows, _dot_rows) on the expansion stored transposed,
 # aaT (Wp, rows), W padded with zeros to Wp, a multiple of 4.
-@_inline
+@_jit
 def _n_squares(kind, D):
     """Leading columns of a row's expansion that hold squares: D (diag), 1 (spherical)."""
     return D if kind == DIAG else 1
@@ -286,7 +284,7 @@ def _vector_weights(kind, means, prec, centre):
     return WT, (p2 * m * m).sum(axis=1)
 
 
-@_inline
+@_jit
 def _squares_and_rows(kind, X, r0, C, centre, aa):
     """aa[:, i] = [(x_i - c)^2, x_i - c] (diag) or [||x_i - c||^2, x_i - c] (spherical), i < C"""
     D = X.shape[1]
@@ -304,7 +302,7 @@ def _squares_and_rows(kind, X, r0, C, centre, aa):
 
 
 # ----------------------------------------------------------------------------- one sub-chunk
-@_inline
+@_jit
 def _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp):
     """logp[k, i] = log p(x_i, k) for i < C, leaving the rows in the form the type's M-step needs:
     full: d = (x - c)^T (Dp, rows) and YT[k] = P_k^T (x - mu_k) = P_k^T d - b_k (Dp, rows);
@@ -331,7 +329,7 @@ def _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, a
                 logp[k, i] = log_norm[k] - 0.5 * (dist[k, i] + off[k])
 
 
-@_inline
+@_jit
 def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot):
     """resp[k, i] (soft: exp(logp - logsumexp); hard: one-hot argmax, left unset when onehot_rows
     says the caller adds rows by best alone), each row's log p(x) (hard: max_k log p(x, k)) and
@@ -371,7 +369,7 @@ def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot):
             resp[k, i] = 0.0
 
 
-@_inline
+@_jit
 def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, rd, mom, Z, prod):
     """Adds the sub-chunk's statistics under responsibilities resp (K, rows), or, when onehot (hard
     mode, diag and spherical), under the one-hot best[i], adding each row to its component's sums."""
@@ -417,7 +415,7 @@ def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, rd, mom, Z,
     _add_vector_moments(kind, mom, s, second)
 
 
-@_inline
+@_jit
 def _add_vector_moments(kind, mom, s, second):
     """s and the diag / spherical second moment += the sums of [squares, a] in mom (K, W)."""
     K, D = s.shape
@@ -432,17 +430,26 @@ def _add_vector_moments(kind, mom, s, second):
             second[k, 0, 0] += mom[k, 0]
 
 
-@_inline
-def _row_buffers(kind, X, K, Dp, sub):
-    """(d, Y) in _log_prob's layout: full (Dp, sub) and (K, Dp, sub); tied (sub, D) and (1, sub, D);
-    diag and spherical (sub, D) and nothing."""
+@_jit
+def _row_buffers(kind, X, K, Dp, W, sub):
+    """_log_prob's buffers (d, Y, aa, dist): d and Y are (Dp, sub) and (K, Dp, sub) for the full type,
+    (sub, D) and (1, sub, D) for tied, (sub, D) and nothing otherwise; aa (W, sub); dist (K, sub)."""
+    aa = np.zeros((W, sub), dtype=X.dtype)
+    dist = np.empty((K, sub), dtype=X.dtype)
     if kind == FULL:
-        return np.zeros((Dp, sub), dtype=X.dtype), np.empty((K, Dp, sub), dtype=X.dtype)
+        return np.zeros((Dp, sub), dtype=X.dtype), np.empty((K, Dp, sub), dtype=X.dtype), aa, dist
     D = X.shape[1]
-    return np.zeros((sub, D), dtype=X.dtype), np.empty((1 if kind == TIED else 0, sub, D), dtype=X.dtype)
+    return np.zeros((sub, D), dtype=X.dtype), np.empty((1 if kind == TIED else 0, sub, D), dtype=X.dtype), aa, dist
 
 
-@_inline
+@_jit
+def _normalise_buffers(K, sub):
+    """_normalise's outputs and scratch (logp, resp, row_ll, best, bits, scratch)."""
+    return (np.empty((K, sub)), np.empty((K, sub)), np.empty(sub), np.empty(sub, dtype=np.int64),
+            np.empty(sub, dtype=np.int64), np.empty(sub))
+
+
+@_jit
 def _zero_padding(kind, C, d, aa):
     """Zero the rows past C of a short last sub-chunk (columns of the full type's d)."""
     if kind == FULL:
@@ -469,20 +476,13 @@ def _suff_stats_blocks(kind, X, means, prec, log_norm, centre, b, Wt, off, hard,
     sub = SUB_ROWS
     given = resp_in.shape[0] == N
     onehot_rows = hard and not given and (kind == DIAG or kind == SPHERICAL)
-    d, Y = _row_buffers(kind, X, K, prec.shape[1], sub)
+    d, Y, aa, dist = _row_buffers(kind, X, K, prec.shape[1], Wt.shape[0], sub)
+    logp, resp, row_ll, best, bits, scratch = _normalise_buffers(K, sub)
     Z = np.empty((prec.shape[1], sub), dtype=X.dtype)
     prod = np.empty((D, D), dtype=X.dtype)
-    aa = np.zeros((Wt.shape[0], sub), dtype=X.dtype)
-    dist = np.empty((K, sub), dtype=X.dtype)
     Kp = K + K % 2 if kind == DIAG or kind == SPHERICAL else K  # _dot_rows takes rows in pairs
     rd = np.zeros((Kp, sub), dtype=X.dtype)
     mom = np.empty((Kp, D if kind == TIED else Wt.shape[0]), dtype=X.dtype)
-    logp = np.empty((K, sub))
-    resp = np.empty((K, sub))
-    row_ll = np.empty(sub)
-    best = np.empty(sub, dtype=np.int64)
-    bits = np.empty(sub, dtype=np.int64)
-    scratch = np.empty(sub)
     for blk in range(first, b_ll.shape[0], step):
         stop = min(N, (blk + 1) * block_rows)
         for r0 in range(blk * block_rows, stop, sub):
@@ -513,15 +513,8 @@ def _row_scores_subs(kind, X, means, prec, log_norm, centre, b, Wt, off, hard, o
     K = means.shape[0]
     sub = SUB_ROWS
     want_logp = out_logp.shape[0] == N
-    d, Y = _row_buffers(kind, X, K, prec.shape[1], sub)
-    aa = np.zeros((Wt.shape[0], sub), dtype=X.dtype)
-    dist = np.empty((K, sub), dtype=X.dtype)
-    logp = np.empty((K, sub))
-    resp = np.empty((K, sub))
-    row_ll = np.empty(sub)
-    best = np.empty(sub, dtype=np.int64)
-    bits = np.empty(sub, dtype=np.int64)
-    scratch = np.empty(sub)
+    d, Y, aa, dist = _row_buffers(kind, X, K, prec.shape[1], Wt.shape[0], sub)
+    logp, resp, row_ll, best, bits, scratch = _normalise_buffers(K, sub)
     for c in range(first, (N + sub - 1) // sub, step):
         r0 = c * sub
         C = min(sub, N - r0)
