@@ -33,7 +33,7 @@ from numba import njit
 
 FULL, TIED, DIAG, SPHERICAL = 0, 1, 2, 3
 BLOCK_ROWS = 4096  # rows reduced serially into one partial; fixed, so results ignore threads
-SUB_ROWS = 128  # rows per sub-chunk: its products run near BLAS speed and its buffers stay in cache
+SUB_ROWS = 128  # rows per sub-chunk: every component's rows of one stay in L2 between E-step and M-step
 
 # Reassociation lets reductions vectorise; NaN/inf semantics are kept (no 'nnan'/'ninf').
 _FASTMATH = {"reassoc", "contract", "arcp"}
@@ -166,12 +166,12 @@ def _dot_rows(A, B, out, upper):
 
 
 @_jit
-def _whiten(P, b, dT, YT, nrm):
-    """YT[j] = sum_{p <= j} P[p, j] dT[p] - b[j] (P upper triangular, Dp x Dp) and
+def _whiten(P, b, dT, YT, nrm, upper):
+    """YT[j] = sum_{p <= j} P[p, j] dT[p] - b[j] (P upper triangular, Dp x Dp, and upper True) and
     nrm[i] = ||YT[:, i]||^2."""
     for j in range(YT.shape[0]):
         YT[j] = -b[j]
-    _axpy_rows(P, dT, YT, True)
+    _axpy_rows(P, dT, YT, upper)
     nrm[:] = 0.0
     for j in range(YT.shape[0]):
         y = YT[j]
@@ -180,7 +180,7 @@ def _whiten(P, b, dT, YT, nrm):
 
 
 @_jit
-def _accumulate_whitened(YT, r, n, s, second, k, ZT):
+def _accumulate_whitened(YT, r, n, s, second, k, ZT, upper):
     """n[k] += sum r, s[k] += YT r and the upper triangle of second[k] += YT diag(r) YT^T (only the
     upper triangle is read). r (rows,) in the data's dtype, zero on padding rows."""
     Dp, rows = YT.shape
@@ -199,7 +199,7 @@ def _accumulate_whitened(YT, r, n, s, second, k, ZT):
             z[i] = v
             acc += v
         s[k, p] += acc
-    _dot_rows(ZT, YT, second[k], True)
+    _dot_rows(ZT, YT, second[k], upper)
 
 
 @_jit
@@ -309,10 +309,12 @@ def _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, a
     tied: d = x - c (rows, D) and Y[0] = P^T (x - c); diag, spherical: aa as _squares_and_rows
     makes it. Padding rows (columns of the full type's d) of d and aa must be zero."""
     K = means.shape[0]
+    # Triangular products for the full type only; a run-time flag, so one compiled helper serves all.
+    upper = kind == FULL
     if kind == FULL:
         _transpose_centred(X, r0, C, centre, d)
         for k in range(K):
-            _whiten(prec[k], b[k], d, Y[k], dist[k])
+            _whiten(prec[k], b[k], d, Y[k], dist[k], upper)
             for i in range(C):
                 logp[k, i] = log_norm[k] - 0.5 * dist[k, i]
     elif kind == TIED:
@@ -323,7 +325,7 @@ def _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, a
     else:
         _squares_and_rows(kind, X, r0, C, centre, aa)
         dist[:] = 0.0
-        _axpy_rows(Wt, aa, dist, False)
+        _axpy_rows(Wt, aa, dist, upper)
         for k in range(K):
             for i in range(C):
                 logp[k, i] = log_norm[k] - 0.5 * (dist[k, i] + off[k])
@@ -393,7 +395,7 @@ def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, rd, mom, Z,
             rd[k, i] = r if r >= tiny else 0.0
     if kind == FULL:
         for k in range(K):
-            _accumulate_whitened(Y[k], rd[k], n, s, second, k, Z)
+            _accumulate_whitened(Y[k], rd[k], n, s, second, k, Z, kind == FULL)
         return
     for k in range(K):
         tot = 0.0
@@ -411,7 +413,7 @@ def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, rd, mom, Z,
                 s[k, p] += mom[k, p]
         return
     mom[:] = 0.0
-    _dot_rows(rd, aa, mom, False)
+    _dot_rows(rd, aa, mom, kind == FULL)
     _add_vector_moments(kind, mom, s, second)
 
 
@@ -521,7 +523,7 @@ def _row_scores_subs(kind, X, means, prec, log_norm, centre, b, Wt, off, hard, o
         if C < sub:
             _zero_padding(kind, C, d, aa)
         _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
-        _normalise(logp, C, hard, True, resp, row_ll, best, bits, scratch)
+        _normalise(logp, C, hard, hard, resp, row_ll, best, bits, scratch)  # hard: no one-hot resp needed
         for i in range(C):
             out_ll[r0 + i] = row_ll[i]
             out_label[r0 + i] = best[i]
