@@ -13,14 +13,14 @@ Hard mode replaces r_ik by the one-hot argmax (K-means). A block of rows is redu
 and blocks are summed in index order, so the result does not depend on the number of threads.
 
 Every covariance type shares one layout, so one driver's code serves all four (compiled once per
-type, see the drivers):
+dtype, see the drivers):
     prec    full (K,D,D) upper-triangular   tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
     second  full (K,D,D)                    tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
 Rows are processed in sub-chunks of SUB_ROWS. Inside one, log-probabilities and responsibilities
 are stored as (K, rows), so the log-sum-exp runs along contiguous rows and vectorises. The products
-(centred rows by P_k, weighted rows by rows, the diag/spherical expansion below) are
-single-threaded BLAS calls inside serial kernels, one per thread over fixed blocks: the caller
-limits BLAS to one thread (see `blas_single_thread`), so there is one level of parallelism. Arithmetic is in the
+of the full, diag and spherical types are loops of our own (see _axpy_rows, _dot_rows); the tied
+type's are single-threaded BLAS calls. Kernels are serial, one per thread over fixed blocks: the
+caller limits BLAS to one thread (see `blas_single_thread`), so there is one level of parallelism. Arithmetic is in the
 data's dtype, log-probabilities and responsibilities in float64, and statistics accumulate in
 float64 across sub-chunks. The last sub-chunk of a block is padded with zero rows, which carry
 zero responsibility, so every product has the same shape.
@@ -33,13 +33,11 @@ from numba import njit
 
 FULL, TIED, DIAG, SPHERICAL = 0, 1, 2, 3
 BLOCK_ROWS = 4096  # rows reduced serially into one partial; fixed, so results ignore threads
-SUB_ROWS = 128  # rows per sub-chunk: its products run near BLAS speed and its buffers stay in cache
+SUB_ROWS = 128  # rows per sub-chunk: every component's rows of one stay in L2 between E-step and M-step
 
 # Reassociation lets reductions vectorise; NaN/inf semantics are kept (no 'nnan'/'ninf').
 _FASTMATH = {"reassoc", "contract", "arcp"}
 _jit = njit(fastmath=_FASTMATH, cache=True, nogil=True)
-# Per-row loops are inlined into the kernels so they vectorise where they are used.
-_inline = njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
 
 
 _controller = None
@@ -65,7 +63,7 @@ _FLOAT64_TINY = 2.2250738585072014e-308
 _EXP_MIN = -708.0  # below this exp(t) is subnormal or zero; returned as 0 (a responsibility < 1e-307)
 
 
-@_inline
+@_jit
 def _exp_nonpositive(a, n, bits):
     """a[:n] = exp(a[:n]) for a <= 0, to a few ulp, in loops that vectorise (libm's exp does not):
     exp(t) = 2^m exp(r), m = round(t / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series to r^12
@@ -100,8 +98,111 @@ def _exp_nonpositive(a, n, bits):
 # pass (s_k = P_k^-T sum r y, S_k = P_k^-T (sum r y y^T) P_k^-1), so each row is multiplied by P_k
 # once. Rows are centred once, on the mixture mean c, and y_i = P_k^T (x_i - c) - b_k with
 # b_k = P_k^T (mu_k - c): the rounding of y is then relative to |mu_k - c| / sigma_k rather than to
-# |x|, and the moments need no cancelling correction. The sub-chunk keeps every y: Y (K, rows, D).
-@_inline
+# |x|, and the moments need no cancelling correction.
+#
+# The full type's two products are loops of our own rather than BLAS calls: at these shapes (a
+# sub-chunk of rows by D x D) BLAS spends as long packing its operands as multiplying, and it
+# cannot use the structure (P_k triangular, sum r y y^T symmetric), which halves the arithmetic.
+# Rows are stored transposed, dT (Dp, rows) and YT[k] (Dp, rows), so every inner loop runs along
+# contiguous rows and vectorises at any SIMD width; D is padded with zeros to Dp, a multiple of 4,
+# so the loops step through the triangle four columns at a time. Accumulators are scalars the
+# compiler keeps in registers: 4 (E-step) and 2 x 4 (M-step) of them stay well inside AVX2's 16
+# vector registers (and AVX-512's 32).
+PAD = 4  # the full type's feature count is padded to a multiple of this
+
+
+@_jit
+def _transpose_centred(X, r0, C, m, dT):
+    """dT[p, i] = X[r0 + i, p] - m[p] for i < C, p < D (rows D.. of dT stay zero)."""
+    D = X.shape[1]
+    for i in range(C):
+        xi = X[r0 + i]
+        for p in range(D):
+            dT[p, i] = xi[p] - m[p]
+
+
+@_jit
+def _axpy_rows(C, A, out, upper):
+    """out[j] += sum_p C[p, j] A[p] over the rows p of A (p <= j when upper: C upper triangular),
+    four rows of A at a time (A has a multiple of 4 rows; out's rows stay in cache)."""
+    n = A.shape[1]
+    for j in range(out.shape[0]):
+        y = out[j]
+        for p in range(0, j + 1 if upper else A.shape[0], 4):
+            c0, c1, c2, c3 = C[p, j], C[p + 1, j], C[p + 2, j], C[p + 3, j]
+            x0, x1, x2, x3 = A[p], A[p + 1], A[p + 2], A[p + 3]
+            for i in range(n):
+                y[i] += c0 * x0[i] + c1 * x1[i] + c2 * x2[i] + c3 * x3[i]
+
+
+@_jit
+def _dot_rows(A, B, out, upper):
+    """out[a, b] += sum_i A[a, i] B[b, i] in blocks of 2 rows of A by 4 of B (A has a multiple of 2
+    rows, B of 4), eight accumulators in registers. When upper, only blocks that reach b >= a
+    (a block on the diagonal also adds a few entries below it)."""
+    n = A.shape[1]
+    for a in range(0, A.shape[0], 2):
+        u0, u1 = A[a], A[a + 1]
+        for b in range(a - a % 4 if upper else 0, B.shape[0], 4):
+            v0, v1, v2, v3 = B[b], B[b + 1], B[b + 2], B[b + 3]
+            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = A.dtype.type(0.0)
+            for i in range(n):
+                a00 += u0[i] * v0[i]
+                a01 += u0[i] * v1[i]
+                a02 += u0[i] * v2[i]
+                a03 += u0[i] * v3[i]
+                a10 += u1[i] * v0[i]
+                a11 += u1[i] * v1[i]
+                a12 += u1[i] * v2[i]
+                a13 += u1[i] * v3[i]
+            out[a, b] += a00
+            out[a, b + 1] += a01
+            out[a, b + 2] += a02
+            out[a, b + 3] += a03
+            out[a + 1, b] += a10
+            out[a + 1, b + 1] += a11
+            out[a + 1, b + 2] += a12
+            out[a + 1, b + 3] += a13
+
+
+@_jit
+def _whiten(P, b, dT, YT, nrm, upper):
+    """YT[j] = sum_{p <= j} P[p, j] dT[p] - b[j] (P upper triangular, Dp x Dp, and upper True) and
+    nrm[i] = ||YT[:, i]||^2."""
+    for j in range(YT.shape[0]):
+        YT[j] = -b[j]
+    _axpy_rows(P, dT, YT, upper)
+    nrm[:] = 0.0
+    for j in range(YT.shape[0]):
+        y = YT[j]
+        for i in range(YT.shape[1]):
+            nrm[i] += y[i] * y[i]
+
+
+@_jit
+def _accumulate_whitened(YT, r, n, s, second, k, ZT, upper):
+    """n[k] += sum r, s[k] += YT r and the upper triangle of second[k] += YT diag(r) YT^T (only the
+    upper triangle is read). r (rows,) in the data's dtype, zero on padding rows."""
+    Dp, rows = YT.shape
+    tot = 0.0
+    for i in range(rows):
+        tot += r[i]
+    if tot == 0.0:
+        return  # exact zero weight adds nothing
+    n[k] += tot
+    for p in range(Dp):
+        z = ZT[p]
+        y = YT[p]
+        acc = YT.dtype.type(0.0)
+        for i in range(rows):
+            v = r[i] * y[i]
+            z[i] = v
+            acc += v
+        s[k, p] += acc
+    _dot_rows(ZT, YT, second[k], upper)
+
+
+@_jit
 def _centre_rows(X, r0, C, m, d):
     """d[:C] = X[r0:r0+C] - m"""
     D = X.shape[1]
@@ -112,54 +213,38 @@ def _centre_rows(X, r0, C, m, d):
             di[p] = xi[p] - m[p]
 
 
-@_inline
-def _shift_log_prob(Y, C, b, log_norm_k, logp_k, keep):
-    """logp_k[i] = log_norm_k - ||Y[i] - b||^2 / 2 for i < C; Y[i] becomes Y[i] - b unless keep."""
+@_jit
+def _shifted_log_prob(Y, C, b, log_norm_k, logp_k):
+    """logp_k[i] = log_norm_k - ||Y[i] - b||^2 / 2 for i < C (tied: Y = P^T (x - c))."""
     for i in range(C):
         yi = Y[i]
         acc = Y.dtype.type(0.0)
         for p in range(Y.shape[1]):
             v = yi[p] - b[p]
-            if not keep:
-                yi[p] = v
             acc += v * v
         logp_k[i] = log_norm_k - 0.5 * acc
 
 
-@_inline
-def _accumulate_whitened(Y, r, n, s, second, k, Z, acc, prod):
-    """n[k] += sum r, s[k] += Y^T r, second[k] += Y^T diag(r) Y (r (rows,) in the data's dtype,
-    zero on padding rows)."""
-    rows, D = Y.shape
-    tot = 0.0
-    for i in range(rows):
-        tot += r[i]
-    if tot == 0.0:
-        return  # exact zero weight adds nothing
-    n[k] += tot
-    acc[:] = 0.0
-    for i in range(rows):
-        yi = Y[i]
-        zi = Z[i]
-        ri = r[i]
-        for p in range(D):
-            v = ri * yi[p]
-            zi[p] = v
-            acc[p] += v
-    for p in range(D):
-        s[k, p] += acc[p]
-    np.dot(Z.T, Y, prod)
-    for p in range(D):
-        for j in range(D):
-            second[k, p, j] += prod[p, j]
+def _padded(kind, prec, b):
+    """The full type's precision factors and offsets padded with zeros to Dp features (see PAD)."""
+    if kind != FULL:
+        return prec, b
+    K, D = b.shape
+    Dp = -(-D // PAD) * PAD
+    P = np.zeros((K, Dp, Dp), dtype=prec.dtype)
+    P[:, :D, :D] = np.triu(prec)
+    bp = np.zeros((K, Dp), dtype=b.dtype)
+    bp[:, :D] = b
+    return P, bp
 
 
-def _unwhiten(prec, s, second):
-    """Moments from whitened sums, in place: s_k <- A_k^T s_k, S_k <- A_k^T S_k A_k, A_k = P_k^-1."""
+def _unwhiten(prec, s, upper):
+    """Moments from whitened sums: (A_k^T s_k, A_k^T S_k A_k) with A_k = P_k^-1, given the upper
+    triangle of the symmetric S_k."""
     D = s.shape[1]
     A = np.linalg.solve(np.triu(prec).astype(np.float64), np.eye(D))  # P_k A_k = I
-    s[:] = np.einsum("kp,kpj->kj", s, A)
-    second[:] = np.swapaxes(A, 1, 2) @ second @ A
+    second = np.triu(upper) + np.swapaxes(np.triu(upper, 1), 1, 2)
+    return np.einsum("kp,kpj->kj", s, A), np.swapaxes(A, 1, 2) @ second @ A
 
 
 def _whitened_offsets(kind, means, prec, centre):
@@ -177,69 +262,76 @@ def _whitened_offsets(kind, means, prec, centre):
 # so one (K x W) @ (W x rows) product gives every row's distances, and one (K x rows) @ (rows x W)
 # product gives the weighted sums of a and a^2 (moments about c). The spherical type needs only
 # ||a||^2 of the squares, so its rows are [||a||^2, a] (W = D + 1) where diag's are [a^2, a] (W = 2D).
-@_inline
+# Both products are the full type's loops (_axpy_rows, _dot_rows) on the expansion stored transposed,
+# aaT (Wp, rows), W padded with zeros to Wp, a multiple of 4.
+@_jit
 def _n_squares(kind, D):
     """Leading columns of a row's expansion that hold squares: D (diag), 1 (spherical)."""
     return D if kind == DIAG else 1
 
 
 def _vector_weights(kind, means, prec, centre):
-    """(Wt (K, W), offsets (K,)) of the expansion above."""
+    """(WT (Wp, K), offsets (K,)) of the expansion above, WT the weights transposed and padded."""
     K, D = means.shape
     if kind != DIAG and kind != SPHERICAL:
-        return np.zeros((K, 0), dtype=means.dtype), np.zeros(K)
+        return np.zeros((0, K), dtype=means.dtype), np.zeros(K)
     p2 = np.broadcast_to(prec[:, 0, :].astype(np.float64) ** 2, (K, D))
     m = means.astype(np.float64) - centre
     squares = p2 if kind == DIAG else p2[:, :1]
-    return np.hstack([squares, -2.0 * p2 * m]).astype(means.dtype), (p2 * m * m).sum(axis=1)
+    Wt = np.hstack([squares, -2.0 * p2 * m])
+    WT = np.zeros((-(-Wt.shape[1] // PAD) * PAD, K), dtype=means.dtype)
+    WT[: Wt.shape[1]] = Wt.T
+    return WT, (p2 * m * m).sum(axis=1)
 
 
-@_inline
+@_jit
 def _squares_and_rows(kind, X, r0, C, centre, aa):
-    """aa[i] = [(x_i - c)^2, x_i - c] (diag) or [||x_i - c||^2, x_i - c] (spherical), i < C"""
+    """aa[:, i] = [(x_i - c)^2, x_i - c] (diag) or [||x_i - c||^2, x_i - c] (spherical), i < C"""
     D = X.shape[1]
     sq = _n_squares(kind, D)
-    for i in range(C):
-        xi = X[r0 + i]
-        ai = aa[i]
-        tot = X.dtype.type(0.0)
+    _transpose_centred(X, r0, C, centre, aa[sq:])
+    if kind == DIAG:
         for p in range(D):
-            a = xi[p] - centre[p]
-            ai[sq + p] = a
-            if kind == DIAG:
-                ai[p] = a * a
-            else:
-                tot += a * a
-        if kind != DIAG:
-            ai[0] = tot
+            for i in range(C):
+                aa[p, i] = aa[sq + p, i] * aa[sq + p, i]
+    else:
+        aa[0] = 0.0
+        for p in range(D):
+            for i in range(C):
+                aa[0, i] += aa[sq + p, i] * aa[sq + p, i]
 
 
 # ----------------------------------------------------------------------------- one sub-chunk
-@_inline
+@_jit
 def _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp):
     """logp[k, i] = log p(x_i, k) for i < C, leaving the rows in the form the type's M-step needs:
-    Y[k] = P_k^T (x - mu_k) = P_k^T (x - c) - b_k (full), Y[0] = P^T (x - c) and d = x - c (tied),
-    aa as _squares_and_rows makes it (diag, spherical). Padding rows of d and aa must be zero."""
+    full: d = (x - c)^T (Dp, rows) and YT[k] = P_k^T (x - mu_k) = P_k^T d - b_k (Dp, rows);
+    tied: d = x - c (rows, D) and Y[0] = P^T (x - c); diag, spherical: aa as _squares_and_rows
+    makes it. Padding rows (columns of the full type's d) of d and aa must be zero."""
     K = means.shape[0]
-    if kind == FULL or kind == TIED:
-        _centre_rows(X, r0, C, centre, d)
-        if kind == TIED:
-            np.dot(d, prec[0], Y[0])
+    # Triangular products for the full type only; a run-time flag, so one compiled helper serves all.
+    upper = kind == FULL
+    if kind == FULL:
+        _transpose_centred(X, r0, C, centre, d)
         for k in range(K):
-            if kind == FULL:
-                np.dot(d, prec[k], Y[k])
-                _shift_log_prob(Y[k], C, b[k], log_norm[k], logp[k], False)
-            else:
-                _shift_log_prob(Y[0], C, b[k], log_norm[k], logp[k], True)
+            _whiten(prec[k], b[k], d, Y[k], dist[k], upper)
+            for i in range(C):
+                logp[k, i] = log_norm[k] - 0.5 * dist[k, i]
+    elif kind == TIED:
+        _centre_rows(X, r0, C, centre, d)
+        np.dot(d, prec[0], Y[0])
+        for k in range(K):
+            _shifted_log_prob(Y[0], C, b[k], log_norm[k], logp[k])
     else:
         _squares_and_rows(kind, X, r0, C, centre, aa)
-        np.dot(Wt, aa.T, dist)
+        dist[:] = 0.0
+        _axpy_rows(Wt, aa, dist, upper)
         for k in range(K):
             for i in range(C):
                 logp[k, i] = log_norm[k] - 0.5 * (dist[k, i] + off[k])
 
 
-@_inline
+@_jit
 def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot):
     """resp[k, i] (soft: exp(logp - logsumexp); hard: one-hot argmax, left unset when onehot_rows
     says the caller adds rows by best alone), each row's log p(x) (hard: max_k log p(x, k)) and
@@ -279,7 +371,7 @@ def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot):
             resp[k, i] = 0.0
 
 
-@_inline
+@_jit
 def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, rd, mom, Z, prod):
     """Adds the sub-chunk's statistics under responsibilities resp (K, rows), or, when onehot (hard
     mode, diag and spherical), under the one-hot best[i], adding each row to its component's sums."""
@@ -290,9 +382,8 @@ def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, rd, mom, Z,
         for i in range(C):
             n[best[i]] += 1.0
             mk = mom[best[i]]
-            ai = aa[i]
-            for j in range(aa.shape[1]):
-                mk[j] += ai[j]
+            for j in range(aa.shape[0]):
+                mk[j] += aa[j, i]
         _add_vector_moments(kind, mom, s, second)
         return
     # Responsibilities below the dtype's smallest normal number become zero: as float32 subnormals
@@ -304,7 +395,7 @@ def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, rd, mom, Z,
             rd[k, i] = r if r >= tiny else 0.0
     if kind == FULL:
         for k in range(K):
-            _accumulate_whitened(Y[k], rd[k], n, s, second, k, Z, mom[k], prod)
+            _accumulate_whitened(Y[k], rd[k], n, s, second, k, Z, kind == FULL)
         return
     for k in range(K):
         tot = 0.0
@@ -321,11 +412,12 @@ def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, rd, mom, Z,
             for p in range(D):
                 s[k, p] += mom[k, p]
         return
-    np.dot(rd, aa, mom)
+    mom[:] = 0.0
+    _dot_rows(rd, aa, mom, kind == FULL)
     _add_vector_moments(kind, mom, s, second)
 
 
-@_inline
+@_jit
 def _add_vector_moments(kind, mom, s, second):
     """s and the diag / spherical second moment += the sums of [squares, a] in mom (K, W)."""
     K, D = s.shape
@@ -340,110 +432,107 @@ def _add_vector_moments(kind, mom, s, second):
             second[k, 0, 0] += mom[k, 0]
 
 
-@_inline
-def _n_whitened(kind, K):
-    """Y's length: one (D, rows) per component (full), one (tied), none (diag, spherical)."""
+@_jit
+def _row_buffers(kind, X, K, Dp, W, sub):
+    """_log_prob's buffers (d, Y, aa, dist): d and Y are (Dp, sub) and (K, Dp, sub) for the full type,
+    (sub, D) and (1, sub, D) for tied, (sub, D) and nothing otherwise; aa (W, sub); dist (K, sub)."""
+    aa = np.zeros((W, sub), dtype=X.dtype)
+    dist = np.empty((K, sub), dtype=X.dtype)
     if kind == FULL:
-        return K
-    return 1 if kind == TIED else 0
+        return np.zeros((Dp, sub), dtype=X.dtype), np.empty((K, Dp, sub), dtype=X.dtype), aa, dist
+    D = X.shape[1]
+    return np.zeros((sub, D), dtype=X.dtype), np.empty((1 if kind == TIED else 0, sub, D), dtype=X.dtype), aa, dist
+
+
+@_jit
+def _normalise_buffers(K, sub):
+    """_normalise's outputs and scratch (logp, resp, row_ll, best, bits, scratch)."""
+    return (np.empty((K, sub)), np.empty((K, sub)), np.empty(sub), np.empty(sub, dtype=np.int64),
+            np.empty(sub, dtype=np.int64), np.empty(sub))
+
+
+@_jit
+def _zero_padding(kind, C, d, aa):
+    """Zero the rows past C of a short last sub-chunk (columns of the full type's d)."""
+    if kind == FULL:
+        d[:, C:] = 0
+    else:
+        d[C:] = 0
+        aa[:, C:] = 0
 
 
 # ----------------------------------------------------------------------------- drivers
-# One compiled kernel per covariance type: `kind` is a constant of the closure, so a fit compiles
-# only its own type's code (Numba caches each closure under its constant). The kernels are serial
-# and release the GIL; `_on_workers` runs one per thread, each on every n_workers-th block. Plain
-# threads rather than Numba's parallel loops: a parallel loop compiles several times slower.
-def _stats_kernel(kind):
-    @_jit
-    def suff_stats_blocks(X, means, prec, log_norm, centre, b, Wt, off, hard, resp_in, block_rows,
-                          b_n, b_s, b_second, b_ll, worst_ll, worst_row, first, step):
-        """Statistics of blocks first, first + step, ... of block_rows rows, into the block's slot
-        of the b_* / worst_* partials (see suff_stats)."""
-        N, D = X.shape
-        K = means.shape[0]
-        sub = SUB_ROWS
-        given = resp_in.shape[0] == N
-        onehot_rows = hard and not given and (kind == DIAG or kind == SPHERICAL)
-        d = np.zeros((sub, D), dtype=X.dtype)
-        Y = np.empty((_n_whitened(kind, K), sub, D), dtype=X.dtype)
-        Z = np.empty((sub, D), dtype=X.dtype)
-        prod = np.empty((D, D), dtype=X.dtype)
-        aa = np.zeros((sub, _n_squares(kind, D) + D), dtype=X.dtype)
-        dist = np.empty((K, sub), dtype=X.dtype)
-        rd = np.empty((K, sub), dtype=X.dtype)
-        mom = np.empty((K, D if kind == TIED else _n_squares(kind, D) + D), dtype=X.dtype)
-        logp = np.empty((K, sub))
-        resp = np.empty((K, sub))
-        row_ll = np.empty(sub)
-        best = np.empty(sub, dtype=np.int64)
-        bits = np.empty(sub, dtype=np.int64)
-        scratch = np.empty(sub)
-        for blk in range(first, b_ll.shape[0], step):
-            stop = min(N, (blk + 1) * block_rows)
-            for r0 in range(blk * block_rows, stop, sub):
-                C = min(sub, stop - r0)
-                if C < sub:
-                    d[C:] = 0
-                    aa[C:] = 0
-                _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
-                if given:
-                    for k in range(K):
-                        for i in range(sub):
-                            resp[k, i] = resp_in[r0 + i, k] if i < C else 0.0
-                    row_ll[:C] = 0.0
-                else:
-                    _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, scratch)
-                for i in range(C):
-                    b_ll[blk] += row_ll[i]
-                    if row_ll[i] < worst_ll[blk]:
-                        worst_ll[blk] = row_ll[i]
-                        worst_row[blk] = r0 + i
-                _accumulate(kind, C, resp, onehot_rows, best, b_n[blk], b_s[blk], b_second[blk], d, Y, aa,
-                            rd, mom, Z, prod)
-
-    return suff_stats_blocks
-
-
-def _scores_kernel(kind):
-    @_jit
-    def row_scores_subs(X, means, prec, log_norm, centre, b, Wt, off, hard, out_ll, out_label, out_logp, first, step):
-        """row_scores on sub-chunks first, first + step, ... of SUB_ROWS rows."""
-        N, D = X.shape
-        K = means.shape[0]
-        sub = SUB_ROWS
-        want_logp = out_logp.shape[0] == N
-        d = np.zeros((sub, D), dtype=X.dtype)
-        Y = np.empty((_n_whitened(kind, K), sub, D), dtype=X.dtype)
-        aa = np.zeros((sub, _n_squares(kind, D) + D), dtype=X.dtype)
-        dist = np.empty((K, sub), dtype=X.dtype)
-        logp = np.empty((K, sub))
-        resp = np.empty((K, sub))
-        row_ll = np.empty(sub)
-        best = np.empty(sub, dtype=np.int64)
-        bits = np.empty(sub, dtype=np.int64)
-        scratch = np.empty(sub)
-        for c in range(first, (N + sub - 1) // sub, step):
-            r0 = c * sub
-            C = min(sub, N - r0)
+# One compiled kernel for every covariance type, `kind` an ordinary argument: each helper above is
+# its own small compiled function, compiled once per dtype and cached, whatever the type. (Inlining
+# the helpers, or specialising them on a constant `kind`, multiplied Numba's compile time: every
+# fit also runs the full type once, for the data's moments.) The kernels are serial and release
+# the GIL; `_on_workers` runs one per thread, each on every n_workers-th block. Plain threads
+# rather than Numba's parallel loops: a parallel loop compiles several times slower.
+@_jit
+def _suff_stats_blocks(kind, X, means, prec, log_norm, centre, b, Wt, off, hard, resp_in, block_rows,
+                      b_n, b_s, b_second, b_ll, worst_ll, worst_row, first, step):
+    """Statistics of blocks first, first + step, ... of block_rows rows, into the block's slot
+    of the b_* / worst_* partials (see suff_stats)."""
+    N, D = X.shape
+    K = means.shape[0]
+    sub = SUB_ROWS
+    given = resp_in.shape[0] == N
+    onehot_rows = hard and not given and (kind == DIAG or kind == SPHERICAL)
+    d, Y, aa, dist = _row_buffers(kind, X, K, prec.shape[1], Wt.shape[0], sub)
+    logp, resp, row_ll, best, bits, scratch = _normalise_buffers(K, sub)
+    Z = np.empty((prec.shape[1], sub), dtype=X.dtype)
+    prod = np.empty((D, D), dtype=X.dtype)
+    Kp = K + K % 2 if kind == DIAG or kind == SPHERICAL else K  # _dot_rows takes rows in pairs
+    rd = np.zeros((Kp, sub), dtype=X.dtype)
+    mom = np.empty((Kp, D if kind == TIED else Wt.shape[0]), dtype=X.dtype)
+    for blk in range(first, b_ll.shape[0], step):
+        stop = min(N, (blk + 1) * block_rows)
+        for r0 in range(blk * block_rows, stop, sub):
+            C = min(sub, stop - r0)
             if C < sub:
-                d[C:] = 0
-                aa[C:] = 0
+                _zero_padding(kind, C, d, aa)
             _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
-            _normalise(logp, C, hard, True, resp, row_ll, best, bits, scratch)
+            if given:
+                for k in range(K):
+                    for i in range(sub):
+                        resp[k, i] = resp_in[r0 + i, k] if i < C else 0.0
+                row_ll[:C] = 0.0
+            else:
+                _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, scratch)
             for i in range(C):
-                out_ll[r0 + i] = row_ll[i]
-                out_label[r0 + i] = best[i]
-            if want_logp:
-                for i in range(C):
-                    for k in range(K):
-                        out_logp[r0 + i, k] = logp[k, i]
-
-    return row_scores_subs
+                b_ll[blk] += row_ll[i]
+                if row_ll[i] < worst_ll[blk]:
+                    worst_ll[blk] = row_ll[i]
+                    worst_row[blk] = r0 + i
+            _accumulate(kind, C, resp, onehot_rows, best, b_n[blk], b_s[blk], b_second[blk], d, Y, aa,
+                        rd, mom, Z, prod)
 
 
-_KINDS = (FULL, TIED, DIAG, SPHERICAL)
-_STATS = {kind: _stats_kernel(kind) for kind in _KINDS}
-_SCORES = {kind: _scores_kernel(kind) for kind in _KINDS}
+@_jit
+def _row_scores_subs(kind, X, means, prec, log_norm, centre, b, Wt, off, hard, out_ll, out_label, out_logp, first, step):
+    """row_scores on sub-chunks first, first + step, ... of SUB_ROWS rows."""
+    N, D = X.shape
+    K = means.shape[0]
+    sub = SUB_ROWS
+    want_logp = out_logp.shape[0] == N
+    d, Y, aa, dist = _row_buffers(kind, X, K, prec.shape[1], Wt.shape[0], sub)
+    logp, resp, row_ll, best, bits, scratch = _normalise_buffers(K, sub)
+    for c in range(first, (N + sub - 1) // sub, step):
+        r0 = c * sub
+        C = min(sub, N - r0)
+        if C < sub:
+            _zero_padding(kind, C, d, aa)
+        _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
+        _normalise(logp, C, hard, hard, resp, row_ll, best, bits, scratch)  # hard: no one-hot resp needed
+        for i in range(C):
+            out_ll[r0 + i] = row_ll[i]
+            out_label[r0 + i] = best[i]
+        if want_logp:
+            for i in range(C):
+                for k in range(K):
+                    out_logp[r0 + i, k] = logp[k, i]
+
+
 _pool = None
 
 
@@ -474,20 +563,20 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, n_workers,
     N, D = X.shape
     K = means.shape[0]
     n_blocks = (N + block_rows - 1) // block_rows
+    kprec, b = _padded(kind, prec, _whitened_offsets(kind, means, prec, centre))
     b_n = np.zeros((n_blocks, K))
-    b_s = np.zeros((n_blocks, K, D))
-    b_second = np.zeros((n_blocks,) + prec.shape)
+    b_s = np.zeros((n_blocks, K, kprec.shape[2] if kind == FULL else D))
+    b_second = np.zeros((n_blocks,) + kprec.shape)
     b_ll = np.zeros(n_blocks)
     worst_ll = np.full(n_blocks, np.inf)
     worst_row = np.zeros(n_blocks, dtype=np.int64)
-    b = _whitened_offsets(kind, means, prec, centre)
     Wt, off = _vector_weights(kind, means, prec, centre)
-    _on_workers(_STATS[kind], max(1, min(n_workers, n_blocks)), X, means, prec, log_norm, centre, b, Wt, off,
+    _on_workers(_suff_stats_blocks, max(1, min(n_workers, n_blocks)), kind, X, means, kprec, log_norm, centre, b, Wt, off,
                 bool(hard), resp_in, block_rows, b_n, b_s, b_second, b_ll, worst_ll, worst_row)
     # Fixed-order reduction over blocks.
     n, s, second, ll = b_n.sum(axis=0), b_s.sum(axis=0), b_second.sum(axis=0), float(b_ll.sum())
     if kind == FULL:
-        _unwhiten(prec, s, second)
+        s, second = _unwhiten(prec, s[:, :D], second[:, :D, :D])
     return n, s, second, ll, worst_ll, worst_row
 
 
@@ -496,7 +585,7 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
     out_ll[i] = log p(x_i) (hard: max_k log p(x_i, k)), and, when out_logp has N rows,
     out_logp[i, k] = log p(x_i, k)."""
     n_sub = (X.shape[0] + SUB_ROWS - 1) // SUB_ROWS
-    b = _whitened_offsets(kind, means, prec, centre)
+    kprec, b = _padded(kind, prec, _whitened_offsets(kind, means, prec, centre))
     Wt, off = _vector_weights(kind, means, prec, centre)
-    _on_workers(_SCORES[kind], max(1, min(n_workers, n_sub)), X, means, prec, log_norm, centre, b, Wt, off,
+    _on_workers(_row_scores_subs, max(1, min(n_workers, n_sub)), kind, X, means, kprec, log_norm, centre, b, Wt, off,
                 bool(hard), out_ll, out_label, out_logp)

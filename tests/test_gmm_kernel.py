@@ -1,0 +1,111 @@
+"""The Numba GMM kernel (fastlvm.kernels.cpu) against scikit-learn's densities and responsibilities.
+
+scikit-learn's GaussianMixture, given the same parameters, gives log p(x_i, k) and r_ik; the
+statistics are then the definitions, summed in float64 NumPy. Awkward shapes: D not a multiple of
+the full type's padding, N not a multiple of the sub-chunk, one row, one component.
+"""
+
+import numpy as np
+import pytest
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+from fastlvm.kernels import cpu
+from fastlvm.mixture.covariance import get_covariance_type
+from fastlvm.mixture.stats import kernel_parameters
+
+TYPES = ("full", "tied", "diag", "spherical")
+RTOL = {np.float32: 2e-4, np.float64: 1e-9}
+
+
+def _problem(cov, N, D, K, dtype, seed=0, spread=3.0):
+    """Data and a random valid parameter set in scikit-learn's conventions, with the same sklearn
+    estimator holding those parameters."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0.0, spread, (K, D))
+    X = (means[rng.integers(K, size=N)] + rng.normal(size=(N, D)) * rng.uniform(0.5, 2.0, D)).astype(dtype)
+    weights = rng.dirichlet(np.full(K, 3.0))
+    if cov in ("full", "tied"):
+        A = rng.normal(size=(K if cov == "full" else 1, D, D)) / np.sqrt(D)
+        L = np.linalg.cholesky(A @ np.swapaxes(A, 1, 2) + np.eye(D))  # covariance = L L^T
+        prec_chol = np.swapaxes(np.linalg.inv(L), 1, 2)  # sklearn's upper U = L^-T: precision = U U^T
+        prec_chol = prec_chol if cov == "full" else prec_chol[0]
+    elif cov == "diag":
+        prec_chol = 1.0 / np.sqrt(rng.uniform(0.5, 2.0, (K, D)))
+    else:
+        prec_chol = 1.0 / np.sqrt(rng.uniform(0.5, 2.0, K))
+    sk = SkGaussianMixture(K, covariance_type=cov)
+    sk.weights_, sk.means_, sk.precisions_cholesky_ = weights, means, prec_chol
+    return X, weights, means, prec_chol, sk
+
+
+def _expected(cov, X, means, centre, sk):
+    """n, s, second, loglik from sklearn's responsibilities and the definitions (float64)."""
+    Xd = X.astype(np.float64)
+    log_norm, log_resp = sk._estimate_log_prob_resp(Xd)
+    r = np.exp(log_resp)
+    n = r.sum(axis=0)
+    if cov == "full":
+        a = Xd[None, :, :] - means[:, None, :]  # (K, N, D) about mu_k
+        s = np.einsum("nk,knd->kd", r, a)
+        second = np.einsum("nk,knp,knq->kpq", r, a, a)
+    else:
+        a = Xd - centre
+        s = r.T @ a
+        if cov == "tied":
+            second = (a.T @ a)[None]
+        elif cov == "diag":
+            second = (r.T @ a**2)[:, None, :]
+        else:
+            second = (r.T @ (a**2).sum(axis=1))[:, None, None]
+    return n, s, second, log_norm.sum(), log_norm
+
+
+def _relerr(got, want):
+    return np.linalg.norm(np.asarray(got, dtype=np.float64) - want) / max(np.linalg.norm(want), 1e-300)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cov", TYPES)
+@pytest.mark.parametrize("N,D,K", [(300, 5, 3), (1, 3, 2), (257, 1, 1), (200, 33, 4)])
+def test_suff_stats_match_sklearn(cov, N, D, K, dtype):
+    X, weights, means, prec_chol, sk = _problem(cov, N, D, K, dtype)
+    kp = kernel_parameters(get_covariance_type(cov), weights, means, prec_chol, dtype)
+    n, s, second, ll, worst_ll, worst_row = cpu.suff_stats(cpu.__dict__[cov.upper()], X, *kp, False,
+                                                           np.empty((0, K)), 1)
+    want_n, want_s, want_second, want_ll, row_ll = _expected(cov, X, kp[0].astype(np.float64),
+                                                             kp[3].astype(np.float64), sk)
+    tol = RTOL[dtype]
+    for got, want in ((n, want_n), (s, want_s), (second, want_second)):
+        assert np.all(np.isfinite(got))
+        assert got.shape == want.shape
+        assert _relerr(got, want) < tol * 10
+    assert abs(ll - want_ll) <= tol * abs(want_ll) * 10
+    assert worst_ll.min() == pytest.approx(row_ll.min(), rel=tol * 10, abs=tol * 10)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cov", TYPES)
+def test_row_scores_match_sklearn(cov, dtype):
+    N, D, K = 301, 6, 3
+    X, weights, means, prec_chol, sk = _problem(cov, N, D, K, dtype, seed=1)
+    kp = kernel_parameters(get_covariance_type(cov), weights, means, prec_chol, dtype)
+    ll, labels, logp = np.empty(N), np.empty(N, dtype=np.int64), np.empty((N, K))
+    cpu.row_scores(cpu.__dict__[cov.upper()], X, *kp, False, ll, labels, logp, 2)
+    want_logp = sk._estimate_weighted_log_prob(X.astype(np.float64))
+    scale = np.abs(want_logp).max()
+    assert np.abs(logp - want_logp).max() <= RTOL[dtype] * scale * 10
+    np.testing.assert_allclose(ll, sk.score_samples(X.astype(np.float64)), rtol=RTOL[dtype] * 10)
+    gap = np.sort(want_logp, axis=1)
+    clear = gap[:, -1] - gap[:, -2] > 1e-3 * scale  # rows whose argmax is not a near tie
+    np.testing.assert_array_equal(labels[clear], want_logp.argmax(axis=1)[clear])
+
+
+@pytest.mark.parametrize("cov", TYPES)
+def test_statistics_do_not_depend_on_threads(cov):
+    X, weights, means, prec_chol, sk = _problem(cov, 1000, 7, 3, np.float32, seed=2)
+    kp = kernel_parameters(get_covariance_type(cov), weights, means, prec_chol, np.float32)
+    kind = cpu.__dict__[cov.upper()]
+    one = cpu.suff_stats(kind, X, *kp, False, np.empty((0, 3)), 1, block_rows=256)
+    two = cpu.suff_stats(kind, X, *kp, False, np.empty((0, 3)), 2, block_rows=256)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
