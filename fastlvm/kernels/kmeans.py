@@ -198,6 +198,114 @@ def sparse_products(data, indices, indptr, first, CT, out):
                     out[r, k] += v * CT[col, k]
 
 
+@_inline
+def _nearest(G, r, c_norms):
+    """The nearest centre of the row behind G[r] = (x . c_k)_k: argmin_k ||c_k||^2 - 2 x . c_k (ties to
+    the lowest k, as argmin), with that score. The one nearest-centre search of every full pass."""
+    best = 0
+    s_best = c_norms[0] - 2.0 * G[r, 0]
+    for k in range(1, G.shape[1]):
+        s = c_norms[k] - 2.0 * G[r, k]
+        if s < s_best:
+            best, s_best = k, s
+    return best, s_best
+
+
+@_par
+def _nearest_rows(G, first, X, c_norms, labels, d2):
+    """labels[first + r] and d2[first + r] = ||x - c||^2 (in d2's dtype, >= 0) of the nearest centre,
+    from the products G[r, k] = x_{first + r} . c_k."""
+    T = G.shape[0]
+    for b in prange(n_blocks(T)):
+        for r in range(b * BLOCK_ROWS, min(T, (b + 1) * BLOCK_ROWS)):
+            i = first + r
+            best, s_best = _nearest(G, r, c_norms)
+            x_norm = 0.0
+            for d in range(X.shape[1]):
+                x_norm += np.float64(X[i, d]) * X[i, d]
+            labels[i] = best
+            d2[i] = max(x_norm + s_best, 0.0)
+
+
+def product_tiles(rows, CT, tile):
+    """(first row, G) over tiles of `tile` rows: G[r, k] = x_{first + r} . c_k in the rows' dtype, from
+    one BLAS call per tile (dense; between parallel loops, never inside one) or the CSR kernel. No
+    N x K array: a tile holds about `tile` x K products."""
+    X, data, indices, indptr, sparse = rows
+    N = indptr.shape[0] - 1 if sparse else X.shape[0]
+    for first in range(0, N, tile):
+        size = min(N - first, tile)
+        if sparse:
+            G = np.empty((size, CT.shape[1]), dtype=data.dtype)
+            sparse_products(data, indices, indptr, first, CT, G)
+        else:
+            G = X[first : first + size] @ CT
+        yield first, G
+
+
+def tile_rows(n_clusters):
+    """Rows per product tile: a multiple of BLOCK_ROWS, about 2^20 products."""
+    return BLOCK_ROWS * max(1, min(32, (1 << 20) // (n_clusters * BLOCK_ROWS)))
+
+
+def _check_dense(name, A):
+    if not isinstance(A, np.ndarray) or A.ndim != 2 or A.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be a 2-D float32 or float64 NumPy array, got "
+                        f"{getattr(A, 'dtype', type(A).__name__)} with shape {getattr(A, 'shape', None)}")
+    if not A.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+
+
+def nearest_centres(X, C):
+    """The nearest centre of every row: (labels int64 (N,), squared distances (N,) in X's dtype).
+
+    X (N, D) and C (K, D): C-contiguous float32/float64 arrays of one dtype. The label is the argmin
+    over k of ||c_k||^2 - 2 x . c_k (||x||^2 folded in only for the distance), ties to the lowest k;
+    products come in tiles of rows, never as an N x K array."""
+    _check_dense("X", X)
+    _check_dense("C", C)
+    if C.dtype != X.dtype or C.shape[1] != X.shape[1] or C.shape[0] == 0:
+        raise ValueError(f"C must be a non-empty (K, {X.shape[1]}) array of X's dtype {X.dtype}, got "
+                         f"{C.shape} {C.dtype}")
+    labels = np.empty(X.shape[0], dtype=np.int64)
+    d2 = np.empty(X.shape[0], dtype=X.dtype)
+    c_norms = (C.astype(np.float64) ** 2).sum(axis=1)
+    CT = np.ascontiguousarray(C.T)
+    for first, G in product_tiles((X, None, None, None, False), CT, tile_rows(C.shape[0])):
+        _nearest_rows(G, first, X, c_norms, labels, d2)
+    return labels, d2
+
+
+SUM_PARTS = 8  # row ranges summed apart, then in order: a fixed split, so any thread count agrees
+
+
+@_par
+def _cluster_sums(X, labels, counts, sums):
+    N, P = X.shape[0], sums.shape[0]
+    for p in prange(P):
+        for i in range(p * N // P, (p + 1) * N // P):
+            k = labels[i]
+            counts[p, k] += 1.0
+            for d in range(X.shape[1]):
+                sums[p, k, d] += X[i, d]
+
+
+def cluster_sums(X, labels, n_clusters):
+    """(counts float64 (K,), sums float64 (K, D)) of the rows of X (N, D), C-contiguous float32/float64,
+    by label (integers in [0, K))."""
+    _check_dense("X", X)
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    if labels.shape != (X.shape[0],):
+        raise ValueError(f"labels must have shape ({X.shape[0]},), got {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= n_clusters):
+        raise ValueError(f"labels must lie in [0, {n_clusters}), got [{labels.min()}, {labels.max()}]")
+    P = max(1, min(SUM_PARTS, X.shape[0] // BLOCK_ROWS))
+    counts = np.zeros((P, n_clusters))
+    sums = np.zeros((P, n_clusters, X.shape[1]))
+    _cluster_sums(X, labels, counts, sums)
+    return counts.sum(axis=0), sums.sum(axis=0)
+
+
 @_par
 def finish_rows(G, first, X, data, indices, indptr, sparse, weights, x_norms, c_norms, members, group_start,
                 eps, shrink, labels, upper, lower, sums, counts, changed):
@@ -214,12 +322,7 @@ def finish_rows(G, first, X, data, indices, indptr, sparse, weights, x_norms, c_
         _zero(sums[b], counts[b])
         for r in range(b * BLOCK_ROWS, min(T, (b + 1) * BLOCK_ROWS)):
             i = first + r
-            best = 0
-            s_best = c_norms[0] - 2.0 * G[r, 0]
-            for k in range(1, K):
-                s = c_norms[k] - 2.0 * G[r, k]
-                if s < s_best:
-                    best, s_best = k, s
+            best, s_best = _nearest(G, r, c_norms)
             margin = eps * (x_norms[i] + c_max)
             upper[i] = np.sqrt(max(x_norms[i] + s_best, 0.0) + margin)
             for g in range(group_start.shape[0] - 1):
@@ -347,8 +450,7 @@ class LloydState:
         self.lower = np.zeros((N, self.n_groups), dtype=np.float32)
         self.sums = np.zeros((K, D))
         self.counts = np.zeros(K)
-        # rows per product tile of a fresh pass: a multiple of BLOCK_ROWS, about 2^20 products
-        self.tile = BLOCK_ROWS * max(1, min(32, (1 << 20) // (K * BLOCK_ROWS)))
+        self.tile = tile_rows(K)
         B = max(self.tile // BLOCK_ROWS, n_blocks(N))
         self._sums = np.empty((B, K, D))
         self._counts = np.empty((B, K))
@@ -393,14 +495,8 @@ class LloydState:
             self._reduce(B)
             return int(self._changed[:B].sum())
         n_changed = 0
-        for start in range(0, rows.n_rows, self.tile):
-            size = min(rows.n_rows - start, self.tile)
-            if rows.sparse:
-                G = np.empty((size, Cd.shape[0]), dtype=rows.dtype)
-                sparse_products(rows.data, rows.indices, rows.indptr, start, CT, G)
-            else:
-                G = rows.X[start : start + size] @ CT
-            B = n_blocks(size)
+        for start, G in product_tiles(rows.args(), CT, self.tile):
+            B = n_blocks(G.shape[0])
             finish_rows(G, start, *rows.args(), self.weights, rows.norms, c_norms, members, group_start, self.eps,
                         self.shrink, self.labels, self.upper, self.lower, self._sums[:B], self._counts[:B],
                         self._changed[:B])

@@ -1,0 +1,78 @@
+"""The k-means kernels' public entry points against NumPy brute force: nearest_centres (labels with
+ties to the lowest index, as argmin; squared distances) and cluster_sums (counts and sums by label)."""
+
+import numpy as np
+import pytest
+
+from fastlvm.kernels.kmeans import BLOCK_ROWS, cluster_sums, nearest_centres, tile_rows
+
+
+def brute_force(X, C):
+    d2 = ((X.astype(np.float64)[:, None, :] - C.astype(np.float64)[None]) ** 2).sum(-1)
+    return d2.argmin(axis=1), d2.min(axis=1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n, d, k", [(1, 1, 1), (7, 3, 5), (BLOCK_ROWS + 3, 5, 1), (tile_rows(300) + 17, 4, 300)])
+def test_nearest_centres_with_ties_is_argmin(dtype, n, d, k):
+    """Small integers: every product is exact, so ties are exact and must go to the lowest index."""
+    rng = np.random.default_rng(n + k)
+    X = rng.integers(-3, 4, size=(n, d)).astype(dtype)
+    C = rng.integers(-3, 4, size=(k, d)).astype(dtype)
+    if k > 2:
+        C[k // 2] = C[1]  # a duplicate centre: always a tie, the first must win
+    labels, d2 = nearest_centres(X, C)
+    ref_labels, ref_d2 = brute_force(X, C)
+    assert labels.dtype == np.int64 and d2.dtype == dtype
+    np.testing.assert_array_equal(labels, ref_labels)
+    np.testing.assert_array_equal(d2, ref_d2.astype(dtype))
+    if k > 2:
+        assert not (labels == k // 2).any()
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 1e-4), (np.float64, 1e-12)])
+def test_nearest_centres_on_random_data(dtype, rtol):
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(3000, 17)) + 2.0).astype(dtype)
+    C = (rng.normal(size=(40, 17)) + 2.0).astype(dtype)
+    labels, d2 = nearest_centres(X, C)
+    ref_labels, ref_d2 = brute_force(X, C)
+    full = ((X.astype(np.float64)[:, None] - C.astype(np.float64)[None]) ** 2).sum(-1)
+    chosen = full[np.arange(len(X)), labels]
+    np.testing.assert_allclose(chosen, ref_d2, rtol=rtol, atol=rtol)  # a near-tie may go either way
+    assert (labels == ref_labels).mean() > 0.999
+    np.testing.assert_allclose(d2, ref_d2, rtol=rtol * 10, atol=rtol * 100)
+
+
+def test_nearest_centres_rejects_bad_input():
+    X = np.zeros((4, 3))
+    with pytest.raises(TypeError, match="X must be a 2-D float32 or float64"):
+        nearest_centres(X.astype(np.int64), X)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        nearest_centres(np.zeros((3, 4)).T, X)
+    with pytest.raises(ValueError, match="X's dtype"):
+        nearest_centres(X, X.astype(np.float32))
+    with pytest.raises(ValueError, match=r"\(K, 3\)"):
+        nearest_centres(X, np.zeros((2, 2)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n, k", [(1, 1), (50, 7), (8 * BLOCK_ROWS + 5, 33)])
+def test_cluster_sums_equal_numpy(dtype, n, k):
+    rng = np.random.default_rng(n)
+    X = rng.normal(size=(n, 6)).astype(dtype)
+    labels = rng.integers(k, size=n)
+    counts, sums = cluster_sums(X, labels, k)
+    assert counts.dtype == sums.dtype == np.float64 and sums.shape == (k, 6)
+    np.testing.assert_array_equal(counts, np.bincount(labels, minlength=k))
+    ref = np.zeros((k, 6))
+    np.add.at(ref, labels, X.astype(np.float64))
+    np.testing.assert_allclose(sums, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_cluster_sums_rejects_bad_labels():
+    X = np.zeros((4, 2))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        cluster_sums(X, np.array([0, 1, 2, 3]), 3)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        cluster_sums(X, np.array([0, 1]), 3)
