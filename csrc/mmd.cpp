@@ -102,11 +102,12 @@ double mmd(const T* x, int64_t n, const T* y, int64_t m, int64_t D, bool rbf, do
   const double wxx = 1.0 / (double(n) * (n - 1)), wyy = 1.0 / (double(m) * (m - 1)),
                wxy = 1.0 / (double(n) * m);
   const MmdSide<T> sides[2] = {
-      {x, D, xt.data(), n, yt.data(), m, rbf, T(c), T(wxx), T(-2 * wxy), gx},
-      {y, D, yt.data(), m, gy ? xt.data() : nullptr, n, rbf, T(c), T(wyy), T(-2 * wxy), gy}};
+      {x, D, xt.data(), n, yt.data(), m, rbf, T(c), T(2 * wxx), T(-2 * wxy), gx},
+      {y, D, yt.data(), m, gy ? xt.data() : nullptr, n, rbf, T(c), T(2 * wyy), T(-2 * wxy), gy}};
   const int64_t bx = (n + kMmdBlock - 1) / kMmdBlock, by = (m + kMmdBlock - 1) / kMmdBlock;
   std::vector<double> sums(2 * (bx + by));
-#pragma omp parallel
+  // Below ~2^16 pair-features a parallel region costs more than it saves (more on a busy machine).
+#pragma omp parallel if ((n + m) * (n + m) * D >= (int64_t(1) << 16))
   {
     std::vector<T> scratch(2 * kMmdTile + D);
 #pragma omp for schedule(dynamic)

@@ -29,7 +29,7 @@ def _data(n, m, dim, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n,m,dim", [(1, 1, 1), (300, 7, 3), (5000, 64, 16), (129, 33, 5)])
+@pytest.mark.parametrize("n,m,dim", [(1, 1, 1), (300, 7, 3), (2000, 64, 16), (129, 33, 5)])
 def test_codes_are_the_brute_force_argmin(dtype, n, m, dim):
     z, codebook = _data(n, m, dim, dtype, seed=n)
     _, codes, _ = F.vector_quantize(z, codebook, backend="cpp")
@@ -70,15 +70,18 @@ def test_straight_through_gradient_and_loss_equal_autograd_through_the_reference
     assert float(out["cpp"][2]) == pytest.approx(expect, rel=TOL[dtype] * 10)
 
 
-def test_leading_dimensions_and_gradcheck():
+def test_leading_dimensions_and_straight_through():
     z, codebook = _data(24, 5, 3, torch.float64, seed=4)
     z = z.reshape(2, 4, 3, 3).requires_grad_()
     codebook = codebook.requires_grad_()
     z_q, codes, _ = F.vector_quantize(z, codebook)
     assert z_q.shape == z.shape and codes.shape == (2, 4, 3)
-    # away from ties the codes are locally constant, so the gradients are exact derivatives
-    assert torch.autograd.gradcheck(lambda a, b: F.vector_quantize(a, b)[2], (z, codebook))
-    assert torch.autograd.gradcheck(lambda a: F.vector_quantize(a, codebook.detach())[0], (z,))
+    # (no gradcheck: stop-gradients make the loss's gradients differ from its value's derivatives
+    # by design; they are checked against autograd through the reference above)
+    # z_q is piecewise constant in z_e; its straight-through gradient is the identity by definition
+    w = torch.randn_like(z)
+    (grad,) = torch.autograd.grad((F.vector_quantize(z, codebook)[0] * w).sum(), z)
+    assert torch.equal(grad, w)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])

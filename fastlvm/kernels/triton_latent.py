@@ -97,8 +97,8 @@ def mmd_fwd_grad(x, y, kernel, c, need):
     wxx, wyy, wxy = 1.0 / (n * (n - 1)), 1.0 / (m * (m - 1)), 1.0 / (n * m)
     gx = torch.empty_like(x) if need[0] else None
     gy = torch.empty_like(y) if need[1] else None
-    sxx, sxy = _mmd_side(x, y, kernel, c, wxx, -2.0 * wxy, gx)
-    syy, _ = _mmd_side(y, x if need[1] else None, kernel, c, wyy, -2.0 * wxy, gy)
+    sxx, sxy = _mmd_side(x, y, kernel, c, 2.0 * wxx, -2.0 * wxy, gx)
+    syy, _ = _mmd_side(y, x if need[1] else None, kernel, c, 2.0 * wyy, -2.0 * wxy, gy)
     value = sxx * wxx + syy * wyy - 2.0 * sxy * wxy
     return value.to(x.dtype), gx, gy
 
