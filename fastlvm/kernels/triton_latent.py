@@ -21,14 +21,18 @@ def _pow2(n, low=16):
 
 
 @triton.jit
-def _mmd_rows_kernel(a_ptr, other_ptr, grad_ptr, sums_ptr, NA, NO, D, c, g_self, g_other,
+def _mmd_rows_kernel(a_ptr, other_ptr, grad_ptr, sums_ptr, consts_ptr, NA, NO, D,
                      KIND: tl.constexpr, HAS_OTHER: tl.constexpr, HAS_GRAD: tl.constexpr,
                      BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """For a block of rows a_i: S_self = sum_{j != i} k(a_i, a_j), S_other = sum_j k(a_i, o_j),
     and grad_i = 2 g_self sum_j k'(d2_ij)(a_i - a_j) + 2 g_other sum_j k'(d2_ij)(a_i - o_j),
     with d2 = |a|^2 + |b|^2 - 2 a.b (clamped at 0), k = c / (c + d2) (imq) or exp(-d2 / c) (rbf),
-    k'(d2) = -k^2 / c or -k / c; sum_j w_j (a_i - b_j) = a_i sum_j w_j - (W B)_i."""
+    k'(d2) = -k^2 / c or -k / c; sum_j w_j (a_i - b_j) = a_i sum_j w_j - (W B)_i. The constants
+    (c, g_self, g_other) come in an array of the rows' dtype (a Python float argument is float32)."""
     pid = tl.program_id(0)
+    c = tl.load(consts_ptr)
+    g_self = tl.load(consts_ptr + 1)
+    g_other = tl.load(consts_ptr + 2)
     i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
     d = tl.arange(0, BLOCK_D)
     i_mask, d_mask = i < NA, d < D
@@ -49,7 +53,7 @@ def _mmd_rows_kernel(a_ptr, other_ptr, grad_ptr, sums_ptr, NA, NO, D, c, g_self,
                 b = tl.load(b_ptr + j.to(tl.int64)[:, None] * D + d[None, :],
                             mask=j_mask[:, None] & d_mask[None, :], other=0.0)
                 b_sq = tl.sum(b * b, axis=1)
-                ab = tl.dot(a, tl.trans(b), input_precision="ieee")
+                ab = tl.dot(a, tl.trans(b), input_precision="ieee", out_dtype=a.dtype)
                 d2 = tl.maximum(a_sq[:, None] + b_sq[None, :] - 2.0 * ab, 0.0)
                 if KIND == _IMQ:
                     k = c / (c + d2)
@@ -67,7 +71,7 @@ def _mmd_rows_kernel(a_ptr, other_ptr, grad_ptr, sums_ptr, NA, NO, D, c, g_self,
                     sums_other += tl.sum(k, axis=1)
                 if HAS_GRAD:
                     w = tl.where(live, g * kp, 0.0).to(a.dtype)
-                    grad += a * tl.sum(w, axis=1)[:, None] - tl.dot(w, b, input_precision="ieee")
+                    grad += a * tl.sum(w, axis=1)[:, None] - tl.dot(w, b, input_precision="ieee", out_dtype=a.dtype)
     tl.store(sums_ptr + 2 * pid, tl.sum(sums_self, axis=0))
     tl.store(sums_ptr + 2 * pid + 1, tl.sum(sums_other, axis=0))
     if HAS_GRAD:
@@ -82,9 +86,10 @@ def _mmd_side(a, other, kind, c, g_self, g_other, grad):
     block_i = 32 if block_d <= 128 else 16
     n_prog = triton.cdiv(NA, block_i)
     sums = torch.empty((n_prog, 2), dtype=a.dtype, device=a.device)
+    consts = torch.tensor([c, g_self, g_other], dtype=a.dtype, device=a.device)
     _mmd_rows_kernel[(n_prog,)](
-        a, a if other is None else other, a if grad is None else grad, sums, NA,
-        0 if other is None else other.shape[0], D, float(c), float(g_self), float(g_other),
+        a, a if other is None else other, a if grad is None else grad, sums, consts, NA,
+        0 if other is None else other.shape[0], D,
         KIND=1 if kind == "rbf" else 0, HAS_OTHER=other is not None, HAS_GRAD=grad is not None,
         BLOCK_I=block_i, BLOCK_J=32, BLOCK_D=block_d)
     total = sums.to(torch.float64).sum(0)
@@ -121,7 +126,7 @@ def _nearest_kernel(z_ptr, cb_ptr, cb_sq_ptr, codes_ptr, d2_ptr, N, M, D,
         e = tl.load(cb_ptr + k.to(tl.int64)[:, None] * D + d[None, :], mask=k_mask[:, None] & d_mask[None, :],
                     other=0.0)
         e_sq = tl.load(cb_sq_ptr + k, mask=k_mask, other=float("inf"))
-        score = e_sq[None, :] - 2.0 * tl.dot(z, tl.trans(e), input_precision="ieee")
+        score = e_sq[None, :] - 2.0 * tl.dot(z, tl.trans(e), input_precision="ieee", out_dtype=z.dtype)
         score = tl.where(k_mask[None, :], score, float("inf"))
         low = tl.min(score, axis=1)
         arg = tl.min(tl.where(score == low[:, None], k[None, :], M), axis=1).to(tl.int64)

@@ -218,8 +218,7 @@ class VAE(BaseEstimator):
 
     def _identity(self, data, hidden):
         identity = self._base_identity(data, hidden)
-        if self.regularizer != "kl":  # (absent for "kl": checkpoints of plain VAEs stay resumable)
-            identity.update(regularizer=self.regularizer, alpha=float(self.alpha), lambda_=float(self.lambda_))
+        identity.update(regularizer=self.regularizer, alpha=float(self.alpha), lambda_=float(self.lambda_))
         return identity
 
     def _base_identity(self, data, hidden):
