@@ -39,25 +39,28 @@ def test_the_loss_is_zhao_et_al_objective():
     assert float(mmd) != 0.0
 
 
-def _independent_gaussian_features(n=2000, d=8, seed=0):
-    return np.random.default_rng(seed).normal(size=(n, d)) * np.linspace(0.5, 2.0, d) + 1.0
+def _independent_gaussian_features(n=1000, d=8, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, d)) + 1.0
 
 
 def test_infovae_does_not_collapse_where_the_vae_does():
-    """Independent Gaussian features: the decoder's factorised Gaussian with a learned mean and
-    variance per feature already holds the data's distribution without z, so the ELBO's optimum
-    ignores z (every unit inactive). With alpha = 1 (no KL) the MMD only asks the aggregate posterior
-    to look like N(0, I), which an informative encoding satisfies: units stay active."""
+    """A decoder that explains the data without z: a Gaussian likelihood whose fixed variance (4)
+    exceeds every direction's variance in the data (independent unit-variance features). Then the
+    ELBO's optimum ignores z (probabilistic PCA keeps no direction whose variance is below the
+    noise): the beta = 1 VAE collapses, every unit inactive. With alpha = 1 (no KL) the MMD only
+    asks the aggregate posterior to look like N(0, I), which an informative encoding satisfies,
+    and reconstruction pays for using z: units stay active."""
     X = _independent_gaussian_features()
-    common = dict(hidden=(), likelihood="gaussian", lr=1e-2, batch_size=100, max_epochs=40,
+    common = dict(hidden=(), likelihood="gaussian", decoder_variance=4.0, lr=1e-2, batch_size=100, max_epochs=20,
                   validation_fraction=0.0, early_stopping=False, random_state=0)
-    vae = fastlvm.VAE(3, **common).fit(X)
-    info = fastlvm.VAE(3, regularizer="kl+mmd", alpha=1.0, lambda_=20.0, **common).fit(X)
+    vae = fastlvm.VAE(2, **common).fit(X)
+    info = fastlvm.VAE(2, regularizer="kl+mmd", alpha=1.0, lambda_=20.0, **common).fit(X)
     assert vae.active_units(X) == 0
-    assert info.active_units(X) >= 2
-    # the MMD of the aggregate posterior's means to the prior stays small
+    assert info.active_units(X) == 2
+    # the encodings' aggregate stays near the prior: their MMD to N(0, I) is far below a shifted one's
     mu = torch.from_numpy(info.transform(X)[:500])
-    assert float(F.mmd(mu, generator=torch.Generator().manual_seed(0))) < 0.05
+    g = torch.Generator().manual_seed(0)
+    assert float(F.mmd(mu, generator=g)) < 0.2 * float(F.mmd(mu + 2.0, generator=g))
 
 
 def test_regularizer_mmd_is_alpha_one_and_parameters_are_checked():
