@@ -610,7 +610,7 @@ class _MMD(torch.autograd.Function):
         return gx, gy, None, None, None
 
 
-_LOSS_ROWS = 8192  # rows per chunk of the quantisation loss: no N x Dz temporary
+_LOSS_ROWS = 2048  # rows per chunk of the quantisation loss: no N x Dz temporary
 
 
 class _VectorQuantize(torch.autograd.Function):
