@@ -299,7 +299,7 @@ def section_infovae_digits(ctx: DemoContext) -> dict:
 
     X, target, test, train = _digits_split(ctx.seed)
     common = dict(latent_dim=8, hidden=(128,), likelihood="bernoulli", batch_size=100, lr=3e-3,
-                  max_epochs=10 if ctx.quick else 60, validation_fraction=0.1, early_stopping=False,
+                  max_epochs=6 if ctx.quick else 60, validation_fraction=0.1, early_stopping=False,
                   random_state=ctx.seed)
     models = {"VAE (KL)": VAE(**common), "InfoVAE (MMD, lambda=10)": VAE(regularizer="mmd", lambda_=10.0, **common)}
     result = {}
@@ -329,7 +329,7 @@ def section_vqvae_digits(ctx: DemoContext) -> dict:
 
     X, target, test, train = _digits_split(ctx.seed)
     vq = VQVAE(codebook_size=64, code_dim=4, codes_per_row=4, hidden=(128,), likelihood="bernoulli", batch_size=100,
-               lr=3e-3, max_epochs=10 if ctx.quick else 60, validation_fraction=0.1, early_stopping=False,
+               lr=3e-3, max_epochs=6 if ctx.quick else 60, validation_fraction=0.1, early_stopping=False,
                random_state=ctx.seed)
     t0 = time.perf_counter()
     vq.fit(train)
