@@ -36,10 +36,13 @@ test: $(STAMP)
 # Peers for the GMM and VAE-fitting tables, installed with --no-deps so that no pin of theirs can
 # replace the CPU torch build; a peer that fails to install is left out of the tables, not fatal.
 # pythae's own imports need pydantic (with its three dependencies) and imageio; tqdm comes below.
+# vector-quantize-pytorch (the VQ peer) imports einops, einx (with frozendict), loguru and torch-einops-utils.
 BENCH_PEERS := pomegranate==1.1.2 apricot-select==0.6.1 torchgmm==0.1.4 pytorch-lightning==2.6.6 \
                torchmetrics==1.9.0 lightning-utilities==0.15.3 \
                pythae==0.1.2 pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 \
-               typing-inspection==0.4.5 imageio==2.38.1
+               typing-inspection==0.4.5 imageio==2.38.1 \
+               vector-quantize-pytorch==1.32.0 einops==0.8.2 einx==0.4.3 frozendict==2.5.1 loguru==0.7.3 \
+               torch-einops-utils==0.2.0
 # Peers for the k-means table (oneDAL through scikit-learn-intelex, and faiss), installed apart so
 # that one failing cannot keep the GMM peers out.
 KMEANS_PEERS := scikit-learn-intelex==2026.2.0 daal==2026.2.0 tbb==2023.2.0 faiss-cpu==1.15.1

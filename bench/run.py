@@ -175,6 +175,12 @@ def main(argv=None):
             report.append("\n## VAE objective")
             report.append(stage([sys.executable, "-c", code], clean, tmp, "bench_vae").rstrip())
 
+        # 4b. InfoVAE's MMD and VQ-VAE's vector quantisation
+        if not args.skip_vae:
+            latent = [sys.executable, os.path.join(HERE, "bench_latent.py")] + (["--quick"] if args.quick else [])
+            report.append("\n## Latent-space terms (MMD, vector quantisation)")
+            report.append(stage(latent, clean, tmp, "bench_latent").rstrip())
+
         # 5. VAE fitting: time per epoch of fastlvm.VAE and its peers
         if not args.skip_vae_fit:
             fit = [sys.executable, os.path.join(HERE, "bench_vae_fit.py"), "--machine", machine_json]

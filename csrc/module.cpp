@@ -11,6 +11,7 @@ namespace py = pybind11;
 namespace fastlvm {
 void register_vae(py::module_& m);
 void register_buffers(py::module_& m);
+void register_mmd(py::module_& m);
 
 namespace {
 
@@ -49,8 +50,9 @@ void register_isa(py::module_& m) {
 }  // namespace fastlvm
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "fastlvm CPU kernels (OpenMP, vectorised): the fused VAE objective";
+  m.doc() = "fastlvm CPU kernels (OpenMP, vectorised): the fused VAE objective and MMD";
   fastlvm::register_isa(m);
   fastlvm::register_buffers(m);
   fastlvm::register_vae(m);
+  fastlvm::register_mmd(m);
 }

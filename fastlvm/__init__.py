@@ -12,7 +12,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 from fastlvm._config import show_config
 from fastlvm.mixture import GaussianMixture, GaussianMixturePrior, KMeans
 
-__all__ = ["GaussianMixture", "GaussianMixturePrior", "KMeans", "VAE", "functional", "show_config"]
+__all__ = ["GaussianMixture", "GaussianMixturePrior", "KMeans", "VAE", "VQVAE", "functional", "show_config"]
 
 
 def __getattr__(name):
@@ -21,6 +21,6 @@ def __getattr__(name):
 
     if name == "functional":
         return importlib.import_module("fastlvm.functional")
-    if name == "VAE":
-        return importlib.import_module("fastlvm.vae").VAE
+    if name in ("VAE", "VQVAE"):
+        return getattr(importlib.import_module("fastlvm.vae"), name)
     raise AttributeError(f"module 'fastlvm' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """The `fastlvm` command.
 
-    fastlvm demo --output demo-output [--quick] [--sections mixture-2d,wine,digits,vae-digits]
+    fastlvm demo --output demo-output [--quick] [--sections mixture-2d,wine,digits,vae-digits,infovae-digits,vqvae-digits]
 
 The demo is a list of sections (SECTIONS). Each one fits something, prints a few lines,
 may save figures and add curves to the shared log-likelihood figure, and returns a
@@ -280,12 +280,91 @@ def section_vae_digits(ctx: DemoContext) -> dict:
             "fit_seconds": seconds}
 
 
+def _digits_split(seed):
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    X = (data.data / 16.0).astype(np.float32)
+    order = np.random.default_rng(seed).permutation(X.shape[0])
+    return X, data.target, X[order[:297]], X[order[297:]]
+
+
+def section_infovae_digits(ctx: DemoContext) -> dict:
+    """A plain VAE and an InfoVAE (alpha = 1: MMD instead of KL) with 8 latent units on the digits:
+    how many units each keeps active, and how close each one's aggregate posterior is to N(0, I)."""
+    import torch
+
+    import fastlvm.functional as F
+    from fastlvm import VAE
+
+    X, target, test, train = _digits_split(ctx.seed)
+    common = dict(latent_dim=8, hidden=(128,), likelihood="bernoulli", batch_size=100, lr=3e-3,
+                  max_epochs=6 if ctx.quick else 60, validation_fraction=0.1, early_stopping=False,
+                  random_state=ctx.seed)
+    models = {"VAE (KL)": VAE(**common), "InfoVAE (MMD, lambda=10)": VAE(regularizer="mmd", lambda_=10.0, **common)}
+    result = {}
+    fig, axes = new_figure(1, 3, size=(15, 4.2))
+    for i, (name, model) in enumerate(models.items()):
+        model.fit(train)
+        mu = model.transform(X)
+        mmd = float(F.mmd(torch.from_numpy(mu[:1000]).double(), generator=torch.Generator().manual_seed(ctx.seed)))
+        active = model.active_units(X)
+        ctx.out(f"  {name}: {active} of 8 units active, MMD^2 of the posterior means to N(0, I) {mmd:.4f}, "
+                f"held-out negative ELBO per row {-float(model.elbo(test).mean()):.2f}")
+        axes[0].bar(np.arange(8) + 0.4 * i, np.var(mu, axis=0), width=0.4, label=name)
+        pts = axes[1 + i].scatter(mu[:, 0], mu[:, 1], c=target, cmap="tab10", s=5)
+        axes[1 + i].set(title=f"{name}: posterior means, units 1-2", xlabel="z1", ylabel="z2")
+        result[name] = {"active_units": active, "mmd": mmd}
+    fig.colorbar(pts, ax=axes[2], label="digit")
+    axes[0].axhline(0.01, color="k", lw=0.8, ls="--")
+    axes[0].set(yscale="log", title="latent usage: Var_x E[z_j | x] (active above 0.01)", xlabel="unit j")
+    axes[0].legend()
+    ctx.save_figure(fig, "infovae_digits.png")
+    return result
+
+
+def section_vqvae_digits(ctx: DemoContext) -> dict:
+    """fastlvm.VQVAE on the digits: reconstructions from 4 codes of a 64-code book, and codebook usage."""
+    from fastlvm import VQVAE
+
+    X, target, test, train = _digits_split(ctx.seed)
+    vq = VQVAE(codebook_size=64, code_dim=4, codes_per_row=4, hidden=(128,), likelihood="bernoulli", batch_size=100,
+               lr=3e-3, max_epochs=6 if ctx.quick else 60, validation_fraction=0.1, early_stopping=False,
+               random_state=ctx.seed)
+    t0 = time.perf_counter()
+    vq.fit(train)
+    seconds = time.perf_counter() - t0
+    perplexity = vq.perplexity(test)
+    reseeded = sum(e["reseeded_codes"] for e in vq.history_)
+    ctx.out(f"  fastlvm.VQVAE: {vq.n_epochs_} epochs ({seconds:.1f} s): loss per row {vq.history_[0]['loss']:.2f} -> "
+            f"{vq.history_[-1]['loss']:.2f}; held-out codebook perplexity {perplexity:.1f} of 64 codes; "
+            f"{reseeded} dead codes re-seeded")
+    fig, axes = new_figure(1, 3, size=(16, 4.2))
+    shown = 8
+    axes[0].imshow(digit_grid(np.concatenate([test[:shown], vq.reconstruct(test[:shown])]), 2, shown),
+                   cmap="gray_r", interpolation="nearest")
+    axes[0].set(title="held-out digits (top), from their 4 codes (bottom)", xticks=[], yticks=[])
+    axes[1].bar(np.arange(64), np.sort(vq.code_frequencies_)[::-1])
+    axes[1].set(title=f"codebook usage (perplexity {perplexity:.1f})", xlabel="code (by frequency)",
+                ylabel="share of the vectors")
+    axes[2].plot(range(1, vq.n_epochs_ + 1), [e["loss"] for e in vq.history_], "o-", ms=3, label="training")
+    axes[2].plot(range(1, vq.n_epochs_ + 1), [e["val_loss"] for e in vq.history_], "s-", ms=3, label="validation")
+    axes[2].set(title="fastlvm.VQVAE: loss per epoch", xlabel="epoch", ylabel="loss per row")
+    axes[2].legend()
+    ctx.save_figure(fig, "vqvae_digits.png")
+    return {"perplexity": perplexity, "reseeded_codes": reseeded, "loss_history": [e["loss"] for e in vq.history_]}
+
+
 SECTIONS = [
     Section("mixture-2d", "Synthetic 2-D mixture of 4 Gaussians", section_mixture_2d),
     Section("wine", "Wine recognition data (178 x 13)", section_wine),
     Section("digits", "Handwritten digits (1797 x 64)", section_digits),
     Section("vae-digits", "A VAE on the handwritten digits (fastlvm.VAE; importance-weighted log p(x))",
             section_vae_digits),
+    Section("infovae-digits", "InfoVAE against the VAE on the digits: latent usage and MMD to the prior",
+            section_infovae_digits),
+    Section("vqvae-digits", "A VQ-VAE on the handwritten digits (fastlvm.VQVAE): reconstructions, codebook usage",
+            section_vqvae_digits),
 ]
 
 

@@ -36,10 +36,14 @@ __all__ = [
     "bernoulli_log_likelihood",
     "iwae_bound",
     "negative_elbo",
+    "mmd",
+    "vector_quantize",
+    "codebook_statistics",
 ]
 
 _FLOATS = (torch.float32, torch.float64)
 _BACKENDS = ("auto", "cpp", "triton", "torch")
+_MMD_KERNELS = ("imq", "rbf")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -189,6 +193,102 @@ def iwae_bound(log_px_given_z, mu, logvar, eps, *, backend="auto", validate=Fals
                 validate)
     return _IWAE.apply(log_px_given_z.contiguous(), mu.contiguous(), logvar.contiguous(),
                        eps.contiguous(), _kernels(backend, mu.device))
+
+
+def mmd(z, prior=None, *, kernel="imq", scale=None, generator=None, backend="auto", validate=False):
+    """The unbiased (U-statistic) estimate of MMD^2 between the rows of z (B, Dz) and a prior
+    sample (Zhao et al., 2017; Tolstikhin et al., 2018):
+
+        mean_{i != j} k(z_i, z_j) + mean_{i != j} k(y_i, y_j) - 2 mean_{i, j} k(z_i, y_j).
+
+    ``prior`` (M, Dz) gives the y rows; with None, y is B draws of N(0, I) made by the noise
+    kernel of :func:`reparameterize` from a seed taken from ``generator`` (so every backend
+    draws the same rows). ``kernel="imq"``: k = C / (C + |a - b|^2) with C = 2 Dz scale^2
+    (scale 1 by default); ``"rbf"``: exp(-|a - b|^2 / (2 scale^2)) (scale sqrt(Dz) by default,
+    the same length as the IMQ's). The kernels make forward and gradient in one pass over tiles
+    of rows: no B x M matrix, memory beyond the inputs O((B + M) Dz). Returns a 0-d tensor; z
+    and a given prior get gradients.
+    """
+    _check_tensor("z", z, ndims=(2,))
+    B, Dz = z.shape
+    if B < 2:
+        raise ValueError(f"the U-statistic needs at least 2 rows of z, got {B}")
+    if kernel not in _MMD_KERNELS:
+        raise ValueError(f"kernel must be one of {_MMD_KERNELS}, got {kernel!r}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+                or scale <= 0:
+            raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    kernels = _kernels(backend, z.device)
+    if prior is None:
+        prior = kernels.normal_noise(1, B, Dz, _draw_seed(generator), z.dtype, z.device)[0]
+        _check_same({"z": z}, validate)
+    else:
+        if generator is not None:
+            raise ValueError("generator draws the prior rows; pass either prior or generator, not both")
+        _check_tensor("prior", prior, ndims=(2,))
+        if prior.shape[1] != Dz:
+            raise ValueError(f"prior must have z's {Dz} columns, got shape {tuple(prior.shape)}")
+        if prior.shape[0] < 2:
+            raise ValueError(f"the U-statistic needs at least 2 prior rows, got {prior.shape[0]}")
+        _check_same({"z": z, "prior": prior}, validate)
+    if kernel == "imq":
+        c = 2.0 * Dz * (1.0 if scale is None else float(scale)) ** 2
+    else:
+        c = 2.0 * (Dz if scale is None else float(scale) ** 2)
+    return _MMD.apply(z.contiguous(), prior.contiguous(), kernel, c, kernels)
+
+
+def vector_quantize(z_e, codebook, *, commitment=0.25, backend="auto", validate=False):
+    """Vector quantisation with the straight-through estimator (van den Oord et al., 2017).
+
+    z_e (..., Dz) and codebook (M, Dz). Each vector is replaced by its nearest code e_k
+    (squared Euclidean distance, ties to the lowest k). Returns ``(z_q, codes, loss)``: z_q of
+    z_e's shape, equal to the codes' vectors, whose gradient passes straight to z_e; codes
+    (...) int64; and the scalar loss, averaged over the vectors,
+
+        |sg(z_e) - e|^2 + commitment |z_e - sg(e)|^2
+
+    (the codebook term trains the codebook, the commitment term the encoder; sg stops the
+    gradient). The search runs as tiles of products with the squared norms folded in and the
+    argmin in the same pass, never an N x M array: on CPU tensors, the k-means kernel of
+    ``fastlvm.kernels.kmeans`` on zero-copy NumPy views; on CUDA tensors, Triton.
+    """
+    _check_tensor("z_e", z_e)
+    _check_tensor("codebook", codebook, ndims=(2,))
+    if z_e.dim() == 0 or z_e.shape[-1] != codebook.shape[1]:
+        raise ValueError(f"z_e must end in codebook's {codebook.shape[1]} columns, got shape {tuple(z_e.shape)}")
+    if isinstance(commitment, bool) or not isinstance(commitment, (int, float)) \
+            or not math.isfinite(commitment) or commitment < 0:
+        raise ValueError(f"commitment must be a non-negative finite number, got {commitment!r}")
+    _check_same({"z_e": z_e, "codebook": codebook}, validate)
+    kernels = _kernels(backend, z_e.device)
+    rows = z_e.reshape(-1, z_e.shape[-1]).contiguous()
+    z_q, codes, loss = _VectorQuantize.apply(rows, codebook.contiguous(), float(commitment), kernels)
+    return z_q.view(z_e.shape), codes.view(z_e.shape[:-1]), loss
+
+
+def codebook_statistics(z_e, codes, M, *, backend="auto"):
+    """(counts (M,), sums (M, Dz)), float64: n_k = #{i: code_i = k} and s_k = sum_{code_i = k} z_i.
+
+    The additive statistics of k-means' hard E-step, for the EMA codebook update (and summed
+    across processes as they are). z_e (..., Dz), codes (...) integers in [0, M). No gradient.
+    """
+    _check_tensor("z_e", z_e)
+    if isinstance(M, bool) or not isinstance(M, int) or M < 1:
+        raise ValueError(f"M must be a positive int, got {M!r}")
+    if not isinstance(codes, torch.Tensor) or codes.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"codes must be an int32 or int64 torch.Tensor, got "
+                        f"{getattr(codes, 'dtype', type(codes).__name__)}")
+    if z_e.dim() == 0 or codes.shape != z_e.shape[:-1]:
+        raise ValueError(f"codes must have z_e's shape without its last dimension, "
+                         f"{tuple(z_e.shape[:-1])}, got {tuple(codes.shape)}")
+    if codes.device != z_e.device:
+        raise ValueError(f"codes is on {codes.device} but z_e is on {z_e.device}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= M):
+        raise ValueError(f"codes must lie in [0, {M}), got [{int(codes.min())}, {int(codes.max())}]")
+    rows = z_e.detach().reshape(-1, z_e.shape[-1]).contiguous()
+    return _kernels(backend, z_e.device).codebook_statistics(rows, codes.reshape(-1).to(torch.int64), M)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -406,6 +506,26 @@ class _ReferenceKernels:
                     (log_px_given_z, mu, logvar), (grad_bound,))
 
 
+    @staticmethod
+    def mmd_fwd_grad(x, y, kernel, c, need):
+        def value(a, b):
+            return (_ref.mmd(a, b, kernel, c),)
+
+        out = value(x, y)[0].detach()
+        if not any(need):
+            return out, None, None
+        gx, gy = _vjp(value, (x, y), (torch.ones_like(out),))
+        return out, (gx if need[0] else None), (gy if need[1] else None)
+
+    @staticmethod
+    def nearest_codes(z, codebook):
+        return _ref.nearest_codes(z, codebook)
+
+    @staticmethod
+    def codebook_statistics(z, codes, n_codes):
+        return _ref.codebook_statistics(z, codes, n_codes)
+
+
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -532,3 +652,64 @@ class _IWAE(torch.autograd.Function):
             return *(g if n else None for g, n in zip(grads, ctx.needs_input_grad)), None, None
         grads = ctx.kernels.iwae_bwd(*ctx.saved_tensors, grad_bound.contiguous())
         return *grads, None, None
+
+
+class _MMD(torch.autograd.Function):
+    """MMD^2 with its gradients computed in the forward pass; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, x, y, kernel, c, kernels):
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        value, gx, gy = kernels.mmd_fwd_grad(x, y, kernel, c, need)
+        ctx.save_for_backward(gx, gy)
+        return value
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        gx, gy = ctx.saved_tensors
+        if not _is_one(grad):
+            gx, gy = (None if g is None else g * grad for g in (gx, gy))
+        return gx, gy, None, None, None
+
+
+_LOSS_ROWS = 2048  # rows per chunk of the quantisation loss: no N x Dz temporary
+
+
+class _VectorQuantize(torch.autograd.Function):
+    """(z_q, codes, loss) of rows z (N, Dz); see vector_quantize.
+
+    Gradients: z gets grad_z_q (straight through) + g 2 commitment (z - e) / N, e = z_q; the
+    codebook g 2 (n_k e_k - s_k) / N from the codes' statistics (n_k, s_k). The codebook is
+    saved only when it needs a gradient (an EMA codebook is updated in place after the call)."""
+
+    @staticmethod
+    def forward(ctx, z, codebook, commitment, kernels):
+        codes, _ = kernels.nearest_codes(z, codebook)
+        z_q = codebook.index_select(0, codes)
+        sq = torch.zeros((), dtype=torch.float64, device=z.device)
+        for a in range(0, z.shape[0], _LOSS_ROWS):
+            sq += torch.sub(z_q[a:a + _LOSS_ROWS], z[a:a + _LOSS_ROWS]).square().sum(dtype=torch.float64)
+        loss = ((1.0 + commitment) * sq / z.shape[0]).to(z.dtype)
+        ctx.kernels, ctx.commitment = kernels, commitment
+        ctx.mark_non_differentiable(codes)
+        ctx.save_for_backward(z, z_q, codes, codebook if ctx.needs_input_grad[1] else None)
+        return z_q, codes, loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_z_q, grad_codes, grad_loss):
+        z, z_q, codes, codebook = ctx.saved_tensors
+        N = z.shape[0]
+        grad_z = grad_cb = None
+        if ctx.needs_input_grad[0]:
+            grad_z = grad_z_q
+            if grad_loss is not None and ctx.commitment != 0:
+                grad_z = torch.sub(z, z_q).mul_(2.0 * ctx.commitment * grad_loss / N)
+                if grad_z_q is not None:
+                    grad_z += grad_z_q
+        if ctx.needs_input_grad[1] and grad_loss is not None:
+            counts, sums = ctx.kernels.codebook_statistics(z, codes, codebook.shape[0])
+            diff = counts[:, None] * codebook.to(torch.float64) - sums  # float64: no cancellation
+            grad_cb = diff.to(codebook.dtype) * (2.0 * grad_loss / N)
+        return grad_z, grad_cb, None, None

@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 from fastlvm import cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FIGURES = ("mixture_2d.png", "loglik.png", "bic_2d.png", "vae_digits.png")
+FIGURES = ("mixture_2d.png", "loglik.png", "bic_2d.png", "vae_digits.png", "infovae_digits.png", "vqvae_digits.png")
 
 
 @pytest.fixture(scope="module")

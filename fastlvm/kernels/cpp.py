@@ -184,3 +184,35 @@ def iwae_bwd(log_px_given_z, mu, logvar, eps, w, grad_bound):
     _C.iwae_bwd(_np(log_px_given_z), _np(mu), _np(logvar), _np(eps), _np(w), _np(grad_bound),
                 *map(_np, grads))
     return grads
+
+
+# -------------------------------------------------------------------- maximum mean discrepancy
+
+
+def mmd_fwd_grad(x, y, kernel, c, need):
+    """(MMD^2 as a 0-d tensor, grad_x, grad_y): unbiased MMD^2 of the rows of x and y with the
+    kernel 'imq' c / (c + d2) or 'rbf' exp(-d2 / c), and its gradients where ``need`` says."""
+    gx, gy = (_empty_if(flag, t, *t.shape) for flag, t in zip(need, (x, y)))
+    value = _C.mmd(_np(x), _np(y), kernel == "rbf", float(c), _np(gx), _np(gy))
+    return torch.tensor(value, dtype=x.dtype), gx, gy
+
+
+# -------------------------------------------------------------------- vector quantisation
+# The CPU backend's nearest-code search and codebook statistics are k-means' hard E-step and
+# (n_k, sum z): the Numba kernels of fastlvm.kernels.kmeans on zero-copy views of the tensors.
+
+
+def nearest_codes(z, codebook):
+    """(codes int64 (N,), squared distances (N,)) of the rows of z to the codebook's rows."""
+    from fastlvm.kernels import kmeans
+
+    codes, d2 = kmeans.nearest_centres(_np(z), _np(codebook))
+    return torch.from_numpy(codes), torch.from_numpy(d2)
+
+
+def codebook_statistics(z, codes, n_codes):
+    """(counts float64 (M,), sums float64 (M, Dz)) of the rows of z by code."""
+    from fastlvm.kernels import kmeans
+
+    counts, sums = kmeans.cluster_sums(_np(z), _np(codes), n_codes)
+    return torch.from_numpy(counts), torch.from_numpy(sums)

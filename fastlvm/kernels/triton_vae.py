@@ -598,3 +598,8 @@ def iwae_bwd(log_px_given_z, mu, logvar, eps, w, grad_bound):
         mu, logvar, eps, w, gb, grad_lpx, grad_mu, grad_logvar, S, B, D,
         BLOCK_B=block_b, BLOCK_D=block_d)
     return grad_lpx, grad_mu, grad_logvar
+
+
+# The latent-space terms (MMD, vector quantisation) live in their own module; this backend
+# serves them too.
+from fastlvm.kernels.triton_latent import codebook_statistics, mmd_fwd_grad, nearest_codes  # noqa: E402,F401

@@ -148,3 +148,60 @@ def row_noise(seed, step, rows, n_samples, dim, first_sample=0, dtype=torch.floa
                            (r & _MASK32).expand(-1, q.shape[1]), (r >> 32).expand(-1, q.shape[1])), _key(seed))
     eps = _box_muller(words).reshape(len(rows), -1)[:, (e0 & 1):(e0 & 1) + n]
     return eps.reshape(len(rows), n_samples, dim).transpose(0, 1).to(dtype).contiguous()
+
+
+# Maximum mean discrepancy (InfoVAE) and vector quantisation (VQ-VAE).
+
+
+def squared_distances(a, b):
+    """|a_i - b_j|^2 for rows a (n, D) and b (m, D): (n, m), written from the differences (exact
+    zero on equal rows, and a gradient free of the norm expansion's cancellation)."""
+    return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+
+def mmd_kernel(sq_dist, kernel, c):
+    """k(a, b) of the squared distance: 'imq' c / (c + d2), 'rbf' exp(-d2 / c)."""
+    if kernel == "imq":
+        return c / (c + sq_dist)
+    return torch.exp(-sq_dist / c)
+
+
+def mmd(x, y, kernel, c):
+    """Unbiased (U-statistic) MMD^2 between the rows of x (n, D) and y (m, D):
+    mean_{i != j} k(x_i, x_j) + mean_{i != j} k(y_i, y_j) - 2 mean_{i, j} k(x_i, y_j)."""
+    def off_diagonal_mean(a):
+        k = mmd_kernel(squared_distances(a, a), kernel, c)
+        n = a.shape[0]
+        return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
+
+    cross = mmd_kernel(squared_distances(x, y), kernel, c).mean()
+    return off_diagonal_mean(x) + off_diagonal_mean(y) - 2.0 * cross
+
+
+def nearest_codes(z, codebook):
+    """argmin_k |z_i - e_k|^2 per row (ties to the lowest k) and the minimum: (codes, d2)."""
+    d2 = squared_distances(z, codebook)
+    d2_min, codes = d2.min(dim=1)
+    return codes, d2_min
+
+
+def vector_quantize(z_e, codebook, commitment):
+    """(z_q, codes, loss) for rows z_e (N, D) (van den Oord et al., 2017): z_q = e_code with the
+    straight-through gradient z_e + sg(e - z_e), and the loss, averaged over the N vectors,
+    |sg(z_e) - e|^2 + commitment |z_e - sg(e)|^2."""
+    codes, _ = nearest_codes(z_e.detach(), codebook.detach())
+    e = codebook[codes]
+    z_q = z_e + (e - z_e).detach()
+    codebook_term = ((z_e.detach() - e) ** 2).sum(-1).mean()
+    commitment_term = ((z_e - e.detach()) ** 2).sum(-1).mean()
+    return z_q, codes, codebook_term + commitment * commitment_term
+
+
+def codebook_statistics(z_e, codes, n_codes):
+    """(counts (M,), sums (M, D)) in float64: n_k = #{i: code_i = k}, s_k = sum_{code_i = k} z_i."""
+    z = z_e.detach().to(torch.float64)
+    counts = torch.zeros(n_codes, dtype=torch.float64, device=z.device)
+    counts.index_add_(0, codes, torch.ones_like(codes, dtype=torch.float64))
+    sums = torch.zeros((n_codes, z.shape[1]), dtype=torch.float64, device=z.device)
+    sums.index_add_(0, codes, z)
+    return counts, sums

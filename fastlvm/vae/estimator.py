@@ -21,7 +21,7 @@ from fastlvm._validation import check_scalar
 from fastlvm.vae import state as state_file
 from fastlvm.vae.data import InMemory, as_vae_data
 from fastlvm.vae.evaluate import elbo_terms, iwae_rows
-from fastlvm.vae.model import DECODER_VARIANCES, LIKELIHOODS, VAEModule, kl_per_dimension, mlp
+from fastlvm.vae.model import DECODER_VARIANCES, LIKELIHOODS, REGULARIZERS, VAEModule, kl_per_dimension, mlp
 from fastlvm.vae.trainer import Trainer, distributed
 
 MODEL_KIND = "fastlvm.VAE"
@@ -50,7 +50,13 @@ class VAE(BaseEstimator):
     row and feature: width 2 D), or a float (fixed). objective: "elbo" (n_samples = L draws per
     row, beta, kl_warmup epochs of linear warm-up of beta from 0, free_bits nats per latent
     dimension below which its KL is not penalised) or "iwae" (k = n_samples; beta, kl_warmup and
-    free_bits must keep their defaults). validation_fraction of the rows are held out (chosen by a
+    free_bits must keep their defaults). regularizer: "kl" (the ELBO's), or InfoVAE's (Zhao et al., 2017)
+    "mmd" or "kl+mmd": maximise E_q log p(x|z) - (1 - alpha) KL(q(z|x) || p(z)) - (alpha + lambda_ - 1)
+    MMD(q(z) || p(z)), the MMD (inverse multiquadric kernel, fastlvm.functional.mmd) between the batch's
+    samples z and as many N(0, I) draws; "mmd" is alpha = 1 (no KL term: the MMD alone keeps the
+    aggregate posterior near the prior, without pushing each q(z|x) to it, so latent codes stay
+    informative). alpha and lambda_ belong to the InfoVAE regularisers; beta, warm-up and free bits
+    still shape the KL term. The validation loss stays the beta = 1 ELBO. validation_fraction of the rows are held out (chosen by a
     hash of the row index); early stopping keeps the best epoch by validation loss (training loss
     without validation rows) after n_iter_no_change epochs without improvement. dtype: "float32" or
     "float64"; backend: the kernels of fastlvm.functional ('auto', 'cpp', 'triton', 'torch').
@@ -64,11 +70,14 @@ class VAE(BaseEstimator):
     kl_per_dim_ (mean KL per latent dimension over the training rows), n_features_in_.
     """
 
+    _KIND = MODEL_KIND
+    _SUMMARY = "kl_per_dim_"  # a per-fit array computed over the training rows, saved with the model
+
     def __init__(self, latent_dim=16, *, hidden=(512, 256), likelihood="bernoulli", decoder_variance="feature",
                  objective="elbo", n_samples=1, beta=1.0, kl_warmup=0, free_bits=0.0, batch_size=128,
                  max_epochs=100, lr=1e-3, validation_fraction=0.1, early_stopping=True, n_iter_no_change=10,
                  random_state=None, device="cpu", dtype="float32", backend="auto", checkpoint=None, verbose=0,
-                 encoder=None, decoder=None):
+                 encoder=None, decoder=None, regularizer="kl", alpha=0.0, lambda_=1.0):
         self.latent_dim = latent_dim
         self.hidden = hidden
         self.likelihood = likelihood
@@ -92,6 +101,9 @@ class VAE(BaseEstimator):
         self.verbose = verbose
         self.encoder = encoder
         self.decoder = decoder
+        self.regularizer = regularizer
+        self.alpha = alpha
+        self.lambda_ = lambda_
 
     # ------------------------------------------------------------------ parameters
 
@@ -122,6 +134,7 @@ class VAE(BaseEstimator):
         if self.objective == "iwae" and (self.beta != 1 or self.kl_warmup != 0 or self.free_bits != 0):
             raise ValueError("beta, kl_warmup and free_bits shape the ELBO's KL term; objective='iwae' takes "
                              f"none (got beta={self.beta}, kl_warmup={self.kl_warmup}, free_bits={self.free_bits})")
+        self._regularizer_weights()
         check_scalar(self.batch_size, "batch_size", kind=I, low=1)
         check_scalar(self.max_epochs, "max_epochs", kind=I, low=0)
         check_scalar(self.lr, "lr", low=0, low_inclusive=False)
@@ -147,6 +160,28 @@ class VAE(BaseEstimator):
             if module is not None and not isinstance(module, torch.nn.Module):
                 raise TypeError(f"{name} must be None or a torch.nn.Module, got {type(module).__name__}")
         return tuple(int(h) for h in hidden)
+
+    def _regularizer_weights(self):
+        """(weight of the KL term, weight of the MMD term) of Zhao et al.'s objective."""
+        if self.regularizer not in REGULARIZERS:
+            raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}")
+        check_scalar(self.alpha, "alpha", high=1)
+        check_scalar(self.lambda_, "lambda_", low=0)
+        if self.regularizer == "kl":
+            if self.alpha != 0 or self.lambda_ != 1:
+                raise ValueError("alpha and lambda_ weigh InfoVAE's MMD term; regularizer='kl' takes neither (got "
+                                 f"alpha={self.alpha}, lambda_={self.lambda_}); use regularizer='kl+mmd'")
+            return 1.0, 0.0
+        if self.objective != "elbo":
+            raise ValueError(f"regularizer={self.regularizer!r} shapes the ELBO; objective='iwae' takes none")
+        alpha = 1.0 if self.regularizer == "mmd" else float(self.alpha)
+        if self.regularizer == "mmd" and self.alpha not in (0, 1):
+            raise ValueError(f"regularizer='mmd' is alpha = 1 (no KL term), got alpha={self.alpha}; "
+                             "use regularizer='kl+mmd' for another alpha")
+        mmd_weight = alpha + float(self.lambda_) - 1.0
+        if mmd_weight < 0:
+            raise ValueError(f"alpha + lambda_ - 1 weighs the MMD and must be >= 0, got {mmd_weight}")
+        return 1.0 - alpha, mmd_weight
 
     def _torch_dtype(self):
         return _DTYPES[self.dtype] if isinstance(self.dtype, str) else self.dtype
@@ -174,12 +209,19 @@ class VAE(BaseEstimator):
             encoder = copy.deepcopy(self.encoder) if self.encoder is not None else mlp((D, *hidden, 2 * Dz))
             decoder = copy.deepcopy(self.decoder) if self.decoder is not None else mlp((Dz, *reversed(hidden),
                                                                                          out_width))
-        module = VAEModule(encoder, decoder, D, Dz, self.likelihood, variance, self.objective, self.backend)
+        kl_weight, mmd_weight = self._regularizer_weights()
+        module = VAEModule(encoder, decoder, D, Dz, self.likelihood, variance, self.objective, self.backend,
+                           kl_weight, mmd_weight)
         module = module.to(device=self.device, dtype=self._torch_dtype())
         _check_module_widths(module, out_width)
         return module
 
     def _identity(self, data, hidden):
+        identity = self._base_identity(data, hidden)
+        identity.update(regularizer=self.regularizer, alpha=float(self.alpha), lambda_=float(self.lambda_))
+        return identity
+
+    def _base_identity(self, data, hidden):
         return {"latent_dim": int(self.latent_dim), "hidden": list(hidden), "likelihood": self.likelihood,
                 "decoder_variance": self.decoder_variance, "objective": self.objective,
                 "n_samples": int(self.n_samples), "beta": float(self.beta), "kl_warmup": float(self.kl_warmup),
@@ -238,7 +280,7 @@ class VAE(BaseEstimator):
             trainer.resume()
             trainer.run()
         module.eval()
-        kl_dims = self._kl_per_dim(module, data)
+        summary = self._summary(module, data)
 
         # Only now is anything assigned: a fit that raised leaves the estimator as it was.
         self.model_ = module
@@ -246,12 +288,13 @@ class VAE(BaseEstimator):
         self.history_ = trainer.history
         self.n_epochs_ = trainer.epoch
         self.best_epoch_ = trainer.best_epoch
-        self.kl_per_dim_ = kl_dims
+        setattr(self, self._SUMMARY, summary)
         self.seed_ = root
         self._eval_seed = eval_seed
         return self
 
-    def _kl_per_dim(self, module, data):
+    def _summary(self, module, data):
+        """The fitted attribute named by _SUMMARY: the mean KL per latent dimension."""
         total, count = None, 0
         with torch.no_grad():
             for x, _ in data.blocks("train", self._eval_rows(module, 1)):
@@ -423,17 +466,17 @@ class VAE(BaseEstimator):
         config = {"format": MODEL_FORMAT, "params": params, "custom_encoder": self.encoder is not None,
                   "custom_decoder": self.decoder is not None, "n_features_in_": int(self.n_features_in_),
                   "history_": self.history_, "n_epochs_": int(self.n_epochs_), "best_epoch_": int(self.best_epoch_),
-                  "kl_per_dim_": [float(v) for v in self.kl_per_dim_], "seed_": str(self.seed_),
+                  self._SUMMARY: [float(v) for v in getattr(self, self._SUMMARY)], "seed_": str(self.seed_),
                   "eval_seed": str(self._eval_seed)}
         json.dumps(config)  # fail before writing anything
-        state_file.write(path, MODEL_KIND, config, state_file.state_tensors("model/", module.state_dict()))
+        state_file.write(path, self._KIND, config, state_file.state_tensors("model/", module.state_dict()))
 
     @classmethod
     def load(cls, path, encoder=None, decoder=None):
         """A VAE saved by ``save``. A model fitted with user encoder/decoder modules needs modules
         of the same architecture here (their weights are replaced by the saved ones). A damaged
         file or another kind of file raises ValueError; the file is only read."""
-        config, tensors = state_file.read(path, MODEL_KIND, "fastlvm.VAE model file")
+        config, tensors = state_file.read(path, cls._KIND, f"{cls._KIND} model file")
         try:
             if config["format"] != MODEL_FORMAT:
                 raise ValueError(f"format {config['format']}, expected {MODEL_FORMAT}")
@@ -452,7 +495,7 @@ class VAE(BaseEstimator):
         except TypeError:
             raise
         except (KeyError, ValueError, RuntimeError) as e:
-            raise ValueError(f"{os.fspath(path)!r} is not a usable fastlvm.VAE model file "
+            raise ValueError(f"{os.fspath(path)!r} is not a usable {cls._KIND} model file "
                              f"({type(e).__name__}: {e}).") from None
         module.eval()
         vae.model_ = module
@@ -460,7 +503,7 @@ class VAE(BaseEstimator):
         vae.history_ = config["history_"]
         vae.n_epochs_ = config["n_epochs_"]
         vae.best_epoch_ = config["best_epoch_"]
-        vae.kl_per_dim_ = np.asarray(config["kl_per_dim_"], dtype=np.float64)
+        setattr(vae, cls._SUMMARY, np.asarray(config[cls._SUMMARY], dtype=np.float64))
         vae.seed_ = int(config["seed_"])
         vae._eval_seed = int(config["eval_seed"])
         return vae

@@ -45,7 +45,10 @@ def iwae_rows(module, x, rows, seed, n_samples, sample_block):
 
 def negative_bound(module, x, rows, seed, n_samples):
     """(the objective's negative bound, -E log p(x|z), KL) per row, with beta = 1 and no free bits:
-    the validation loss of a fit ('elbo': the L-sample ELBO; 'iwae': the K-sample bound)."""
+    the validation loss of a fit ('elbo': the L-sample ELBO; 'iwae': the K-sample bound). A module with
+    its own ``negative_bound(x)`` (VQ-VAE: no noise, no KL) gives its terms instead."""
+    if hasattr(module, "negative_bound"):
+        return module.negative_bound(x)
     mu, logvar, eps, kl, log_px = _decoded(module, x, rows, seed, n_samples)
     recon = log_px.mean(0)
     if module.objective == "iwae":

@@ -10,6 +10,9 @@ fused kernels of ``fastlvm.functional``.
   loss reduced inside the kernel, gradients computed in its forward pass); with free bits
   lambda > 0 the KL term of a batch is sum_j max(lambda, mean_b KL_bj).
   ``"iwae"``: log (1/K) sum_k p(x, z_k) / q(z_k | x) through ``iwae_bound``.
+- InfoVAE regularisers (Zhao et al., 2017): E_q log p(x|z) - (1 - alpha) KL - (alpha + lambda - 1)
+  MMD(q(z) || p(z)), the MMD between the batch's samples z and N(0, I) draws through ``mmd``
+  (kl_weight = 1 - alpha scales beta's KL term, mmd_weight = alpha + lambda - 1).
 """
 
 import math
@@ -21,6 +24,7 @@ from torch import nn
 import fastlvm.functional as F
 
 LIKELIHOODS = ("bernoulli", "gaussian")
+REGULARIZERS = ("kl", "mmd", "kl+mmd")
 DECODER_VARIANCES = ("feature", "shared", "output")
 
 
@@ -62,8 +66,9 @@ class VAEModule(nn.Module):
     """Encoder, decoder and likelihood parameters; ``forward`` is one training step's loss."""
 
     def __init__(self, encoder, decoder, n_features, latent_dim, likelihood, decoder_variance,
-                 objective="elbo", backend="auto"):
+                 objective="elbo", backend="auto", kl_weight=1.0, mmd_weight=0.0):
         super().__init__()
+        self.kl_weight, self.mmd_weight = kl_weight, mmd_weight
         self.encoder, self.decoder = encoder, decoder
         self.n_features, self.latent_dim = n_features, latent_dim
         self.likelihood, self.decoder_variance = likelihood, decoder_variance
@@ -126,8 +131,8 @@ class VAEModule(nn.Module):
     def forward(self, x, noise, beta, free_bits, scale, reduce_kl=None):
         """Loss of a batch scaled by ``scale`` and the detached sums (loss, -log p(x|z), KL) over
         its rows. x (B, D); noise: the batch's RowNoise, drawn inside the reparameterisation
-        kernel for the ELBO (materialised for the IWAE, whose bound reads it). An empty batch (a rank without rows of a small global
-        batch) gives zero loss with every parameter in its graph, as DistributedDataParallel needs.
+        kernel for the ELBO (materialised for the IWAE, whose bound reads it). An empty batch (a
+        rank without rows of a small global batch) gives zero loss with every parameter in its graph, as DistributedDataParallel needs.
 
         With free bits, ``reduce_kl`` (sums of a (Dz,) tensor over the processes, or None)
         turns the batch's per-dimension KL sums into the global batch's; the caller's ``scale``
@@ -149,6 +154,7 @@ class VAEModule(nn.Module):
             z, kl = F.reparameterize(mu, logvar, n_samples=noise.n_samples, seed=noise.seed, rows=noise.rows,
                                      step=noise.step, backend=self.backend)
             out = self._decode(z)
+            beta = beta * self.kl_weight
             kl_term = kl if beta == 1.0 else beta * kl
             if free_bits > 0.0:
                 kl_term, kl_sum = self._free_bits_kl(mu, logvar, beta, free_bits, reduce_kl, B)
@@ -157,6 +163,8 @@ class VAEModule(nn.Module):
             loss = F.negative_elbo(x, kl_term, backend=self.backend, **self.decoder_terms(out))
             with torch.no_grad():
                 recon_sum = loss.detach() * B - kl_term.detach().sum()
+            if self.mmd_weight and z.shape[0] * z.shape[1] > 1:
+                loss = loss + self.mmd_weight * F.mmd(z.reshape(-1, self.latent_dim), backend=self.backend)
         stats = torch.stack((loss.detach() * B, recon_sum, kl_sum))
         return (loss if scale == 1.0 else loss * scale), stats
 

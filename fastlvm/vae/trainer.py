@@ -214,6 +214,8 @@ class Trainer:
         entry = {"epoch": self.epoch + 1, "loss": loss, "reconstruction": recon, "kl": kl,
                  "beta": self._beta(self.step - 1),
                  "seconds": seconds, "rows_per_s": n_rows / seconds if seconds > 0 else math.inf}
+        if hasattr(self.module, "epoch_report"):  # a model's own entries (VQ-VAE: re-seeded codes)
+            entry.update(self.module.epoch_report())
         monitored = loss
         if cfg["has_validation"]:
             v_loss, v_recon, v_kl = self.validate()
