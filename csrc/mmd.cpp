@@ -44,43 +44,8 @@ struct MmdSide {
   T* grad;  // (n_self, D) or null
 };
 
-#if FASTLVM_ISA_CLONES
-#define FASTLVM_ISA_STRUCT Generic
-#define FASTLVM_TARGET
-#include "mmd_rows.inc"
-#undef FASTLVM_ISA_STRUCT
-#undef FASTLVM_TARGET
-#define FASTLVM_ISA_STRUCT Avx2
-#define FASTLVM_TARGET __attribute__((target("arch=x86-64-v3")))
-#include "mmd_rows.inc"
-#undef FASTLVM_ISA_STRUCT
-#undef FASTLVM_TARGET
-#define FASTLVM_ISA_STRUCT Avx512
-#define FASTLVM_TARGET __attribute__((target("arch=x86-64-v4")))
-#include "mmd_rows.inc"
-#undef FASTLVM_ISA_STRUCT
-#undef FASTLVM_TARGET
-
-template <class F>
-void with_isa(F&& f) {
-  switch (isa_current()) {
-    case Isa::avx512: f(Avx512{}); break;
-    case Isa::avx2: f(Avx2{}); break;
-    default: f(Generic{});
-  }
-}
-#else
-#define FASTLVM_ISA_STRUCT Generic
-#define FASTLVM_TARGET
-#include "mmd_rows.inc"
-#undef FASTLVM_ISA_STRUCT
-#undef FASTLVM_TARGET
-
-template <class F>
-void with_isa(F&& f) {
-  f(Generic{});
-}
-#endif
+#define FASTLVM_CLONE_BODY "mmd_rows.inc"
+#include "isa_clones.inc"
 
 // rows (n, D) as tiles (ceil(n / kMmdTile), D, kMmdTile), zero-padded.
 template <class T>

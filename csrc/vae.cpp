@@ -53,44 +53,8 @@ int64_t block_rows(int64_t rows, int64_t cols, int64_t cap_elems) {
 
 // ---------------------------------------------------------------- the ISA clones
 
-#if FASTLVM_ISA_CLONES
-#define FASTLVM_ISA_STRUCT Generic
-#define FASTLVM_TARGET
-#include "vae_blocks.inc"
-#undef FASTLVM_ISA_STRUCT
-#undef FASTLVM_TARGET
-#define FASTLVM_ISA_STRUCT Avx2
-#define FASTLVM_TARGET __attribute__((target("arch=x86-64-v3")))
-#include "vae_blocks.inc"
-#undef FASTLVM_ISA_STRUCT
-#undef FASTLVM_TARGET
-#define FASTLVM_ISA_STRUCT Avx512
-#define FASTLVM_TARGET __attribute__((target("arch=x86-64-v4")))
-#include "vae_blocks.inc"
-#undef FASTLVM_ISA_STRUCT
-#undef FASTLVM_TARGET
-
-// Call f(Clone{}) for the clone in use.
-template <class F>
-void with_isa(F&& f) {
-  switch (isa_current()) {
-    case Isa::avx512: f(Avx512{}); break;
-    case Isa::avx2: f(Avx2{}); break;
-    default: f(Generic{});
-  }
-}
-#else
-#define FASTLVM_ISA_STRUCT Generic
-#define FASTLVM_TARGET
-#include "vae_blocks.inc"
-#undef FASTLVM_ISA_STRUCT
-#undef FASTLVM_TARGET
-
-template <class F>
-void with_isa(F&& f) {
-  f(Generic{});
-}
-#endif
+#define FASTLVM_CLONE_BODY "vae_blocks.inc"
+#include "isa_clones.inc"
 
 template <class K, class T, bool Fwd>
 void reparam(const ReparamArgs<T>& a) {

@@ -221,7 +221,7 @@ def mmd(z, prior=None, *, kernel="imq", scale=None, generator=None, backend="aut
             raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     kernels = _kernels(backend, z.device)
     if prior is None:
-        prior = kernels.normal_noise(1, B, Dz, _draw_seed(generator), z.dtype, z.device)[0]
+        prior = kernels.normal_noise(1, B, Dz, _noise_seed(None, generator), z.dtype, z.device)[0]
         _check_same({"z": z}, validate)
     else:
         if generator is not None:
