@@ -102,6 +102,17 @@ def _move_row(X, data, indices, indptr, sparse, i, w, sums, counts, old, new):
 
 
 @_inline
+def _relabel(X, data, indices, indptr, sparse, i, w, sums, counts, labels, new):
+    """Row i takes label `new`, moving it in the partial sums if that changes its label: 1 if it did."""
+    old = labels[i]
+    if new == old:
+        return 0
+    labels[i] = new
+    _move_row(X, data, indices, indptr, sparse, i, w, sums, counts, old, new)
+    return 1
+
+
+@_inline
 def _zero(sums, counts):
     sums[:] = 0.0
     counts[:] = 0.0
@@ -199,10 +210,7 @@ def yinyang_pass(X, data, indices, indptr, sparse, weights, x_norms, C, c_norms,
                 if not scored[ga]:
                     lower[i, ga] = min(lower[i, ga], _low(x_norms[i] + s_a, margin, shrink))
             upper[i] = np.sqrt(max(x_norms[i] + s_best, 0.0) + eps * (x_norms[i] + c_norms[best]))
-            if best != a:
-                labels[i] = best
-                n_changed += 1
-                _move_row(X, data, indices, indptr, sparse, i, weights[i], sums[b], counts[b], a, best)
+            n_changed += _relabel(X, data, indices, indptr, sparse, i, weights[i], sums[b], counts[b], labels, best)
         changed[b] = n_changed
 
 
@@ -387,11 +395,8 @@ def full_pass(X, data, indices, indptr, sparse, weights, x_norms, C, CT, c_norms
                     low = _low(x_norms[i] + s2[r], margin, shrink)
                     for g in range(lower.shape[1]):
                         lower[i, g] = low
-                a, k = labels[i], best[r]
-                if k != a:
-                    labels[i] = k
-                    n_changed += 1
-                    _move_row(X, data, indices, indptr, sparse, i, weights[i], sums[b], counts[b], a, k)
+                n_changed += _relabel(X, data, indices, indptr, sparse, i, weights[i], sums[b], counts[b], labels,
+                                      best[r])
         changed[b] = n_changed
 
 
