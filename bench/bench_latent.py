@@ -13,8 +13,9 @@ the same objective; its commitment weight 0.25).
 Times are the best and median of interleaved rounds (contenders timed round-robin, so a noisy
 shared machine slows them alike). Peak memory beyond inputs and outputs: large blocks are made to
 go back to the system when freed (glibc mallopt), and a thread samples the process's resident set
-during one call; the peak minus the resident set before it, minus the outputs and gradients the
-call leaves, is the extra memory. (A sampler misses peaks shorter than its period, ~0.2 ms.)
+during one call; the peak minus the resident set before it (which holds the call's inputs: z, the
+codebook and the gradient standing in for the decoder's), minus the outputs and gradients the call
+leaves, is the extra memory. (A sampler misses peaks shorter than its period, ~0.2 ms.)
 
     python bench/bench_latent.py [--rounds 10] [--threads N] [--no-compile] [--quick]
 """
@@ -46,8 +47,9 @@ def _rss():
         return int(f.read().split()[1]) * 4096
 
 
-def peak_extra(fn, output_bytes):
-    """Peak resident bytes of one call of fn beyond those before it and the outputs it leaves."""
+def peak_extra(fn, inputs, output_bytes):
+    """Peak resident bytes of one call fn(*inputs) beyond those before it (the inputs among them)
+    and the outputs it leaves."""
     import gc
 
     gc.collect()
@@ -62,7 +64,7 @@ def peak_extra(fn, output_bytes):
 
     t = threading.Thread(target=sample)
     t.start()
-    keep = fn()
+    keep = fn(*inputs)
     done.set()
     t.join()
     peak[0] = max(peak[0], _rss())
@@ -110,17 +112,21 @@ def eager_mmd(z, prior, c):
 
 
 def vq_case(B, D, M, compile_peers):
+    """(contenders, make_inputs, output bytes, search FLOPs): a contender takes the inputs that
+    make_inputs() returns, fresh leaves z (B, D) and codebook (M, D) and the gradient that stands in
+    for the decoder's on z_q, and runs forward + backward."""
     g = torch.Generator().manual_seed(0)
     z0 = torch.randn(B, D, generator=g)
     cb0 = torch.randn(M, D, generator=g)
-    w = torch.randn(B, D, generator=g)  # the decoder's gradient for z_q, stood in for
+    w = torch.randn(B, D, generator=g)
+
+    def make_inputs():
+        return z0.clone().requires_grad_(), cb0.clone().requires_grad_(), w
 
     def step(fn):
-        def run():
-            z = z0.clone().requires_grad_()
-            cb = cb0.clone().requires_grad_()
+        def run(z, cb, grad_z_q):
             z_q, codes, loss = fn(z, cb)
-            ((z_q * w).sum() + loss).backward()
+            torch.autograd.backward((z_q, loss), (grad_z_q, None))
             return z_q, codes, z.grad, cb.grad
         return run
 
@@ -135,17 +141,16 @@ def vq_case(B, D, M, compile_peers):
         with torch.no_grad():
             vq.codebook.copy_(cb0) if hasattr(vq, "codebook") and isinstance(vq.codebook, torch.Tensor) else None
 
-        def lucid():
-            z = z0.clone().requires_grad_()
+        def lucid(z, cb, grad_z_q):  # its own codebook parameter stands in for cb
             z_q, codes, loss = vq(z[None])
-            ((z_q[0] * w).sum() + loss.sum()).backward()
+            torch.autograd.backward((z_q[0], loss.sum()), (grad_z_q, None))
             return z_q, codes, z.grad
 
         contenders["vector-quantize-pytorch"] = lucid
     except ImportError:
         print("vector-quantize-pytorch is not installed: pip install vector-quantize-pytorch (make bench does)")
     out_bytes = B * D * 4 * 2 + B * 8 + M * D * 4
-    return contenders, out_bytes, 2.0 * B * M * D
+    return contenders, make_inputs, out_bytes, 2.0 * B * M * D
 
 
 def mmd_case(B, D, compile_peers):
@@ -153,14 +158,15 @@ def mmd_case(B, D, compile_peers):
     z0 = torch.randn(B, D, generator=g) * 0.8 + 0.1
     c = 2.0 * D
 
-    def fast():
-        z = z0.clone().requires_grad_()
+    def make_inputs():
+        return (z0.clone().requires_grad_(),)
+
+    def fast(z):
         F.mmd(z).backward()
         return z.grad
 
     def plain(fn):
-        def run():
-            z = z0.clone().requires_grad_()
+        def run(z):
             fn(z, torch.randn(B, D), c).backward()
             return z.grad
         return run
@@ -168,7 +174,7 @@ def mmd_case(B, D, compile_peers):
     contenders = {"fastlvm": fast, "eager": plain(eager_mmd)}
     if compile_peers:
         contenders["compiled"] = plain(torch.compile(eager_mmd))
-    return contenders, B * D * 4, None
+    return contenders, make_inputs, B * D * 4, None
 
 
 def memory_of(case, contender, argv):
@@ -185,8 +191,9 @@ def memory_of(case, contender, argv):
         return float("nan")
 
 
-def report(name, case, contenders, out_bytes, flops, rounds, gflops, argv):
-    times = race(contenders, torch.device("cpu"), rounds)
+def report(name, case, contenders, make_inputs, out_bytes, flops, rounds, gflops, argv):
+    times = race({k: (lambda run=run: run(*make_inputs())) for k, run in contenders.items()}, torch.device("cpu"),
+                 rounds)
     memory = {k: memory_of(case, k, argv) for k in contenders}
     best_fast = times["fastlvm"][0]
     print(f"\n{name}")
@@ -215,10 +222,10 @@ def main(argv=None):
              "mmd": lambda: mmd_case(4096 // scale, 32, not args.no_compile)}
     if args.memory:
         _keep_freed_memory_out()
-        contenders, out_bytes, _ = cases[args.memory[0]]()
+        contenders, make_inputs, out_bytes, _ = cases[args.memory[0]]()
         fn = contenders[args.memory[1]]
-        fn()  # compile / warm up; the measured call comes after
-        print(peak_extra(fn, out_bytes))
+        fn(*make_inputs())  # compile / warm up; the measured call comes after
+        print(peak_extra(fn, make_inputs(), out_bytes))
         return
     passed = [a for a in (argv if argv is not None else __import__("sys").argv[1:])]
     gflops = gemm_gflops(1024 if args.quick else 2048)

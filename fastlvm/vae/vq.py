@@ -24,6 +24,25 @@ from fastlvm.vae.model import VAEModule
 USAGE_DECAY = 0.99  # moving average of the codes' usage when the codebook learns by its loss
 
 
+def _global_rows(t):
+    """The rows of t from every process of the torch.distributed group, in rank order (each rank
+    holds a contiguous share of the global batch, so this is the global batch's order); t itself
+    without a group. Seeding and re-seeding the codebook from these makes every process choose
+    the same vectors, the ones one process would choose from the whole batch."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    count = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = t.new_zeros((max(counts),) + tuple(t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:c] for part, c in zip(parts, counts)])
+
+
 class Codebook(nn.Module):
     """M code vectors of dimension Dc, with the moving averages that update and police them.
 
@@ -79,12 +98,16 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def reseed_dead(self, z_e, sq_err):
-        """Re-seeds the dead codes on the vectors of z_e with the largest quantisation errors."""
+        """Re-seeds the dead codes on the vectors with the largest quantisation errors sq_err among
+        z_e, this process's vectors (with a process group, those of the whole global batch)."""
         if self.dead_code_threshold <= 0:
             return 0
         mean = float(self.usage.mean())
         dead = torch.nonzero(self.usage < self.dead_code_threshold * mean).flatten()
-        if dead.numel() == 0 or z_e.shape[0] == 0:
+        if dead.numel() == 0:  # usage is the same on every process, so they all return here or none
+            return 0
+        z_e, sq_err = _global_rows(z_e), _global_rows(sq_err)
+        if z_e.shape[0] == 0:
             return 0
         worst = torch.argsort(sq_err, descending=True, stable=True)[: dead.numel()]
         worst = worst.repeat(-(-dead.numel() // worst.numel()))[: dead.numel()]  # fewer rows than codes
@@ -126,7 +149,7 @@ class VQVAEModule(VAEModule):
         """(-log p(x | z_q) (B,), VQ loss per row (scalar mean), z_e, z_q, codes)."""
         z_e = self.encode(x)
         if self.training and not int(self.codebook.ready):
-            self.codebook.seed_from(z_e.detach().reshape(-1, self.code_dim))
+            self.codebook.seed_from(_global_rows(z_e.detach().reshape(-1, self.code_dim)))
         z_q, codes, vq_loss = self.quantize(z_e)
         nll = -self.log_px_given_z(x, self.decoder(z_q))
         return nll, vq_loss, z_e, z_q, codes
