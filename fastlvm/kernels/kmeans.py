@@ -1,7 +1,8 @@
 """Numba CPU kernels for k-means (Lloyd's algorithm), dense and CSR.
 
-One pass assigns every row to its nearest centre and folds the change straight into the
-per-cluster weighted sums, without an N x K array (products come in tiles of rows):
+One pass assigns every row to its nearest centre and folds the changes into the per-cluster
+weighted sums (a block's changed rows, after its labels), without an N x K array (products come
+in tiles of rows):
 
     label_i = argmin_k ||c_k||^2 - 2 x_i . c_k          (ties to the lowest k, as Lloyd's)
     S_k += w_i x_i,  W_k += w_i   for the new label;   S_k -= w_i x_i, W_k -= w_i for the old one
@@ -81,41 +82,44 @@ def _sparse_sq_distance(data, indices, indptr, i, C, k, x_norm, c_norm):
     return max(x_norm - 2.0 * acc + c_norm, 0.0)
 
 
-@_inline
-def _add_row(X, data, indices, indptr, sparse, i, w, sums, k):
-    if sparse:
-        for j in range(indptr[i], indptr[i + 1]):
-            sums[k, indices[j]] += w * data[j]
-    else:
-        for d in range(X.shape[1]):
-            sums[k, d] += w * X[i, d]
-
-
-@_inline
-def _move_row(X, data, indices, indptr, sparse, i, w, sums, counts, old, new):
-    """Row i (weight w) leaves cluster `old` (none when old < 0) for `new` in the partial sums."""
-    _add_row(X, data, indices, indptr, sparse, i, w, sums, new)
-    counts[new] += w
-    if old >= 0:
-        _add_row(X, data, indices, indptr, sparse, i, -w, sums, old)
-        counts[old] -= w
-
-
-@_inline
-def _relabel(X, data, indices, indptr, sparse, i, w, sums, counts, labels, new):
-    """Row i takes label `new`, moving it in the partial sums if that changes its label: 1 if it did."""
-    old = labels[i]
-    if new == old:
-        return 0
-    labels[i] = new
-    _move_row(X, data, indices, indptr, sparse, i, w, sums, counts, old, new)
-    return 1
-
-
-@_inline
-def _zero(sums, counts):
+@_jit
+def _block_sums(X, data, indices, indptr, sparse, weights, labels, moved, old, n, sums, counts):
+    """A block's changes of the weighted sums: the rows moved[:n], in order, leave cluster old[j]
+    (none when < 0) for labels[moved[j]]. One call a block, after its labels: an inlined call a
+    row cost ~100 ns (its arrays' reference counts), several times a dense row's move."""
     sums[:] = 0.0
     counts[:] = 0.0
+    for j in range(n):
+        i, k, o = moved[j], labels[moved[j]], old[j]
+        w = weights[i]
+        counts[k] += w
+        if o >= 0:
+            counts[o] -= w
+        if sparse:
+            for p in range(indptr[i], indptr[i + 1]):
+                v = w * data[p]
+                sums[k, indices[p]] += v
+                if o >= 0:
+                    sums[o, indices[p]] -= v
+        elif o >= 0:
+            for d in range(X.shape[1]):
+                v = w * X[i, d]
+                sums[k, d] += v
+                sums[o, d] -= v
+        else:
+            for d in range(X.shape[1]):
+                sums[k, d] += w * X[i, d]
+
+
+@_inline
+def _relabel(labels, i, new, moved, old, n_changed):
+    """Row i takes the label `new`, a change, noted as the block's n_changed-th move for _block_sums
+    (callers test for the change first, so an unchanged row costs one comparison); returns the new
+    count of moves."""
+    moved[n_changed] = i
+    old[n_changed] = labels[i]
+    labels[i] = new
+    return n_changed + 1
 
 
 @_inline
@@ -156,10 +160,10 @@ def yinyang_pass(X, data, indices, indptr, sparse, weights, x_norms, C, c_norms,
     G = group_start.shape[0] - 1
     c_max = c_norms.max()
     scored = np.zeros(G, dtype=np.bool_)
+    moved, old = np.empty(BLOCK_ROWS, dtype=np.int64), np.empty(BLOCK_ROWS, dtype=np.int64)
     scores = np.empty(K)
     for b in range(first, sums.shape[0], step):
         n_changed = 0
-        _zero(sums[b], counts[b])
         for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
             a = labels[i]
             u = upper[i] + moves[a]
@@ -210,7 +214,9 @@ def yinyang_pass(X, data, indices, indptr, sparse, weights, x_norms, C, c_norms,
                 if not scored[ga]:
                     lower[i, ga] = min(lower[i, ga], _low(x_norms[i] + s_a, margin, shrink))
             upper[i] = np.sqrt(max(x_norms[i] + s_best, 0.0) + eps * (x_norms[i] + c_norms[best]))
-            n_changed += _relabel(X, data, indices, indptr, sparse, i, weights[i], sums[b], counts[b], labels, best)
+            if best != a:
+                n_changed = _relabel(labels, i, best, moved, old, n_changed)
+        _block_sums(X, data, indices, indptr, sparse, weights, labels, moved, old, n_changed, sums[b], counts[b])
         changed[b] = n_changed
 
 
@@ -379,10 +385,10 @@ def full_pass(X, data, indices, indptr, sparse, weights, x_norms, C, CT, c_norms
     G = np.empty((K, SUB_ROWS), dtype=C.dtype)
     acc = np.empty(K, dtype=C.dtype)
     best, s1, s2 = np.empty(SUB_ROWS, dtype=np.int64), np.empty(SUB_ROWS), np.empty(SUB_ROWS)
+    moved, old = np.empty(BLOCK_ROWS, dtype=np.int64), np.empty(BLOCK_ROWS, dtype=np.int64)
     c_max = c_norms.max()
     for b in range(first, sums.shape[0], step):
         n_changed = 0
-        _zero(sums[b], counts[b])
         for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
             n = min(SUB_ROWS, N - r0)
             P = _tile_products(X, data, indices, indptr, sparse, r0, n, C, CT, G, acc)
@@ -395,8 +401,9 @@ def full_pass(X, data, indices, indptr, sparse, weights, x_norms, C, CT, c_norms
                     low = _low(x_norms[i] + s2[r], margin, shrink)
                     for g in range(lower.shape[1]):
                         lower[i, g] = low
-                n_changed += _relabel(X, data, indices, indptr, sparse, i, weights[i], sums[b], counts[b], labels,
-                                      best[r])
+                if best[r] != labels[i]:
+                    n_changed = _relabel(labels, i, best[r], moved, old, n_changed)
+        _block_sums(X, data, indices, indptr, sparse, weights, labels, moved, old, n_changed, sums[b], counts[b])
         changed[b] = n_changed
 
 
