@@ -120,3 +120,30 @@ def test_passes_ignore_the_thread_count():
             numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("share", [-1.0, 1.0])  # full passes only, bounded passes after the first
+def test_running_sums_follow_the_weighted_labels(sparse, share, monkeypatch):
+    """The sums kept by moving only changed rows (out of their old cluster, into the new one) equal
+    the weighted sums of each pass's labels, for dense and CSR rows, over blocks and passes."""
+    sp = pytest.importorskip("scipy.sparse")
+    monkeypatch.setattr(kernels, "BOUNDED_MAX_SHARE", share)
+    rng = np.random.default_rng(7)
+    n, d, k = 2 * BLOCK_ROWS + 37, 6, 5
+    X = rng.normal(size=(n, d)) + rng.normal(size=(k, d))[rng.integers(k, size=n)] * 2
+    X[rng.random(X.shape) < 0.3] = 0.0
+    w = rng.uniform(0.1, 3.0, size=n)
+    rows = kernels.Rows(sp.csr_matrix(X) if sparse else X)
+    state = kernels.LloydState(rows, w, k)
+    C, moves = X[:k].copy(), np.zeros(k)
+    for _ in range(5):
+        state.assign(C, moves)
+        labels = brute_force(X, C)[0]
+        np.testing.assert_array_equal(state.labels, labels)
+        counts = np.bincount(labels, weights=w, minlength=k)
+        sums = np.stack([np.bincount(labels, weights=w * X[:, j], minlength=k) for j in range(d)], axis=1)
+        np.testing.assert_allclose(state.counts, counts, rtol=1e-12)
+        np.testing.assert_allclose(state.sums, sums, rtol=1e-9, atol=1e-9)
+        new = sums / counts[:, None]
+        moves, C = np.sqrt(((new - C) ** 2).sum(axis=1)), new
