@@ -118,3 +118,14 @@ def test_any_non_finite_entry_is_reported_at_its_row(row, col, value, cov_type):
     Xb = X.copy()
     Xb[row, col] = value
     raises(ValueError, rf"row {row}\b", GaussianMixture(2, covariance_type=cov_type).fit, Xb)
+
+
+def test_first_non_finite_row_reads_past_overflowing_sums_and_finds_the_row():
+    from fastlvm._validation import first_non_finite_row
+
+    X = np.full((300, 4), np.finfo(np.float32).max / 2, dtype=np.float32)  # finite, but its sum overflows
+    assert first_non_finite_row(X, chunk_rows=64) is None
+    X[200, 1], X[201, 2] = np.inf, -np.inf  # inf - inf: the chunk's sum is NaN
+    assert first_non_finite_row(X, chunk_rows=64) == 200
+    X[70, 3] = np.nan
+    assert first_non_finite_row(X, chunk_rows=64) == 70

@@ -365,7 +365,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
 
         if source is None and not sp.issparse(X) and not self.copy_x:
             X += mean.astype(dtype)
-        distinct = len(np.unique(best.labels))
+        distinct = np.count_nonzero(np.bincount(best.labels, minlength=self.n_clusters))
         if distinct < self.n_clusters:
             warnings.warn(f"Number of distinct clusters ({distinct}) found smaller than n_clusters "
                           f"({self.n_clusters}). Possibly due to duplicate points in X.", ConvergenceWarning,
