@@ -12,8 +12,8 @@ not depend on r; diag and spherical moments about one c come out of a single mat
 Hard mode replaces r_ik by the one-hot argmax (K-means). A block of rows is reduced serially
 and blocks are summed in index order, so the result does not depend on the number of threads.
 
-Every covariance type shares one layout, so one driver's code serves all four (compiled once per
-dtype, see the drivers):
+Every covariance type shares one layout, so the drivers' code is written once for all four (and
+compiled per type and dtype, see the drivers):
     prec    full (K,D,D) upper-triangular   tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
     second  full (K,D,D)                    tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
 Rows are processed in sub-chunks of SUB_ROWS. Inside one, log-probabilities and responsibilities
@@ -26,6 +26,7 @@ float64 across sub-chunks. The last sub-chunk of a block is padded with zero row
 zero responsibility, so every product has the same shape.
 """
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -38,6 +39,9 @@ SUB_ROWS = 128  # rows per sub-chunk: every component's rows of one stay in L2 b
 # Reassociation lets reductions vectorise; NaN/inf semantics are kept (no 'nnan'/'ninf').
 _FASTMATH = {"reassoc", "contract", "arcp"}
 _jit = njit(fastmath=_FASTMATH, cache=True, nogil=True)
+# Helpers that branch on the covariance type: inlined into each type's drivers, where `kind` is a
+# constant, so the other types' branches are pruned before Numba types (and compiles) them.
+_inline = njit(fastmath=_FASTMATH, inline="always")
 
 
 _controller = None
@@ -264,7 +268,7 @@ def _whitened_offsets(kind, means, prec, centre):
 # ||a||^2 of the squares, so its rows are [||a||^2, a] (W = D + 1) where diag's are [a^2, a] (W = 2D).
 # Both products are the full type's loops (_axpy_rows, _dot_rows) on the expansion stored transposed,
 # aaT (Wp, rows), W padded with zeros to Wp, a multiple of 4.
-@_jit
+@_inline
 def _n_squares(kind, D):
     """Leading columns of a row's expansion that hold squares: D (diag), 1 (spherical)."""
     return D if kind == DIAG else 1
@@ -284,7 +288,7 @@ def _vector_weights(kind, means, prec, centre):
     return WT, (p2 * m * m).sum(axis=1)
 
 
-@_jit
+@_inline
 def _squares_and_rows(kind, X, r0, C, centre, aa):
     """aa[:, i] = [(x_i - c)^2, x_i - c] (diag) or [||x_i - c||^2, x_i - c] (spherical), i < C"""
     D = X.shape[1]
@@ -302,7 +306,7 @@ def _squares_and_rows(kind, X, r0, C, centre, aa):
 
 
 # ----------------------------------------------------------------------------- one sub-chunk
-@_jit
+@_inline
 def _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp):
     """logp[k, i] = log p(x_i, k) for i < C, leaving the rows in the form the type's M-step needs:
     full: d = (x - c)^T (Dp, rows) and YT[k] = P_k^T (x - mu_k) = P_k^T d - b_k (Dp, rows);
@@ -371,7 +375,7 @@ def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot):
             resp[k, i] = 0.0
 
 
-@_jit
+@_inline
 def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, rd, mom, Z, prod):
     """Adds the sub-chunk's statistics under responsibilities resp (K, rows), or, when onehot (hard
     mode, diag and spherical), under the one-hot best[i], adding each row to its component's sums."""
@@ -417,7 +421,7 @@ def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, rd, mom, Z,
     _add_vector_moments(kind, mom, s, second)
 
 
-@_jit
+@_inline
 def _add_vector_moments(kind, mom, s, second):
     """s and the diag / spherical second moment += the sums of [squares, a] in mom (K, W)."""
     K, D = s.shape
@@ -432,7 +436,7 @@ def _add_vector_moments(kind, mom, s, second):
             second[k, 0, 0] += mom[k, 0]
 
 
-@_jit
+@_inline
 def _row_buffers(kind, X, K, Dp, W, sub):
     """_log_prob's buffers (d, Y, aa, dist): d and Y are (Dp, sub) and (K, Dp, sub) for the full type,
     (sub, D) and (1, sub, D) for tied, (sub, D) and nothing otherwise; aa (W, sub); dist (K, sub)."""
@@ -451,7 +455,7 @@ def _normalise_buffers(K, sub):
             np.empty(sub, dtype=np.int64), np.empty(sub))
 
 
-@_jit
+@_inline
 def _zero_padding(kind, C, d, aa):
     """Zero the rows past C of a short last sub-chunk (columns of the full type's d)."""
     if kind == FULL:
@@ -462,75 +466,84 @@ def _zero_padding(kind, C, d, aa):
 
 
 # ----------------------------------------------------------------------------- drivers
-# One compiled kernel for every covariance type, `kind` an ordinary argument: each helper above is
-# its own small compiled function, compiled once per dtype and cached, whatever the type. (Inlining
-# the helpers, or specialising them on a constant `kind`, multiplied Numba's compile time: every
-# fit also runs the full type once, for the data's moments.) The kernels are serial and release
-# the GIL; `_on_workers` runs one per thread, each on every n_workers-th block. Plain threads
-# rather than Numba's parallel loops: a parallel loop compiles several times slower.
-@_jit
-def _suff_stats_blocks(kind, X, means, prec, log_norm, centre, b, Wt, off, hard, resp_in, block_rows,
-                      b_n, b_s, b_second, b_ll, worst_ll, worst_row, first, step):
-    """Statistics of blocks first, first + step, ... of block_rows rows, into the block's slot
-    of the b_* / worst_* partials (see suff_stats)."""
-    N, D = X.shape
-    K = means.shape[0]
-    sub = SUB_ROWS
-    given = resp_in.shape[0] == N
-    onehot_rows = hard and not given and (kind == DIAG or kind == SPHERICAL)
-    d, Y, aa, dist = _row_buffers(kind, X, K, prec.shape[1], Wt.shape[0], sub)
-    logp, resp, row_ll, best, bits, scratch = _normalise_buffers(K, sub)
-    Z = np.empty((prec.shape[1], sub), dtype=X.dtype)
-    prod = np.empty((D, D), dtype=X.dtype)
-    Kp = K + K % 2 if kind == DIAG or kind == SPHERICAL else K  # _dot_rows takes rows in pairs
-    rd = np.zeros((Kp, sub), dtype=X.dtype)
-    mom = np.empty((Kp, D if kind == TIED else Wt.shape[0]), dtype=X.dtype)
-    for blk in range(first, b_ll.shape[0], step):
-        stop = min(N, (blk + 1) * block_rows)
-        for r0 in range(blk * block_rows, stop, sub):
-            C = min(sub, stop - r0)
+# One pair of compiled drivers per covariance type (made on first use by `_drivers`), so a fit
+# compiles only its own type: the helpers that branch on `kind` are inlined into them at Numba's IR
+# level, where `kind` is a constant and the other types' branches are pruned before typing. The
+# helpers that do not depend on the type (the products, the normalisation, exp) are small compiled
+# functions of their own, compiled once per dtype and shared by every type. The kernels are serial
+# and release the GIL; `_on_workers` runs one per thread, each on every n_workers-th block. Plain
+# threads rather than Numba's parallel loops: a parallel loop compiles several times slower.
+@functools.cache
+def _drivers(kind):
+    """(suff_stats_blocks, row_scores_subs) compiled for one covariance type. `kind` is a constant
+    of these closures (and part of Numba's cache key for them), so the inlined helpers' branches of
+    the other types are pruned before typing: a fit compiles only its own type's code."""
+
+    @_jit
+    def suff_stats_blocks(X, means, prec, log_norm, centre, b, Wt, off, hard, resp_in, block_rows,
+                          b_n, b_s, b_second, b_ll, worst_ll, worst_row, first, step):
+        """Statistics of blocks first, first + step, ... of block_rows rows, into the block's slot
+        of the b_* / worst_* partials (see suff_stats)."""
+        N, D = X.shape
+        K = means.shape[0]
+        sub = SUB_ROWS
+        given = resp_in.shape[0] == N
+        onehot_rows = hard and not given and (kind == DIAG or kind == SPHERICAL)
+        d, Y, aa, dist = _row_buffers(kind, X, K, prec.shape[1], Wt.shape[0], sub)
+        logp, resp, row_ll, best, bits, scratch = _normalise_buffers(K, sub)
+        Z = np.empty((prec.shape[1], sub), dtype=X.dtype)
+        prod = np.empty((D, D), dtype=X.dtype)
+        Kp = K + K % 2 if kind == DIAG or kind == SPHERICAL else K  # _dot_rows takes rows in pairs
+        rd = np.zeros((Kp, sub), dtype=X.dtype)
+        mom = np.empty((Kp, D if kind == TIED else Wt.shape[0]), dtype=X.dtype)
+        for blk in range(first, b_ll.shape[0], step):
+            stop = min(N, (blk + 1) * block_rows)
+            for r0 in range(blk * block_rows, stop, sub):
+                C = min(sub, stop - r0)
+                if C < sub:
+                    _zero_padding(kind, C, d, aa)
+                _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
+                if given:
+                    for k in range(K):
+                        for i in range(sub):
+                            resp[k, i] = resp_in[r0 + i, k] if i < C else 0.0
+                    row_ll[:C] = 0.0
+                else:
+                    _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, scratch)
+                for i in range(C):
+                    b_ll[blk] += row_ll[i]
+                    if row_ll[i] < worst_ll[blk]:
+                        worst_ll[blk] = row_ll[i]
+                        worst_row[blk] = r0 + i
+                _accumulate(kind, C, resp, onehot_rows, best, b_n[blk], b_s[blk], b_second[blk], d, Y, aa,
+                            rd, mom, Z, prod)
+
+
+    @_jit
+    def row_scores_subs(X, means, prec, log_norm, centre, b, Wt, off, hard, out_ll, out_label, out_logp, first, step):
+        """row_scores on sub-chunks first, first + step, ... of SUB_ROWS rows."""
+        N, D = X.shape
+        K = means.shape[0]
+        sub = SUB_ROWS
+        want_logp = out_logp.shape[0] == N
+        d, Y, aa, dist = _row_buffers(kind, X, K, prec.shape[1], Wt.shape[0], sub)
+        logp, resp, row_ll, best, bits, scratch = _normalise_buffers(K, sub)
+        for c in range(first, (N + sub - 1) // sub, step):
+            r0 = c * sub
+            C = min(sub, N - r0)
             if C < sub:
                 _zero_padding(kind, C, d, aa)
             _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
-            if given:
-                for k in range(K):
-                    for i in range(sub):
-                        resp[k, i] = resp_in[r0 + i, k] if i < C else 0.0
-                row_ll[:C] = 0.0
-            else:
-                _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, scratch)
+            _normalise(logp, C, hard, hard, resp, row_ll, best, bits, scratch)  # hard: no one-hot resp needed
             for i in range(C):
-                b_ll[blk] += row_ll[i]
-                if row_ll[i] < worst_ll[blk]:
-                    worst_ll[blk] = row_ll[i]
-                    worst_row[blk] = r0 + i
-            _accumulate(kind, C, resp, onehot_rows, best, b_n[blk], b_s[blk], b_second[blk], d, Y, aa,
-                        rd, mom, Z, prod)
+                out_ll[r0 + i] = row_ll[i]
+                out_label[r0 + i] = best[i]
+            if want_logp:
+                for i in range(C):
+                    for k in range(K):
+                        out_logp[r0 + i, k] = logp[k, i]
 
-
-@_jit
-def _row_scores_subs(kind, X, means, prec, log_norm, centre, b, Wt, off, hard, out_ll, out_label, out_logp, first, step):
-    """row_scores on sub-chunks first, first + step, ... of SUB_ROWS rows."""
-    N, D = X.shape
-    K = means.shape[0]
-    sub = SUB_ROWS
-    want_logp = out_logp.shape[0] == N
-    d, Y, aa, dist = _row_buffers(kind, X, K, prec.shape[1], Wt.shape[0], sub)
-    logp, resp, row_ll, best, bits, scratch = _normalise_buffers(K, sub)
-    for c in range(first, (N + sub - 1) // sub, step):
-        r0 = c * sub
-        C = min(sub, N - r0)
-        if C < sub:
-            _zero_padding(kind, C, d, aa)
-        _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
-        _normalise(logp, C, hard, hard, resp, row_ll, best, bits, scratch)  # hard: no one-hot resp needed
-        for i in range(C):
-            out_ll[r0 + i] = row_ll[i]
-            out_label[r0 + i] = best[i]
-        if want_logp:
-            for i in range(C):
-                for k in range(K):
-                    out_logp[r0 + i, k] = logp[k, i]
+    return suff_stats_blocks, row_scores_subs
 
 
 _pool = None
@@ -571,7 +584,7 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, n_workers,
     worst_ll = np.full(n_blocks, np.inf)
     worst_row = np.zeros(n_blocks, dtype=np.int64)
     Wt, off = _vector_weights(kind, means, prec, centre)
-    _on_workers(_suff_stats_blocks, max(1, min(n_workers, n_blocks)), kind, X, means, kprec, log_norm, centre, b, Wt, off,
+    _on_workers(_drivers(kind)[0], max(1, min(n_workers, n_blocks)), X, means, kprec, log_norm, centre, b, Wt, off,
                 bool(hard), resp_in, block_rows, b_n, b_s, b_second, b_ll, worst_ll, worst_row)
     # Fixed-order reduction over blocks.
     n, s, second, ll = b_n.sum(axis=0), b_s.sum(axis=0), b_second.sum(axis=0), float(b_ll.sum())
@@ -587,5 +600,5 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
     n_sub = (X.shape[0] + SUB_ROWS - 1) // SUB_ROWS
     kprec, b = _padded(kind, prec, _whitened_offsets(kind, means, prec, centre))
     Wt, off = _vector_weights(kind, means, prec, centre)
-    _on_workers(_row_scores_subs, max(1, min(n_workers, n_sub)), kind, X, means, kprec, log_norm, centre, b, Wt, off,
+    _on_workers(_drivers(kind)[1], max(1, min(n_workers, n_sub)), X, means, kprec, log_norm, centre, b, Wt, off,
                 bool(hard), out_ll, out_label, out_logp)
