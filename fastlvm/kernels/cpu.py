@@ -38,7 +38,9 @@ SUB_ROWS = 128  # rows per sub-chunk: every component's rows of one stay in L2 b
 
 # Reassociation lets reductions vectorise; NaN/inf semantics are kept (no 'nnan'/'ninf').
 _FASTMATH = {"reassoc", "contract", "arcp"}
-_jit = njit(fastmath=_FASTMATH, cache=True, nogil=True)
+_jit = njit(fastmath=_FASTMATH, cache=True, nogil=True, no_cfunc_wrapper=True)
+# Helpers called only from compiled code: no Python wrapper to compile (calling one from Python crashes).
+_helper = njit(fastmath=_FASTMATH, cache=True, nogil=True, no_cfunc_wrapper=True, no_cpython_wrapper=True)
 # Helpers that branch on the covariance type: inlined into each type's drivers, where `kind` is a
 # constant, so the other types' branches are pruned before Numba types (and compiles) them.
 _inline = njit(fastmath=_FASTMATH, inline="always")
@@ -67,7 +69,7 @@ _FLOAT64_TINY = 2.2250738585072014e-308
 _EXP_MIN = -708.0  # below this exp(t) is subnormal or zero; returned as 0 (a responsibility < 1e-307)
 
 
-@_jit
+@_helper
 def _exp_nonpositive(a, n, bits):
     """a[:n] = exp(a[:n]) for a <= 0, to a few ulp, in loops that vectorise (libm's exp does not):
     exp(t) = 2^m exp(r), m = round(t / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series to r^12
@@ -115,7 +117,7 @@ def _exp_nonpositive(a, n, bits):
 PAD = 4  # the full type's feature count is padded to a multiple of this
 
 
-@_jit
+@_helper
 def _transpose_centred(X, r0, C, m, dT):
     """dT[p, i] = X[r0 + i, p] - m[p] for i < C, p < D (rows D.. of dT stay zero)."""
     D = X.shape[1]
@@ -125,7 +127,7 @@ def _transpose_centred(X, r0, C, m, dT):
             dT[p, i] = xi[p] - m[p]
 
 
-@_jit
+@_helper
 def _axpy_rows(C, A, out, upper):
     """out[j] += sum_p C[p, j] A[p] over the rows p of A (p <= j when upper: C upper triangular),
     four rows of A at a time (A has a multiple of 4 rows; out's rows stay in cache)."""
@@ -139,7 +141,7 @@ def _axpy_rows(C, A, out, upper):
                 y[i] += c0 * x0[i] + c1 * x1[i] + c2 * x2[i] + c3 * x3[i]
 
 
-@_jit
+@_helper
 def _dot_rows(A, B, out, upper):
     """out[a, b] += sum_i A[a, i] B[b, i] in blocks of 2 rows of A by 4 of B (A has a multiple of 2
     rows, B of 4), eight accumulators in registers. When upper, only blocks that reach b >= a
@@ -169,7 +171,7 @@ def _dot_rows(A, B, out, upper):
             out[a + 1, b + 3] += a13
 
 
-@_jit
+@_helper
 def _whiten(P, b, dT, YT, nrm, upper):
     """YT[j] = sum_{p <= j} P[p, j] dT[p] - b[j] (P upper triangular, Dp x Dp, and upper True) and
     nrm[i] = ||YT[:, i]||^2."""
@@ -183,7 +185,7 @@ def _whiten(P, b, dT, YT, nrm, upper):
             nrm[i] += y[i] * y[i]
 
 
-@_jit
+@_helper
 def _accumulate_whitened(YT, r, n, s, second, k, ZT, upper):
     """n[k] += sum r, s[k] += YT r and the upper triangle of second[k] += YT diag(r) YT^T (only the
     upper triangle is read). r (rows,) in the data's dtype, zero on padding rows."""
@@ -206,7 +208,7 @@ def _accumulate_whitened(YT, r, n, s, second, k, ZT, upper):
     _dot_rows(ZT, YT, second[k], upper)
 
 
-@_jit
+@_helper
 def _centre_rows(X, r0, C, m, d):
     """d[:C] = X[r0:r0+C] - m"""
     D = X.shape[1]
@@ -217,7 +219,7 @@ def _centre_rows(X, r0, C, m, d):
             di[p] = xi[p] - m[p]
 
 
-@_jit
+@_helper
 def _shifted_log_prob(Y, C, b, log_norm_k, logp_k):
     """logp_k[i] = log_norm_k - ||Y[i] - b||^2 / 2 for i < C (tied: Y = P^T (x - c))."""
     for i in range(C):
@@ -335,7 +337,7 @@ def _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, a
                 logp[k, i] = log_norm[k] - 0.5 * (dist[k, i] + off[k])
 
 
-@_jit
+@_helper
 def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot):
     """resp[k, i] (soft: exp(logp - logsumexp); hard: one-hot argmax, left unset when onehot_rows
     says the caller adds rows by best alone), each row's log p(x) (hard: max_k log p(x, k)) and
@@ -448,7 +450,7 @@ def _row_buffers(kind, X, K, Dp, W, sub):
     return np.zeros((sub, D), dtype=X.dtype), np.empty((1 if kind == TIED else 0, sub, D), dtype=X.dtype), aa, dist
 
 
-@_jit
+@_helper
 def _normalise_buffers(K, sub):
     """_normalise's outputs and scratch (logp, resp, row_ll, best, bits, scratch)."""
     return (np.empty((K, sub)), np.empty((K, sub)), np.empty(sub), np.empty(sub, dtype=np.int64),
