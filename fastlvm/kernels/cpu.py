@@ -269,13 +269,8 @@ def _whitened_offsets(kind, means, prec, centre):
 # product gives the weighted sums of a and a^2 (moments about c). The spherical type needs only
 # ||a||^2 of the squares, so its rows are [||a||^2, a] (W = D + 1) where diag's are [a^2, a] (W = 2D).
 # Both products are the full type's loops (_axpy_rows, _dot_rows) on the expansion stored transposed,
-# aaT (Wp, rows), W padded with zeros to Wp, a multiple of 4.
-@_inline
-def _n_squares(kind, D):
-    """Leading columns of a row's expansion that hold squares: D (diag), 1 (spherical)."""
-    return D if kind == DIAG else 1
-
-
+# aaT (Wp, rows), W padded with zeros to Wp, a multiple of 4. The two types share these compiled
+# helpers, told apart by the run-time flag `diag`.
 def _vector_weights(kind, means, prec, centre):
     """(WT (Wp, K), offsets (K,)) of the expansion above, WT the weights transposed and padded."""
     K, D = means.shape
@@ -290,13 +285,13 @@ def _vector_weights(kind, means, prec, centre):
     return WT, (p2 * m * m).sum(axis=1)
 
 
-@_inline
-def _squares_and_rows(kind, X, r0, C, centre, aa):
+@_helper
+def _squares_and_rows(diag, X, r0, C, centre, aa):
     """aa[:, i] = [(x_i - c)^2, x_i - c] (diag) or [||x_i - c||^2, x_i - c] (spherical), i < C"""
     D = X.shape[1]
-    sq = _n_squares(kind, D)
+    sq = D if diag else 1  # leading rows of aa that hold squares
     _transpose_centred(X, r0, C, centre, aa[sq:])
-    if kind == DIAG:
+    if diag:
         for p in range(D):
             for i in range(C):
                 aa[p, i] = aa[sq + p, i] * aa[sq + p, i]
@@ -307,34 +302,105 @@ def _squares_and_rows(kind, X, r0, C, centre, aa):
                 aa[0, i] += aa[sq + p, i] * aa[sq + p, i]
 
 
-# ----------------------------------------------------------------------------- one sub-chunk
-@_inline
-def _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp):
-    """logp[k, i] = log p(x_i, k) for i < C, leaving the rows in the form the type's M-step needs:
-    full: d = (x - c)^T (Dp, rows) and YT[k] = P_k^T (x - mu_k) = P_k^T d - b_k (Dp, rows);
-    tied: d = x - c (rows, D) and Y[0] = P^T (x - c); diag, spherical: aa as _squares_and_rows
-    makes it. Padding rows (columns of the full type's d) of d and aa must be zero."""
-    K = means.shape[0]
-    # Triangular products for the full type only; a run-time flag, so one compiled helper serves all.
-    upper = kind == FULL
-    if kind == FULL:
-        _transpose_centred(X, r0, C, centre, d)
-        for k in range(K):
-            _whiten(prec[k], b[k], d, Y[k], dist[k], upper)
-            for i in range(C):
-                logp[k, i] = log_norm[k] - 0.5 * dist[k, i]
-    elif kind == TIED:
-        _centre_rows(X, r0, C, centre, d)
-        np.dot(d, prec[0], Y[0])
-        for k in range(K):
-            _shifted_log_prob(Y[0], C, b[k], log_norm[k], logp[k])
+# ----------------------------------------------------------------------------- one sub-chunk, per type
+@_helper
+def _log_prob_full(X, r0, C, prec, log_norm, centre, b, dT, YT, dist, logp):
+    """logp[k, i] = log p(x_i, k), leaving dT = (x - c)^T and YT[k] = P_k^T (x - mu_k) (Dp, rows)."""
+    _transpose_centred(X, r0, C, centre, dT)
+    for k in range(prec.shape[0]):
+        _whiten(prec[k], b[k], dT, YT[k], dist[k], True)
+        for i in range(C):
+            logp[k, i] = log_norm[k] - 0.5 * dist[k, i]
+
+
+@_helper
+def _log_prob_tied(X, r0, C, prec, log_norm, centre, b, d, Y, logp):
+    """logp[k, i] = log p(x_i, k), leaving d = x - c (rows, D) and Y[0] = P^T (x - c)."""
+    _centre_rows(X, r0, C, centre, d)
+    np.dot(d, prec[0], Y[0])
+    for k in range(b.shape[0]):
+        _shifted_log_prob(Y[0], C, b[k], log_norm[k], logp[k])
+
+
+@_helper
+def _log_prob_vector(diag, X, r0, C, log_norm, centre, Wt, off, aa, dist, logp):
+    """logp[k, i] = log p(x_i, k), leaving aa as _squares_and_rows makes it."""
+    _squares_and_rows(diag, X, r0, C, centre, aa)
+    dist[:] = 0.0
+    _axpy_rows(Wt, aa, dist, False)
+    for k in range(dist.shape[0]):
+        for i in range(C):
+            logp[k, i] = log_norm[k] - 0.5 * (dist[k, i] + off[k])
+
+
+@_helper
+def _flush_tiny(resp, rd):
+    """rd[:K] = resp in the data's dtype, with responsibilities below its smallest normal number set to
+    zero: as float32 subnormals they would add nothing but slow every product they enter."""
+    tiny = _FLOAT32_TINY if rd.itemsize == 4 else _FLOAT64_TINY
+    for k in range(resp.shape[0]):
+        for i in range(resp.shape[1]):
+            r = resp[k, i]
+            rd[k, i] = r if r >= tiny else 0.0
+
+
+@_helper
+def _accumulate_full(resp, rd, n, s, second, YT, ZT):
+    """n, s and the upper triangle of second in whitened coordinates (see _accumulate_whitened)."""
+    _flush_tiny(resp, rd)
+    for k in range(resp.shape[0]):
+        _accumulate_whitened(YT[k], rd[k], n, s, second, k, ZT, True)
+
+
+@_helper
+def _accumulate_tied(C, resp, rd, n, s, second, d, mom, prod):
+    """n, s about c and the second moment about c (which does not depend on r)."""
+    K, D = s.shape
+    _flush_tiny(resp, rd)
+    for k in range(K):
+        tot = 0.0
+        for i in range(C):
+            tot += resp[k, i]
+        n[k] += tot
+    np.dot(d.T, d, prod)
+    for p in range(D):
+        for j in range(D):
+            second[0, p, j] += prod[p, j]
+    np.dot(rd, d, mom)
+    for k in range(K):
+        for p in range(D):
+            s[k, p] += mom[k, p]
+
+
+@_helper
+def _accumulate_vector(diag, C, resp, onehot, best, rd, n, s, second, aa, mom):
+    """n, s and the diag / spherical second moment from the sums of [squares, a] per component, under
+    resp or, when onehot (hard mode), adding each row to its component best[i]."""
+    K, D = s.shape
+    mom[:] = 0.0
+    if onehot:
+        for i in range(C):
+            n[best[i]] += 1.0
+            mk = mom[best[i]]
+            for j in range(aa.shape[0]):
+                mk[j] += aa[j, i]
     else:
-        _squares_and_rows(kind, X, r0, C, centre, aa)
-        dist[:] = 0.0
-        _axpy_rows(Wt, aa, dist, upper)
+        _flush_tiny(resp, rd)
         for k in range(K):
+            tot = 0.0
             for i in range(C):
-                logp[k, i] = log_norm[k] - 0.5 * (dist[k, i] + off[k])
+                tot += resp[k, i]
+            n[k] += tot
+        _dot_rows(rd, aa, mom, False)
+    sq = D if diag else 1
+    for k in range(K):
+        for p in range(D):
+            s[k, p] += mom[k, sq + p]
+        if diag:
+            for p in range(D):
+                second[k, 0, p] += mom[k, p]
+        else:
+            second[k, 0, 0] += mom[k, 0]
 
 
 @_helper
@@ -377,65 +443,31 @@ def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot):
             resp[k, i] = 0.0
 
 
+# ----------------------------------------------------------------------------- one sub-chunk
+# The switches on `kind`: inlined into each type's drivers, where `kind` is a constant, so only the
+# branch of that type is typed and compiled.
+@_inline
+def _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp):
+    """logp[k, i] = log p(x_i, k) for i < C, leaving the rows in the form the type's M-step needs.
+    Padding rows (columns of the full type's d) of d and aa must be zero."""
+    if kind == FULL:
+        _log_prob_full(X, r0, C, prec, log_norm, centre, b, d, Y, dist, logp)
+    elif kind == TIED:
+        _log_prob_tied(X, r0, C, prec, log_norm, centre, b, d, Y, logp)
+    else:
+        _log_prob_vector(kind == DIAG, X, r0, C, log_norm, centre, Wt, off, aa, dist, logp)
+
+
 @_inline
 def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, rd, mom, Z, prod):
     """Adds the sub-chunk's statistics under responsibilities resp (K, rows), or, when onehot (hard
-    mode, diag and spherical), under the one-hot best[i], adding each row to its component's sums."""
-    K, rows = resp.shape
-    D = s.shape[1]
-    if onehot:
-        mom[:] = 0.0
-        for i in range(C):
-            n[best[i]] += 1.0
-            mk = mom[best[i]]
-            for j in range(aa.shape[0]):
-                mk[j] += aa[j, i]
-        _add_vector_moments(kind, mom, s, second)
-        return
-    # Responsibilities below the dtype's smallest normal number become zero: as float32 subnormals
-    # they would add nothing but slow every product they enter many times over.
-    tiny = _FLOAT32_TINY if rd.itemsize == 4 else _FLOAT64_TINY
-    for k in range(K):
-        for i in range(rows):
-            r = resp[k, i]
-            rd[k, i] = r if r >= tiny else 0.0
+    mode, diag and spherical), under the one-hot best[i]."""
     if kind == FULL:
-        for k in range(K):
-            _accumulate_whitened(Y[k], rd[k], n, s, second, k, Z, kind == FULL)
-        return
-    for k in range(K):
-        tot = 0.0
-        for i in range(C):
-            tot += resp[k, i]
-        n[k] += tot
-    if kind == TIED:  # the second moment about c does not depend on r
-        np.dot(d.T, d, prod)
-        for p in range(D):
-            for j in range(D):
-                second[0, p, j] += prod[p, j]
-        np.dot(rd, d, mom)
-        for k in range(K):
-            for p in range(D):
-                s[k, p] += mom[k, p]
-        return
-    mom[:] = 0.0
-    _dot_rows(rd, aa, mom, kind == FULL)
-    _add_vector_moments(kind, mom, s, second)
-
-
-@_inline
-def _add_vector_moments(kind, mom, s, second):
-    """s and the diag / spherical second moment += the sums of [squares, a] in mom (K, W)."""
-    K, D = s.shape
-    sq = _n_squares(kind, D)
-    for k in range(K):
-        for p in range(D):
-            s[k, p] += mom[k, sq + p]
-        if kind == DIAG:
-            for p in range(D):
-                second[k, 0, p] += mom[k, p]
-        else:
-            second[k, 0, 0] += mom[k, 0]
+        _accumulate_full(resp, rd, n, s, second, Y, Z)
+    elif kind == TIED:
+        _accumulate_tied(C, resp, rd, n, s, second, d, mom, prod)
+    else:
+        _accumulate_vector(kind == DIAG, C, resp, onehot, best, rd, n, s, second, aa, mom)
 
 
 @_inline
@@ -469,17 +501,19 @@ def _zero_padding(kind, C, d, aa):
 
 # ----------------------------------------------------------------------------- drivers
 # One pair of compiled drivers per covariance type (made on first use by `_drivers`), so a fit
-# compiles only its own type: the helpers that branch on `kind` are inlined into them at Numba's IR
-# level, where `kind` is a constant and the other types' branches are pruned before typing. The
-# helpers that do not depend on the type (the products, the normalisation, exp) are small compiled
-# functions of their own, compiled once per dtype and shared by every type. The kernels are serial
-# and release the GIL; `_on_workers` runs one per thread, each on every n_workers-th block. Plain
-# threads rather than Numba's parallel loops: a parallel loop compiles several times slower.
+# compiles only its own type: the small switches on `kind` (_log_prob, _accumulate, _row_buffers,
+# _zero_padding) are inlined into them at Numba's IR level, where `kind` is a constant and the other
+# types' branches are pruned before typing. Everything else is a compiled helper of its own, compiled
+# once per dtype when first reached and cached: the per-type ones (_log_prob_full, ...) and the
+# shared ones (the products, the normalisation, exp). The kernels are serial and release the GIL;
+# `_on_workers` runs one per thread, each on every n_workers-th block. Plain threads rather than
+# Numba's parallel loops: a parallel loop compiles several times slower.
 @functools.cache
 def _drivers(kind):
     """(suff_stats_blocks, row_scores_subs) compiled for one covariance type. `kind` is a constant
-    of these closures (and part of Numba's cache key for them), so the inlined helpers' branches of
-    the other types are pruned before typing: a fit compiles only its own type's code."""
+    of these closures (and part of Numba's cache key for them), so the branches of the inlined
+    switches (_log_prob, _accumulate, ...) for other types are pruned before typing: a fit compiles
+    only its own type's helpers."""
 
     @_jit
     def suff_stats_blocks(X, means, prec, log_norm, centre, b, Wt, off, hard, resp_in, block_rows,
@@ -504,7 +538,7 @@ def _drivers(kind):
                 C = min(sub, stop - r0)
                 if C < sub:
                     _zero_padding(kind, C, d, aa)
-                _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
+                _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
                 if given:
                     for k in range(K):
                         for i in range(sub):
@@ -535,7 +569,7 @@ def _drivers(kind):
             C = min(sub, N - r0)
             if C < sub:
                 _zero_padding(kind, C, d, aa)
-            _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
+            _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
             _normalise(logp, C, hard, hard, resp, row_ll, best, bits, scratch)  # hard: no one-hot resp needed
             for i in range(C):
                 out_ll[r0 + i] = row_ll[i]
