@@ -345,6 +345,16 @@ def _flush_tiny(resp, rd):
 
 
 @_helper
+def _add_counts(C, resp, n):
+    """n[k] += sum_{i < C} resp[k, i]"""
+    for k in range(resp.shape[0]):
+        tot = 0.0
+        for i in range(C):
+            tot += resp[k, i]
+        n[k] += tot
+
+
+@_helper
 def _accumulate_full(resp, rd, n, s, second, YT, ZT):
     """n, s and the upper triangle of second in whitened coordinates (see _accumulate_whitened)."""
     _flush_tiny(resp, rd)
@@ -357,11 +367,7 @@ def _accumulate_tied(C, resp, rd, n, s, second, d, mom, prod):
     """n, s about c and the second moment about c (which does not depend on r)."""
     K, D = s.shape
     _flush_tiny(resp, rd)
-    for k in range(K):
-        tot = 0.0
-        for i in range(C):
-            tot += resp[k, i]
-        n[k] += tot
+    _add_counts(C, resp, n)
     np.dot(d.T, d, prod)
     for p in range(D):
         for j in range(D):
@@ -386,11 +392,7 @@ def _accumulate_vector(diag, C, resp, onehot, best, rd, n, s, second, aa, mom):
                 mk[j] += aa[j, i]
     else:
         _flush_tiny(resp, rd)
-        for k in range(K):
-            tot = 0.0
-            for i in range(C):
-                tot += resp[k, i]
-            n[k] += tot
+        _add_counts(C, resp, n)
         _dot_rows(rd, aa, mom, False)
     sq = D if diag else 1
     for k in range(K):
