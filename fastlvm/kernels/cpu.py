@@ -172,12 +172,12 @@ def _dot_rows(A, B, out, upper):
 
 
 @_helper
-def _whiten(P, b, dT, YT, nrm, upper):
-    """YT[j] = sum_{p <= j} P[p, j] dT[p] - b[j] (P upper triangular, Dp x Dp, and upper True) and
+def _whiten(P, b, dT, YT, nrm):
+    """YT[j] = sum_{p <= j} P[p, j] dT[p] - b[j] (P upper triangular, Dp x Dp) and
     nrm[i] = ||YT[:, i]||^2."""
     for j in range(YT.shape[0]):
         YT[j] = -b[j]
-    _axpy_rows(P, dT, YT, upper)
+    _axpy_rows(P, dT, YT, True)
     nrm[:] = 0.0
     for j in range(YT.shape[0]):
         y = YT[j]
@@ -186,7 +186,7 @@ def _whiten(P, b, dT, YT, nrm, upper):
 
 
 @_helper
-def _accumulate_whitened(YT, r, n, s, second, k, ZT, upper):
+def _accumulate_whitened(YT, r, n, s, second, k, ZT):
     """n[k] += sum r, s[k] += YT r and the upper triangle of second[k] += YT diag(r) YT^T (only the
     upper triangle is read). r (rows,) in the data's dtype, zero on padding rows."""
     Dp, rows = YT.shape
@@ -205,7 +205,7 @@ def _accumulate_whitened(YT, r, n, s, second, k, ZT, upper):
             z[i] = v
             acc += v
         s[k, p] += acc
-    _dot_rows(ZT, YT, second[k], upper)
+    _dot_rows(ZT, YT, second[k], True)
 
 
 @_helper
@@ -308,7 +308,7 @@ def _log_prob_full(X, r0, C, prec, log_norm, centre, b, dT, YT, dist, logp):
     """logp[k, i] = log p(x_i, k), leaving dT = (x - c)^T and YT[k] = P_k^T (x - mu_k) (Dp, rows)."""
     _transpose_centred(X, r0, C, centre, dT)
     for k in range(prec.shape[0]):
-        _whiten(prec[k], b[k], dT, YT[k], dist[k], True)
+        _whiten(prec[k], b[k], dT, YT[k], dist[k])
         for i in range(C):
             logp[k, i] = log_norm[k] - 0.5 * dist[k, i]
 
@@ -359,7 +359,7 @@ def _accumulate_full(resp, rd, n, s, second, YT, ZT):
     """n, s and the upper triangle of second in whitened coordinates (see _accumulate_whitened)."""
     _flush_tiny(resp, rd)
     for k in range(resp.shape[0]):
-        _accumulate_whitened(YT[k], rd[k], n, s, second, k, ZT, True)
+        _accumulate_whitened(YT[k], rd[k], n, s, second, k, ZT)
 
 
 @_helper
