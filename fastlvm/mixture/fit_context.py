@@ -11,8 +11,8 @@ from typing import NamedTuple
 import numpy as np
 
 from fastlvm.data.sources import ArraySource
-from fastlvm.mixture.em import m_step
 from fastlvm.engine import to_host
+from fastlvm.mixture.em import m_step
 from fastlvm.mixture.stats import CPU, kernel_parameters, statistics
 
 # scikit-learn's wording, which libraries and tests match on.
@@ -40,7 +40,7 @@ class MixtureParameters(NamedTuple):
 
 def _shifted_sums(shift, offset, chunk):
     """(rows, sum of y, sum of y y^T) of a chunk's rows y = x - shift, in float64."""
-    y = to_host(chunk).astype(np.float64) - shift
+    y = to_host(chunk) - shift  # float64, as shift is
     return y.shape[0], y.sum(axis=0), y.T @ y
 
 
