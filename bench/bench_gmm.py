@@ -45,7 +45,7 @@ class Case:
     n: int
     d: int
     k: int
-    cov: str  # "full", "diag", or "kmeans"
+    cov: str  # "full", "tied", "diag", "spherical", or "kmeans"
     dtype: str
     max_iter: int = 20
     target: float = 0.0  # wanted speed-up over scikit-learn (AVX2)
@@ -53,9 +53,12 @@ class Case:
 
     @property
     def flop_per_iter(self) -> float:
-        # full: E-step X P_k and M-step sum r x x^T, 2 N K D^2 each; diag: 4 N K D (stated in the table)
+        # full: E-step X P_k and M-step sum r x x^T, 2 N K D^2 each; tied: X P and the scatter x x^T,
+        # 2 N D^2 each, plus 4 N K D; diag, spherical: 4 N K D (stated in the table)
         if self.cov == "full":
             return 4.0 * self.n * self.k * self.d**2
+        if self.cov == "tied":
+            return 4.0 * self.n * self.d**2 + 4.0 * self.n * self.k * self.d
         return 4.0 * self.n * self.k * self.d
 
 
@@ -65,6 +68,8 @@ CASES = (
     Case("diag-f32", 200_000, 32, 16, "diag", "float32", target=8),
     Case("diag-f64", 200_000, 32, 16, "diag", "float64", target=8),
     Case("diag-f32-2M", 2_000_000, 32, 64, "diag", "float32", target=8),
+    Case("tied-f32", 200_000, 32, 16, "tied", "float32"),
+    Case("spherical-f32", 200_000, 32, 16, "spherical", "float32"),
     Case("kmeans", 200_000, 32, 16, "kmeans", "float32"),
 )
 MEMORY_TARGET_MB = 96.0
@@ -130,6 +135,11 @@ def initial_parameters(x, k, cov, seed=SEED + 1):
     if cov == "full":
         covariances = np.repeat(np.diag(var)[None], k, axis=0)
         precisions = np.repeat(np.diag(1.0 / var)[None], k, axis=0)
+    elif cov == "tied":
+        covariances, precisions = np.diag(var), np.diag(1.0 / var)
+    elif cov == "spherical":
+        covariances = np.full(k, var.mean())
+        precisions = 1.0 / covariances
     else:
         covariances = np.repeat(var[None], k, axis=0)
         precisions = 1.0 / covariances
@@ -528,7 +538,8 @@ def format_tables(results: list[dict], cases, machine: dict, load=None, isa="") 
         if not rows:
             continue
         ref = next((r for r in rows if r["lib"] == "sklearn" and r["status"] == "ok"), None)
-        kind = {"full": "full covariance", "diag": "diagonal covariance", "kmeans": "k-means (Lloyd)"}[case.cov]
+        kind = {"full": "full covariance", "tied": "tied covariance", "diag": "diagonal covariance",
+                    "spherical": "spherical covariance", "kmeans": "k-means (Lloyd)"}[case.cov]
         lines.append("")
         lines.append(f"== {case.name}: {kind}, N={case.n:,} D={case.d} K={case.k} {case.dtype}, "
                      f"{case.max_iter} iterations, tol=0 ==")
@@ -536,7 +547,7 @@ def format_tables(results: list[dict], cases, machine: dict, load=None, isa="") 
             lines.append(f"{'library':<12} {'per iter':>11} {'vs sklearn':>10} {'iters':>5} "
                          f"{'inertia/row':>12} {'peak extra':>10}  note")
         else:
-            flop = "4NKD^2" if case.cov == "full" else "4NKD (diag)"
+            flop = {"full": "4NKD^2", "tied": "4ND^2 + 4NKD"}.get(case.cov, f"4NKD ({case.cov})")
             lines.append(f"{'library':<12} {'per iter':>11} {'vs sklearn':>10} {'GFLOP/s':>8} "
                          f"{'of GEMM':>7} {'iters':>5} {'loglik/row':>11} {'peak extra':>10}  note  "
                          f"[FLOP/iter = {flop} = {case.flop_per_iter / 1e9:.2f} G; "
@@ -652,7 +663,8 @@ def main(argv=None):
     load_before = os.getloadavg()
     results = []
     for case in cases:
-        case_libs = [lib for lib in libs if case.cov != "kmeans" or lib in ("fastlvm", "sklearn")]
+        # the peers are adapted for the full and diag types only
+        case_libs = [lib for lib in libs if case.cov in ("full", "diag") or lib in ("fastlvm", "sklearn")]
         results += run_case(case, case_libs, args.timeout, args.budget, rounds, args.fit_cap)
     load = {"before": load_before, "after": os.getloadavg()}
     if args.json:

@@ -12,8 +12,8 @@ not depend on r; diag and spherical moments about one c come out of a single mat
 Hard mode replaces r_ik by the one-hot argmax (K-means). A block of rows is reduced serially
 and blocks are summed in index order, so the result does not depend on the number of threads.
 
-Every covariance type shares one layout, so one driver's code serves all four (compiled once per
-dtype, see the drivers):
+Every covariance type shares one layout, so the drivers' code is written once for all four (and
+compiled per type and dtype, see the drivers):
     prec    full (K,D,D) upper-triangular   tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
     second  full (K,D,D)                    tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
 Rows are processed in sub-chunks of SUB_ROWS. Inside one, log-probabilities and responsibilities
@@ -26,6 +26,7 @@ float64 across sub-chunks. The last sub-chunk of a block is padded with zero row
 zero responsibility, so every product has the same shape.
 """
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -37,7 +38,12 @@ SUB_ROWS = 128  # rows per sub-chunk: every component's rows of one stay in L2 b
 
 # Reassociation lets reductions vectorise; NaN/inf semantics are kept (no 'nnan'/'ninf').
 _FASTMATH = {"reassoc", "contract", "arcp"}
-_jit = njit(fastmath=_FASTMATH, cache=True, nogil=True)
+_jit = njit(fastmath=_FASTMATH, cache=True, nogil=True, no_cfunc_wrapper=True)
+# Helpers called only from compiled code: no Python wrapper to compile (calling one from Python crashes).
+_helper = njit(fastmath=_FASTMATH, cache=True, nogil=True, no_cfunc_wrapper=True, no_cpython_wrapper=True)
+# Helpers that branch on the covariance type: inlined into each type's drivers, where `kind` is a
+# constant, so the other types' branches are pruned before Numba types (and compiles) them.
+_inline = njit(fastmath=_FASTMATH, inline="always")
 
 
 _controller = None
@@ -63,7 +69,7 @@ _FLOAT64_TINY = 2.2250738585072014e-308
 _EXP_MIN = -708.0  # below this exp(t) is subnormal or zero; returned as 0 (a responsibility < 1e-307)
 
 
-@_jit
+@_helper
 def _exp_nonpositive(a, n, bits):
     """a[:n] = exp(a[:n]) for a <= 0, to a few ulp, in loops that vectorise (libm's exp does not):
     exp(t) = 2^m exp(r), m = round(t / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series to r^12
@@ -111,7 +117,7 @@ def _exp_nonpositive(a, n, bits):
 PAD = 4  # the full type's feature count is padded to a multiple of this
 
 
-@_jit
+@_helper
 def _transpose_centred(X, r0, C, m, dT):
     """dT[p, i] = X[r0 + i, p] - m[p] for i < C, p < D (rows D.. of dT stay zero)."""
     D = X.shape[1]
@@ -121,7 +127,7 @@ def _transpose_centred(X, r0, C, m, dT):
             dT[p, i] = xi[p] - m[p]
 
 
-@_jit
+@_helper
 def _axpy_rows(C, A, out, upper):
     """out[j] += sum_p C[p, j] A[p] over the rows p of A (p <= j when upper: C upper triangular),
     four rows of A at a time (A has a multiple of 4 rows; out's rows stay in cache)."""
@@ -135,7 +141,7 @@ def _axpy_rows(C, A, out, upper):
                 y[i] += c0 * x0[i] + c1 * x1[i] + c2 * x2[i] + c3 * x3[i]
 
 
-@_jit
+@_helper
 def _dot_rows(A, B, out, upper):
     """out[a, b] += sum_i A[a, i] B[b, i] in blocks of 2 rows of A by 4 of B (A has a multiple of 2
     rows, B of 4), eight accumulators in registers. When upper, only blocks that reach b >= a
@@ -165,13 +171,13 @@ def _dot_rows(A, B, out, upper):
             out[a + 1, b + 3] += a13
 
 
-@_jit
-def _whiten(P, b, dT, YT, nrm, upper):
-    """YT[j] = sum_{p <= j} P[p, j] dT[p] - b[j] (P upper triangular, Dp x Dp, and upper True) and
+@_helper
+def _whiten(P, b, dT, YT, nrm):
+    """YT[j] = sum_{p <= j} P[p, j] dT[p] - b[j] (P upper triangular, Dp x Dp) and
     nrm[i] = ||YT[:, i]||^2."""
     for j in range(YT.shape[0]):
         YT[j] = -b[j]
-    _axpy_rows(P, dT, YT, upper)
+    _axpy_rows(P, dT, YT, True)
     nrm[:] = 0.0
     for j in range(YT.shape[0]):
         y = YT[j]
@@ -179,8 +185,8 @@ def _whiten(P, b, dT, YT, nrm, upper):
             nrm[i] += y[i] * y[i]
 
 
-@_jit
-def _accumulate_whitened(YT, r, n, s, second, k, ZT, upper):
+@_helper
+def _accumulate_whitened(YT, r, n, s, second, k, ZT):
     """n[k] += sum r, s[k] += YT r and the upper triangle of second[k] += YT diag(r) YT^T (only the
     upper triangle is read). r (rows,) in the data's dtype, zero on padding rows."""
     Dp, rows = YT.shape
@@ -199,10 +205,10 @@ def _accumulate_whitened(YT, r, n, s, second, k, ZT, upper):
             z[i] = v
             acc += v
         s[k, p] += acc
-    _dot_rows(ZT, YT, second[k], upper)
+    _dot_rows(ZT, YT, second[k], True)
 
 
-@_jit
+@_helper
 def _centre_rows(X, r0, C, m, d):
     """d[:C] = X[r0:r0+C] - m"""
     D = X.shape[1]
@@ -213,7 +219,7 @@ def _centre_rows(X, r0, C, m, d):
             di[p] = xi[p] - m[p]
 
 
-@_jit
+@_helper
 def _shifted_log_prob(Y, C, b, log_norm_k, logp_k):
     """logp_k[i] = log_norm_k - ||Y[i] - b||^2 / 2 for i < C (tied: Y = P^T (x - c))."""
     for i in range(C):
@@ -263,13 +269,8 @@ def _whitened_offsets(kind, means, prec, centre):
 # product gives the weighted sums of a and a^2 (moments about c). The spherical type needs only
 # ||a||^2 of the squares, so its rows are [||a||^2, a] (W = D + 1) where diag's are [a^2, a] (W = 2D).
 # Both products are the full type's loops (_axpy_rows, _dot_rows) on the expansion stored transposed,
-# aaT (Wp, rows), W padded with zeros to Wp, a multiple of 4.
-@_jit
-def _n_squares(kind, D):
-    """Leading columns of a row's expansion that hold squares: D (diag), 1 (spherical)."""
-    return D if kind == DIAG else 1
-
-
+# aaT (Wp, rows), W padded with zeros to Wp, a multiple of 4. The two types share these compiled
+# helpers, told apart by the run-time flag `diag`.
 def _vector_weights(kind, means, prec, centre):
     """(WT (Wp, K), offsets (K,)) of the expansion above, WT the weights transposed and padded."""
     K, D = means.shape
@@ -284,13 +285,13 @@ def _vector_weights(kind, means, prec, centre):
     return WT, (p2 * m * m).sum(axis=1)
 
 
-@_jit
-def _squares_and_rows(kind, X, r0, C, centre, aa):
+@_helper
+def _squares_and_rows(diag, X, r0, C, centre, aa):
     """aa[:, i] = [(x_i - c)^2, x_i - c] (diag) or [||x_i - c||^2, x_i - c] (spherical), i < C"""
     D = X.shape[1]
-    sq = _n_squares(kind, D)
+    sq = D if diag else 1  # leading rows of aa that hold squares
     _transpose_centred(X, r0, C, centre, aa[sq:])
-    if kind == DIAG:
+    if diag:
         for p in range(D):
             for i in range(C):
                 aa[p, i] = aa[sq + p, i] * aa[sq + p, i]
@@ -301,37 +302,110 @@ def _squares_and_rows(kind, X, r0, C, centre, aa):
                 aa[0, i] += aa[sq + p, i] * aa[sq + p, i]
 
 
-# ----------------------------------------------------------------------------- one sub-chunk
-@_jit
-def _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp):
-    """logp[k, i] = log p(x_i, k) for i < C, leaving the rows in the form the type's M-step needs:
-    full: d = (x - c)^T (Dp, rows) and YT[k] = P_k^T (x - mu_k) = P_k^T d - b_k (Dp, rows);
-    tied: d = x - c (rows, D) and Y[0] = P^T (x - c); diag, spherical: aa as _squares_and_rows
-    makes it. Padding rows (columns of the full type's d) of d and aa must be zero."""
-    K = means.shape[0]
-    # Triangular products for the full type only; a run-time flag, so one compiled helper serves all.
-    upper = kind == FULL
-    if kind == FULL:
-        _transpose_centred(X, r0, C, centre, d)
-        for k in range(K):
-            _whiten(prec[k], b[k], d, Y[k], dist[k], upper)
-            for i in range(C):
-                logp[k, i] = log_norm[k] - 0.5 * dist[k, i]
-    elif kind == TIED:
-        _centre_rows(X, r0, C, centre, d)
-        np.dot(d, prec[0], Y[0])
-        for k in range(K):
-            _shifted_log_prob(Y[0], C, b[k], log_norm[k], logp[k])
+# ----------------------------------------------------------------------------- one sub-chunk, per type
+@_helper
+def _log_prob_full(X, r0, C, prec, log_norm, centre, b, dT, YT, dist, logp):
+    """logp[k, i] = log p(x_i, k), leaving dT = (x - c)^T and YT[k] = P_k^T (x - mu_k) (Dp, rows)."""
+    _transpose_centred(X, r0, C, centre, dT)
+    for k in range(prec.shape[0]):
+        _whiten(prec[k], b[k], dT, YT[k], dist[k])
+        for i in range(C):
+            logp[k, i] = log_norm[k] - 0.5 * dist[k, i]
+
+
+@_helper
+def _log_prob_tied(X, r0, C, prec, log_norm, centre, b, d, Y, logp):
+    """logp[k, i] = log p(x_i, k), leaving d = x - c (rows, D) and Y[0] = P^T (x - c)."""
+    _centre_rows(X, r0, C, centre, d)
+    np.dot(d, prec[0], Y[0])
+    for k in range(b.shape[0]):
+        _shifted_log_prob(Y[0], C, b[k], log_norm[k], logp[k])
+
+
+@_helper
+def _log_prob_vector(diag, X, r0, C, log_norm, centre, Wt, off, aa, dist, logp):
+    """logp[k, i] = log p(x_i, k), leaving aa as _squares_and_rows makes it."""
+    _squares_and_rows(diag, X, r0, C, centre, aa)
+    dist[:] = 0.0
+    _axpy_rows(Wt, aa, dist, False)
+    for k in range(dist.shape[0]):
+        for i in range(C):
+            logp[k, i] = log_norm[k] - 0.5 * (dist[k, i] + off[k])
+
+
+@_helper
+def _flush_tiny(resp, rd):
+    """rd[:K] = resp in the data's dtype, with responsibilities below its smallest normal number set to
+    zero: as float32 subnormals they would add nothing but slow every product they enter."""
+    tiny = _FLOAT32_TINY if rd.itemsize == 4 else _FLOAT64_TINY
+    for k in range(resp.shape[0]):
+        for i in range(resp.shape[1]):
+            r = resp[k, i]
+            rd[k, i] = r if r >= tiny else 0.0
+
+
+@_helper
+def _add_counts(C, resp, n):
+    """n[k] += sum_{i < C} resp[k, i]"""
+    for k in range(resp.shape[0]):
+        tot = 0.0
+        for i in range(C):
+            tot += resp[k, i]
+        n[k] += tot
+
+
+@_helper
+def _accumulate_full(resp, rd, n, s, second, YT, ZT):
+    """n, s and the upper triangle of second in whitened coordinates (see _accumulate_whitened)."""
+    _flush_tiny(resp, rd)
+    for k in range(resp.shape[0]):
+        _accumulate_whitened(YT[k], rd[k], n, s, second, k, ZT)
+
+
+@_helper
+def _accumulate_tied(C, resp, rd, n, s, second, d, mom, prod):
+    """n, s about c and the second moment about c (which does not depend on r)."""
+    K, D = s.shape
+    _flush_tiny(resp, rd)
+    _add_counts(C, resp, n)
+    np.dot(d.T, d, prod)
+    for p in range(D):
+        for j in range(D):
+            second[0, p, j] += prod[p, j]
+    np.dot(rd, d, mom)
+    for k in range(K):
+        for p in range(D):
+            s[k, p] += mom[k, p]
+
+
+@_helper
+def _accumulate_vector(diag, C, resp, onehot, best, rd, n, s, second, aa, mom):
+    """n, s and the diag / spherical second moment from the sums of [squares, a] per component, under
+    resp or, when onehot (hard mode), adding each row to its component best[i]."""
+    K, D = s.shape
+    mom[:] = 0.0
+    if onehot:
+        for i in range(C):
+            n[best[i]] += 1.0
+            mk = mom[best[i]]
+            for j in range(aa.shape[0]):
+                mk[j] += aa[j, i]
     else:
-        _squares_and_rows(kind, X, r0, C, centre, aa)
-        dist[:] = 0.0
-        _axpy_rows(Wt, aa, dist, upper)
-        for k in range(K):
-            for i in range(C):
-                logp[k, i] = log_norm[k] - 0.5 * (dist[k, i] + off[k])
+        _flush_tiny(resp, rd)
+        _add_counts(C, resp, n)
+        _dot_rows(rd, aa, mom, False)
+    sq = D if diag else 1
+    for k in range(K):
+        for p in range(D):
+            s[k, p] += mom[k, sq + p]
+        if diag:
+            for p in range(D):
+                second[k, 0, p] += mom[k, p]
+        else:
+            second[k, 0, 0] += mom[k, 0]
 
 
-@_jit
+@_helper
 def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot):
     """resp[k, i] (soft: exp(logp - logsumexp); hard: one-hot argmax, left unset when onehot_rows
     says the caller adds rows by best alone), each row's log p(x) (hard: max_k log p(x, k)) and
@@ -371,68 +445,34 @@ def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot):
             resp[k, i] = 0.0
 
 
-@_jit
+# ----------------------------------------------------------------------------- one sub-chunk
+# The switches on `kind`: inlined into each type's drivers, where `kind` is a constant, so only the
+# branch of that type is typed and compiled.
+@_inline
+def _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp):
+    """logp[k, i] = log p(x_i, k) for i < C, leaving the rows in the form the type's M-step needs.
+    Padding rows (columns of the full type's d) of d and aa must be zero."""
+    if kind == FULL:
+        _log_prob_full(X, r0, C, prec, log_norm, centre, b, d, Y, dist, logp)
+    elif kind == TIED:
+        _log_prob_tied(X, r0, C, prec, log_norm, centre, b, d, Y, logp)
+    else:
+        _log_prob_vector(kind == DIAG, X, r0, C, log_norm, centre, Wt, off, aa, dist, logp)
+
+
+@_inline
 def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, rd, mom, Z, prod):
     """Adds the sub-chunk's statistics under responsibilities resp (K, rows), or, when onehot (hard
-    mode, diag and spherical), under the one-hot best[i], adding each row to its component's sums."""
-    K, rows = resp.shape
-    D = s.shape[1]
-    if onehot:
-        mom[:] = 0.0
-        for i in range(C):
-            n[best[i]] += 1.0
-            mk = mom[best[i]]
-            for j in range(aa.shape[0]):
-                mk[j] += aa[j, i]
-        _add_vector_moments(kind, mom, s, second)
-        return
-    # Responsibilities below the dtype's smallest normal number become zero: as float32 subnormals
-    # they would add nothing but slow every product they enter many times over.
-    tiny = _FLOAT32_TINY if rd.itemsize == 4 else _FLOAT64_TINY
-    for k in range(K):
-        for i in range(rows):
-            r = resp[k, i]
-            rd[k, i] = r if r >= tiny else 0.0
+    mode, diag and spherical), under the one-hot best[i]."""
     if kind == FULL:
-        for k in range(K):
-            _accumulate_whitened(Y[k], rd[k], n, s, second, k, Z, kind == FULL)
-        return
-    for k in range(K):
-        tot = 0.0
-        for i in range(C):
-            tot += resp[k, i]
-        n[k] += tot
-    if kind == TIED:  # the second moment about c does not depend on r
-        np.dot(d.T, d, prod)
-        for p in range(D):
-            for j in range(D):
-                second[0, p, j] += prod[p, j]
-        np.dot(rd, d, mom)
-        for k in range(K):
-            for p in range(D):
-                s[k, p] += mom[k, p]
-        return
-    mom[:] = 0.0
-    _dot_rows(rd, aa, mom, kind == FULL)
-    _add_vector_moments(kind, mom, s, second)
+        _accumulate_full(resp, rd, n, s, second, Y, Z)
+    elif kind == TIED:
+        _accumulate_tied(C, resp, rd, n, s, second, d, mom, prod)
+    else:
+        _accumulate_vector(kind == DIAG, C, resp, onehot, best, rd, n, s, second, aa, mom)
 
 
-@_jit
-def _add_vector_moments(kind, mom, s, second):
-    """s and the diag / spherical second moment += the sums of [squares, a] in mom (K, W)."""
-    K, D = s.shape
-    sq = _n_squares(kind, D)
-    for k in range(K):
-        for p in range(D):
-            s[k, p] += mom[k, sq + p]
-        if kind == DIAG:
-            for p in range(D):
-                second[k, 0, p] += mom[k, p]
-        else:
-            second[k, 0, 0] += mom[k, 0]
-
-
-@_jit
+@_inline
 def _row_buffers(kind, X, K, Dp, W, sub):
     """_log_prob's buffers (d, Y, aa, dist): d and Y are (Dp, sub) and (K, Dp, sub) for the full type,
     (sub, D) and (1, sub, D) for tied, (sub, D) and nothing otherwise; aa (W, sub); dist (K, sub)."""
@@ -444,14 +484,14 @@ def _row_buffers(kind, X, K, Dp, W, sub):
     return np.zeros((sub, D), dtype=X.dtype), np.empty((1 if kind == TIED else 0, sub, D), dtype=X.dtype), aa, dist
 
 
-@_jit
+@_helper
 def _normalise_buffers(K, sub):
     """_normalise's outputs and scratch (logp, resp, row_ll, best, bits, scratch)."""
     return (np.empty((K, sub)), np.empty((K, sub)), np.empty(sub), np.empty(sub, dtype=np.int64),
             np.empty(sub, dtype=np.int64), np.empty(sub))
 
 
-@_jit
+@_inline
 def _zero_padding(kind, C, d, aa):
     """Zero the rows past C of a short last sub-chunk (columns of the full type's d)."""
     if kind == FULL:
@@ -462,75 +502,86 @@ def _zero_padding(kind, C, d, aa):
 
 
 # ----------------------------------------------------------------------------- drivers
-# One compiled kernel for every covariance type, `kind` an ordinary argument: each helper above is
-# its own small compiled function, compiled once per dtype and cached, whatever the type. (Inlining
-# the helpers, or specialising them on a constant `kind`, multiplied Numba's compile time: every
-# fit also runs the full type once, for the data's moments.) The kernels are serial and release
-# the GIL; `_on_workers` runs one per thread, each on every n_workers-th block. Plain threads
-# rather than Numba's parallel loops: a parallel loop compiles several times slower.
-@_jit
-def _suff_stats_blocks(kind, X, means, prec, log_norm, centre, b, Wt, off, hard, resp_in, block_rows,
-                      b_n, b_s, b_second, b_ll, worst_ll, worst_row, first, step):
-    """Statistics of blocks first, first + step, ... of block_rows rows, into the block's slot
-    of the b_* / worst_* partials (see suff_stats)."""
-    N, D = X.shape
-    K = means.shape[0]
-    sub = SUB_ROWS
-    given = resp_in.shape[0] == N
-    onehot_rows = hard and not given and (kind == DIAG or kind == SPHERICAL)
-    d, Y, aa, dist = _row_buffers(kind, X, K, prec.shape[1], Wt.shape[0], sub)
-    logp, resp, row_ll, best, bits, scratch = _normalise_buffers(K, sub)
-    Z = np.empty((prec.shape[1], sub), dtype=X.dtype)
-    prod = np.empty((D, D), dtype=X.dtype)
-    Kp = K + K % 2 if kind == DIAG or kind == SPHERICAL else K  # _dot_rows takes rows in pairs
-    rd = np.zeros((Kp, sub), dtype=X.dtype)
-    mom = np.empty((Kp, D if kind == TIED else Wt.shape[0]), dtype=X.dtype)
-    for blk in range(first, b_ll.shape[0], step):
-        stop = min(N, (blk + 1) * block_rows)
-        for r0 in range(blk * block_rows, stop, sub):
-            C = min(sub, stop - r0)
+# One pair of compiled drivers per covariance type (made on first use by `_drivers`), so a fit
+# compiles only its own type: the small switches on `kind` (_log_prob, _accumulate, _row_buffers,
+# _zero_padding) are inlined into them at Numba's IR level, where `kind` is a constant and the other
+# types' branches are pruned before typing. Everything else is a compiled helper of its own, compiled
+# once per dtype when first reached and cached: the per-type ones (_log_prob_full, ...) and the
+# shared ones (the products, the normalisation, exp). The kernels are serial and release the GIL;
+# `_on_workers` runs one per thread, each on every n_workers-th block. Plain threads rather than
+# Numba's parallel loops: a parallel loop compiles several times slower.
+@functools.cache
+def _drivers(kind):
+    """(suff_stats_blocks, row_scores_subs) compiled for one covariance type. `kind` is a constant
+    of these closures (and part of Numba's cache key for them), so the branches of the inlined
+    switches (_log_prob, _accumulate, ...) for other types are pruned before typing: a fit compiles
+    only its own type's helpers."""
+
+    @_jit
+    def suff_stats_blocks(X, means, prec, log_norm, centre, b, Wt, off, hard, resp_in, block_rows,
+                          b_n, b_s, b_second, b_ll, worst_ll, worst_row, first, step):
+        """Statistics of blocks first, first + step, ... of block_rows rows, into the block's slot
+        of the b_* / worst_* partials (see suff_stats)."""
+        N, D = X.shape
+        K = means.shape[0]
+        sub = SUB_ROWS
+        given = resp_in.shape[0] == N
+        onehot_rows = hard and not given and (kind == DIAG or kind == SPHERICAL)
+        d, Y, aa, dist = _row_buffers(kind, X, K, prec.shape[1], Wt.shape[0], sub)
+        logp, resp, row_ll, best, bits, scratch = _normalise_buffers(K, sub)
+        Z = np.empty((prec.shape[1], sub), dtype=X.dtype)
+        prod = np.empty((D, D), dtype=X.dtype)
+        Kp = K + K % 2 if kind == DIAG or kind == SPHERICAL else K  # _dot_rows takes rows in pairs
+        rd = np.zeros((Kp, sub), dtype=X.dtype)
+        mom = np.empty((Kp, D if kind == TIED else Wt.shape[0]), dtype=X.dtype)
+        for blk in range(first, b_ll.shape[0], step):
+            stop = min(N, (blk + 1) * block_rows)
+            for r0 in range(blk * block_rows, stop, sub):
+                C = min(sub, stop - r0)
+                if C < sub:
+                    _zero_padding(kind, C, d, aa)
+                _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
+                if given:
+                    for k in range(K):
+                        for i in range(sub):
+                            resp[k, i] = resp_in[r0 + i, k] if i < C else 0.0
+                    row_ll[:C] = 0.0
+                else:
+                    _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, scratch)
+                for i in range(C):
+                    b_ll[blk] += row_ll[i]
+                    if row_ll[i] < worst_ll[blk]:
+                        worst_ll[blk] = row_ll[i]
+                        worst_row[blk] = r0 + i
+                _accumulate(kind, C, resp, onehot_rows, best, b_n[blk], b_s[blk], b_second[blk], d, Y, aa,
+                            rd, mom, Z, prod)
+
+
+    @_jit
+    def row_scores_subs(X, means, prec, log_norm, centre, b, Wt, off, hard, out_ll, out_label, out_logp, first, step):
+        """row_scores on sub-chunks first, first + step, ... of SUB_ROWS rows."""
+        N, D = X.shape
+        K = means.shape[0]
+        sub = SUB_ROWS
+        want_logp = out_logp.shape[0] == N
+        d, Y, aa, dist = _row_buffers(kind, X, K, prec.shape[1], Wt.shape[0], sub)
+        logp, resp, row_ll, best, bits, scratch = _normalise_buffers(K, sub)
+        for c in range(first, (N + sub - 1) // sub, step):
+            r0 = c * sub
+            C = min(sub, N - r0)
             if C < sub:
                 _zero_padding(kind, C, d, aa)
-            _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
-            if given:
-                for k in range(K):
-                    for i in range(sub):
-                        resp[k, i] = resp_in[r0 + i, k] if i < C else 0.0
-                row_ll[:C] = 0.0
-            else:
-                _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, scratch)
+            _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
+            _normalise(logp, C, hard, hard, resp, row_ll, best, bits, scratch)  # hard: no one-hot resp needed
             for i in range(C):
-                b_ll[blk] += row_ll[i]
-                if row_ll[i] < worst_ll[blk]:
-                    worst_ll[blk] = row_ll[i]
-                    worst_row[blk] = r0 + i
-            _accumulate(kind, C, resp, onehot_rows, best, b_n[blk], b_s[blk], b_second[blk], d, Y, aa,
-                        rd, mom, Z, prod)
+                out_ll[r0 + i] = row_ll[i]
+                out_label[r0 + i] = best[i]
+            if want_logp:
+                for i in range(C):
+                    for k in range(K):
+                        out_logp[r0 + i, k] = logp[k, i]
 
-
-@_jit
-def _row_scores_subs(kind, X, means, prec, log_norm, centre, b, Wt, off, hard, out_ll, out_label, out_logp, first, step):
-    """row_scores on sub-chunks first, first + step, ... of SUB_ROWS rows."""
-    N, D = X.shape
-    K = means.shape[0]
-    sub = SUB_ROWS
-    want_logp = out_logp.shape[0] == N
-    d, Y, aa, dist = _row_buffers(kind, X, K, prec.shape[1], Wt.shape[0], sub)
-    logp, resp, row_ll, best, bits, scratch = _normalise_buffers(K, sub)
-    for c in range(first, (N + sub - 1) // sub, step):
-        r0 = c * sub
-        C = min(sub, N - r0)
-        if C < sub:
-            _zero_padding(kind, C, d, aa)
-        _log_prob(kind, X, r0, C, means, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
-        _normalise(logp, C, hard, hard, resp, row_ll, best, bits, scratch)  # hard: no one-hot resp needed
-        for i in range(C):
-            out_ll[r0 + i] = row_ll[i]
-            out_label[r0 + i] = best[i]
-        if want_logp:
-            for i in range(C):
-                for k in range(K):
-                    out_logp[r0 + i, k] = logp[k, i]
+    return suff_stats_blocks, row_scores_subs
 
 
 _pool = None
@@ -571,7 +622,7 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, n_workers,
     worst_ll = np.full(n_blocks, np.inf)
     worst_row = np.zeros(n_blocks, dtype=np.int64)
     Wt, off = _vector_weights(kind, means, prec, centre)
-    _on_workers(_suff_stats_blocks, max(1, min(n_workers, n_blocks)), kind, X, means, kprec, log_norm, centre, b, Wt, off,
+    _on_workers(_drivers(kind)[0], max(1, min(n_workers, n_blocks)), X, means, kprec, log_norm, centre, b, Wt, off,
                 bool(hard), resp_in, block_rows, b_n, b_s, b_second, b_ll, worst_ll, worst_row)
     # Fixed-order reduction over blocks.
     n, s, second, ll = b_n.sum(axis=0), b_s.sum(axis=0), b_second.sum(axis=0), float(b_ll.sum())
@@ -587,5 +638,5 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
     n_sub = (X.shape[0] + SUB_ROWS - 1) // SUB_ROWS
     kprec, b = _padded(kind, prec, _whitened_offsets(kind, means, prec, centre))
     Wt, off = _vector_weights(kind, means, prec, centre)
-    _on_workers(_row_scores_subs, max(1, min(n_workers, n_sub)), kind, X, means, kprec, log_norm, centre, b, Wt, off,
+    _on_workers(_drivers(kind)[1], max(1, min(n_workers, n_sub)), X, means, kprec, log_norm, centre, b, Wt, off,
                 bool(hard), out_ll, out_label, out_logp)

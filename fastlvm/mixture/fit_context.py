@@ -5,13 +5,13 @@ caches outlives that call, failed or not.
 """
 
 import warnings
-from functools import cached_property
+from functools import cached_property, partial
 from typing import NamedTuple
 
 import numpy as np
 
 from fastlvm.data.sources import ArraySource
-from fastlvm.mixture.covariance import get_covariance_type
+from fastlvm.engine import to_host
 from fastlvm.mixture.em import m_step
 from fastlvm.mixture.stats import CPU, kernel_parameters, statistics
 
@@ -38,16 +38,20 @@ class MixtureParameters(NamedTuple):
     precisions_cholesky: np.ndarray
 
 
-def data_moments(data, chunk_rows, engine=CPU):
-    """(mean, biased covariance) of a data source by one pass of the one-component full kernel,
-    with moments taken about the first row against cancellation."""
-    full = get_covariance_type("full")
-    shift = np.asarray(data.head(), dtype=np.float64)
-    kp = kernel_parameters(full, np.ones(1), shift, np.eye(data.n_features)[None], data.dtype)
-    st = statistics(data, full, kp, chunk_rows, hard=True, engine=engine)
-    N = float(data.n_rows)
-    delta = st.s[0] / N
-    return st.shift[0] + delta, full.scatter(st.second, np.array([N]), delta[None])[0] / N
+def _shifted_sums(shift, offset, chunk):
+    """(rows, sum of y, sum of y y^T) of a chunk's rows y = x - shift, in float64."""
+    y = to_host(chunk) - shift  # float64, as shift is
+    return y.shape[0], y.sum(axis=0), y.T @ y
+
+
+def data_moments(data, chunk_rows):
+    """(mean, biased covariance) of a data source in one pass, with moments taken about the first
+    row against cancellation. Plain NumPy: it compiles nothing, so a fit compiles only the kernels
+    of its own covariance type."""
+    shift = np.asarray(data.head()[0], dtype=np.float64)
+    n, s, second = (sum(part) for part in zip(*data.map(partial(_shifted_sums, shift), chunk_rows)))
+    delta = s / n
+    return shift + delta, second / n - np.outer(delta, delta)
 
 
 class FitContext:
@@ -68,7 +72,7 @@ class FitContext:
     @cached_property
     def moments(self):
         """(mean, biased covariance) of the data: one pass, taken only when needed."""
-        return data_moments(self.data, self.chunk_rows, self.engine)
+        return data_moments(self.data, self.chunk_rows)
 
     @cached_property
     def init_data(self):
