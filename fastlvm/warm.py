@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
+from fastlvm.kernels import kmeans as kmeans_kernels
 from fastlvm.kernels.kmeans import cluster_sums, nearest_centres
 from fastlvm.mixture import GaussianMixture, KMeans
 
@@ -35,10 +36,15 @@ def warm(verbose=True):
             if verbose:
                 print(f"fastlvm.warm: GaussianMixture {cov} {np.dtype(dtype).name}: {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
-        # separated clusters, so the bounded passes run too; dense and CSR; the codebook search
+        # separated clusters, with the bounded passes allowed on so few rows, so they run too;
+        # dense and CSR; the codebook search
         blobs = (X + np.repeat(np.eye(3) * 20, 100, axis=0)).astype(dtype)
-        KMeans(3, n_init=1, random_state=0).fit(blobs).predict(blobs)
-        KMeans(3, n_init=1, random_state=0).fit(sp.csr_matrix(blobs))
+        min_rows, kmeans_kernels.BOUNDED_MIN_ROWS = kmeans_kernels.BOUNDED_MIN_ROWS, 0
+        try:
+            KMeans(3, n_init=1, random_state=0).fit(blobs).predict(blobs)
+            KMeans(3, n_init=1, random_state=0).fit(sp.csr_matrix(blobs))
+        finally:
+            kmeans_kernels.BOUNDED_MIN_ROWS = min_rows
         nearest_centres(blobs, blobs[:3].copy())
         cluster_sums(blobs, np.zeros(len(blobs), dtype=np.int64), 3)
         if verbose:

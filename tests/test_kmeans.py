@@ -70,6 +70,7 @@ def test_bounds_never_change_a_label(n_clusters, monkeypatch):
     """Every bounded pass gives the argmin over all distances, and the bounds hold (bounded passes
     forced, whatever share of rows they score)."""
     monkeypatch.setattr(kernels, "BOUNDED_MAX_SHARE", 1.0)
+    monkeypatch.setattr(kernels, "BOUNDED_MIN_ROWS", 0)
     data = blobs(n=3000, d=6, k=n_clusters, spread=0.5, seed=2)
     rng = np.random.default_rng(3)
     C = data[rng.choice(len(data), n_clusters, replace=False)]

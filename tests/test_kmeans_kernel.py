@@ -85,6 +85,7 @@ def test_lloyd_passes_give_the_nearest_centre_whichever_pass_runs(share, dtype, 
     """Full and bounded passes interleave (the sample's prediction, the back-off); every pass must
     give nearest_centres' labels and the sums of its labels, also with near-duplicate centres."""
     monkeypatch.setattr(kernels, "BOUNDED_MAX_SHARE", share)
+    monkeypatch.setattr(kernels, "BOUNDED_MIN_ROWS", 0)
     rng = np.random.default_rng(5)
     means = rng.normal(size=(6, 4)) * 3
     X = (means[rng.integers(6, size=4000)] + rng.normal(size=(4000, 4))).astype(dtype)
@@ -129,6 +130,7 @@ def test_running_sums_follow_the_weighted_labels(sparse, share, monkeypatch):
     the weighted sums of each pass's labels, for dense and CSR rows, over blocks and passes."""
     sp = pytest.importorskip("scipy.sparse")
     monkeypatch.setattr(kernels, "BOUNDED_MAX_SHARE", share)
+    monkeypatch.setattr(kernels, "BOUNDED_MIN_ROWS", 0)
     rng = np.random.default_rng(7)
     n, d, k = 2 * BLOCK_ROWS + 37, 6, 5
     X = rng.normal(size=(n, d)) + rng.normal(size=(k, d))[rng.integers(k, size=n)] * 2

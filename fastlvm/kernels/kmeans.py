@@ -41,6 +41,9 @@ SUB_ROWS = 256  # rows per tile of products inside a block
 BOUNDED_MAX_SHARE = 0.2
 SAMPLE_STRIDE = 64
 MAX_WAIT = 16
+# Below this many rows a full pass takes a few milliseconds: the bounds' bookkeeping (and the
+# seconds their kernels take to compile on first use) cannot pay, so only full passes run.
+BOUNDED_MIN_ROWS = 16 * BLOCK_ROWS
 
 
 def n_groups(n_clusters):
@@ -513,8 +516,9 @@ class LloydState:
         N, K, D = rows.n_rows, n_clusters, rows.n_features
         self.labels = np.full(N, -1, dtype=np.int32)
         self.n_groups = n_groups(K)
-        self.upper = np.zeros(N)
-        self.lower = np.zeros((N, self.n_groups), dtype=np.float32)
+        self.bounded = N >= BOUNDED_MIN_ROWS
+        self.upper = np.zeros(N if self.bounded else 0)
+        self.lower = np.zeros((N if self.bounded else 0, self.n_groups), dtype=np.float32)
         self.sums = np.zeros((K, D))
         self.counts = np.zeros(K)
         B = n_blocks(N)
@@ -549,9 +553,9 @@ class LloydState:
         rows = self.rows
         C = np.asarray(C, dtype=np.float64)
         Cd, CT, c_norms = rows.centres(C)
-        if self.groups is None:
+        if self.bounded and self.groups is None:
             self._group(C)
-        if self.labels[0] >= 0:
+        if self.bounded and self.labels[0] >= 0:
             if self._wait:
                 self._wait -= 1
             else:
@@ -559,7 +563,7 @@ class LloydState:
                 if n_changed >= 0:
                     return n_changed
         _run(full_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, Cd, CT, c_norms, self.eps,
-             self.shrink, self.labels, self._wait == 0, self.upper, self.lower, self._sums, self._counts,
+             self.shrink, self.labels, self.bounded and self._wait == 0, self.upper, self.lower, self._sums, self._counts,
              self._changed, blas=not rows.sparse)
         self._reduce()
         return int(self._changed.sum())
