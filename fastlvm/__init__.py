@@ -2,13 +2,6 @@
 
 __version__ = "0.1.0"
 
-import os
-
-# OpenMP workers (Numba's parallel loops, the C++ kernels, torch) that busy-wait between parallel
-# regions steal the cores from whatever runs next; on a shared machine that made small kernel
-# calls 10-100x slower. Read once, when the OpenMP runtime starts; a user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-
 from fastlvm._config import show_config
 from fastlvm.mixture import GaussianMixture, GaussianMixturePrior, KMeans
 
