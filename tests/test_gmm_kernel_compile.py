@@ -1,5 +1,6 @@
-"""What a Gaussian mixture fit compiles: only its own covariance type's kernels (the data's
-moments are plain NumPy), so the first fit of a type in an empty Numba cache stays short."""
+"""What a fit compiles: a Gaussian mixture only its own covariance type's kernels (the data's
+moments are plain NumPy), k-means only its data layout's, so a first fit in an empty Numba cache stays
+short."""
 
 import json
 import os
@@ -47,3 +48,24 @@ def test_data_moments_match_numpy(dtype):
     Xd = X.astype(np.float64)
     np.testing.assert_allclose(mean, Xd.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(cov, np.cov(Xd, rowvar=False, bias=True), rtol=1e-9, atol=1e-9)
+
+
+_KMEANS_PROBE = """
+import json, numpy as np, scipy.sparse as sp
+from fastlvm import KMeans
+from fastlvm.kernels import kmeans
+X = np.random.default_rng(0).normal(size=(300, 4)).astype(np.float32)
+KMeans(3, n_init=1, random_state=0).fit(X)
+made_dense = kmeans._kernels.cache_info().currsize
+KMeans(3, n_init=1, random_state=0).fit(sp.csr_matrix(X))
+print(json.dumps([made_dense, kmeans._kernels.cache_info().currsize, len(kmeans._kernels(False).full_pass.signatures)]))
+"""
+
+
+def test_a_dense_kmeans_fit_makes_only_the_dense_kernels():
+    # The k-means kernels are made per layout (dense or CSR, a compile-time constant), so a dense fit
+    # neither compiles nor loads the CSR branches; a CSR fit makes the other set.
+    out = subprocess.run([sys.executable, "-c", _KMEANS_PROBE], capture_output=True, text=True,
+                         env=os.environ.copy(), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [1, 2, 1]

@@ -22,6 +22,9 @@ single-threaded BLAS calls on tiles of SUB_ROWS rows inside the kernels (BLAS li
 thread meanwhile), so the tile of products stays in cache beside the argmin that reads it.
 """
 
+import functools
+from types import SimpleNamespace
+
 import numba
 import numpy as np
 from numba import njit
@@ -31,6 +34,7 @@ from fastlvm.kernels.cpu import _on_workers, blas_single_thread
 _FASTMATH = {"reassoc", "contract", "arcp"}
 _inline = njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
 _jit = njit(fastmath=_FASTMATH, cache=True, nogil=True)
+_helper = njit(fastmath=_FASTMATH, cache=True, nogil=True, no_cfunc_wrapper=True, no_cpython_wrapper=True)
 
 BLOCK_ROWS = 2048  # rows per block; fixed, so results ignore the thread count
 SUB_ROWS = 256  # rows per tile of products inside a block
@@ -85,35 +89,6 @@ def _sparse_sq_distance(data, indices, indptr, i, C, k, x_norm, c_norm):
     return max(x_norm - 2.0 * acc + c_norm, 0.0)
 
 
-@_jit
-def _block_sums(X, data, indices, indptr, sparse, weights, labels, moved, old, n, sums, counts):
-    """A block's changes of the weighted sums: the rows moved[:n], in order, leave cluster old[j]
-    (none when < 0) for labels[moved[j]]. One call a block, after its labels: an inlined call a
-    row cost ~100 ns (its arrays' reference counts), several times a dense row's move."""
-    sums[:] = 0.0
-    counts[:] = 0.0
-    for j in range(n):
-        i, k, o = moved[j], labels[moved[j]], old[j]
-        w = weights[i]
-        counts[k] += w
-        if o >= 0:
-            counts[o] -= w
-        if sparse:
-            for p in range(indptr[i], indptr[i + 1]):
-                v = w * data[p]
-                sums[k, indices[p]] += v
-                if o >= 0:
-                    sums[o, indices[p]] -= v
-        elif o >= 0:
-            for d in range(X.shape[1]):
-                v = w * X[i, d]
-                sums[k, d] += v
-                sums[o, d] -= v
-        else:
-            for d in range(X.shape[1]):
-                sums[k, d] += w * X[i, d]
-
-
 @_inline
 def _relabel(labels, i, new, moved, old, n_changed):
     """Row i takes the label `new`, a change, noted as the block's n_changed-th move for _block_sums
@@ -139,107 +114,19 @@ def _product(X, data, indices, indptr, sparse, i, C, k):
 
 
 @_inline
+def _largest(a):
+    """max(a) of a non-negative array (a loop: np.max compiles for a second or more)."""
+    m = 0.0
+    for v in a:
+        m = max(m, v)
+    return m
+
+
+@_inline
 def _low(d2, margin, shrink):
     """A lower bound on a distance from its computed square: less the rounding margin, shrunk so
     that storing it (float32) and later subtractions cannot round it up."""
     return np.sqrt(max(d2 - margin, 0.0)) * shrink
-
-
-@_jit
-def yinyang_pass(X, data, indices, indptr, sparse, weights, x_norms, C, c_norms, half_sep, members, group_start,
-                 group_of, moves, group_moves, eps, shrink, labels, upper, lower, sums, counts, changed, first, step):
-    """One assignment pass with Yinyang bounds (Ding et al., 2015) over rows that have a label.
-
-    The centres form G groups (members[group_start[g]:group_start[g+1]]); lower[i, g] bounds the
-    distance from x_i to every centre of group g but its own. After the centres move,
-    u_i += p_a and lower[i, g] -= max_{k in g} p_k (then shrunk by `shrink` against rounding). A row
-    is skipped while u_i < max(min_g lower[i, g], s_a) (also after tightening u_i to the exact
-    distance), s_a being half the distance from c_a to its nearest other centre (Hamerly, 2010);
-    otherwise only the groups with lower[i, g] <= u_i are scored, with the own centre. The label is
-    the argmin of ||c_k||^2 - 2 x . c_k over the scored centres (ties to the lowest k): the others
-    are farther than the own centre, so it is the label every distance would give."""
-    N = labels.shape[0]
-    K = C.shape[0]
-    G = group_start.shape[0] - 1
-    c_max = c_norms.max()
-    scored = np.zeros(G, dtype=np.bool_)
-    moved, old = np.empty(BLOCK_ROWS, dtype=np.int64), np.empty(BLOCK_ROWS, dtype=np.int64)
-    scores = np.empty(K)
-    for b in range(first, sums.shape[0], step):
-        n_changed = 0
-        for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
-            a = labels[i]
-            u = upper[i] + moves[a]
-            gmin = np.inf
-            for g in range(G):
-                low = (lower[i, g] - group_moves[g]) * shrink
-                lower[i, g] = low
-                gmin = min(gmin, low)
-            gmin = max(gmin, half_sep[a])
-            if u < gmin:
-                upper[i] = u
-                continue
-            acc_a = _product(X, data, indices, indptr, sparse, i, C, a)
-            s_a = c_norms[a] - 2.0 * acc_a
-            margin = eps * (x_norms[i] + c_norms[a])
-            u = np.sqrt(max(x_norms[i] + s_a, 0.0) + margin)
-            if u < gmin:
-                upper[i] = u
-                continue
-            best, s_best = a, s_a
-            scores[a] = s_a
-            for g in range(G):
-                scored[g] = lower[i, g] <= u
-                if not scored[g]:
-                    continue
-                for m in range(group_start[g], group_start[g + 1]):
-                    k = members[m]
-                    if k == a:
-                        continue
-                    s = c_norms[k] - 2.0 * _product(X, data, indices, indptr, sparse, i, C, k)
-                    scores[k] = s
-                    if s < s_best or (s == s_best and k < best):
-                        best, s_best = k, s
-            # new bounds: scored groups from their centres but the best; the own centre, if it
-            # is no longer the best, joins its group's bound
-            for g in range(G):
-                if not scored[g]:
-                    continue
-                low2 = np.inf
-                for m in range(group_start[g], group_start[g + 1]):
-                    k = members[m]
-                    if k == best:
-                        continue
-                    low2 = min(low2, scores[k])
-                lower[i, g] = _low(x_norms[i] + low2, eps * (x_norms[i] + c_max), shrink)
-            if best != a:
-                ga = group_of[a]
-                if not scored[ga]:
-                    lower[i, ga] = min(lower[i, ga], _low(x_norms[i] + s_a, margin, shrink))
-            upper[i] = np.sqrt(max(x_norms[i] + s_best, 0.0) + eps * (x_norms[i] + c_norms[best]))
-            if best != a:
-                n_changed = _relabel(labels, i, best, moved, old, n_changed)
-        _block_sums(X, data, indices, indptr, sparse, weights, labels, moved, old, n_changed, sums[b], counts[b])
-        changed[b] = n_changed
-
-
-@_jit
-def bounded_hits(X, data, indices, indptr, sparse, x_norms, C, c_norms, half_sep, moves, group_moves, eps, shrink,
-                 labels, upper, lower, stride, hits, first, step):
-    """hits[r]: whether a yinyang_pass with these moves would score row i = r * stride (neither the
-    loose nor the tightened bound skips it); changes nothing else."""
-    n = hits.shape[0]
-    for r in range(first, n, step):
-        i = r * stride
-        a = labels[i]
-        gmin = np.inf
-        for g in range(lower.shape[1]):
-            gmin = min(gmin, (lower[i, g] - group_moves[g]) * shrink)
-        gmin = max(gmin, half_sep[a])
-        if upper[i] + moves[a] < gmin:
-            continue
-        s_a = c_norms[a] - 2.0 * _product(X, data, indices, indptr, sparse, i, C, a)
-        hits[r] = np.sqrt(max(x_norms[i] + s_a, 0.0) + eps * (x_norms[i] + c_norms[a])) >= gmin
 
 
 @_inline
@@ -272,7 +159,7 @@ def _fold(s, k, best, s1, s2):
     return (k if lower else best), (s if lower else s1), min(s2, s1 if lower else s)
 
 
-@_inline
+@_helper
 def _nearest_block(G, n, c_norms, best, s1, s2):
     """The one nearest-centre search of every full pass. For the rows r < n of a tile of products
     G (K, SUB_ROWS), G[k, r] = x_r . c_k: best[r] = argmin_k ||c_k||^2 - 2 x . c_k (ties to the
@@ -377,79 +264,199 @@ def cluster_sums(X, labels, n_clusters):
     return counts.sum(axis=0), sums.sum(axis=0)
 
 
-@_jit
-def full_pass(X, data, indices, indptr, sparse, weights, x_norms, C, CT, c_norms, eps, shrink, labels, bounds,
-              upper, lower, sums, counts, changed, first, step):
-    """Labels of every row of the blocks first, first + step, ... from tiles of products
-    (_tile_products, _nearest_block), if `bounds` their bounds (distance to the nearest centre, and
-    to the next nearest as every group's lower bound, widened by the rounding margin), and per block
-    the changes of the weighted sums (sums (B, K, D), counts (B, K), changed (B,))."""
-    N, K = labels.shape[0], C.shape[0]
-    G = np.empty((K, SUB_ROWS), dtype=C.dtype)
-    acc = np.empty(K, dtype=C.dtype)
-    best, s1, s2 = np.empty(SUB_ROWS, dtype=np.int64), np.empty(SUB_ROWS), np.empty(SUB_ROWS)
-    moved, old = np.empty(BLOCK_ROWS, dtype=np.int64), np.empty(BLOCK_ROWS, dtype=np.int64)
-    c_max = c_norms.max()
-    for b in range(first, sums.shape[0], step):
-        n_changed = 0
-        for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
-            n = min(SUB_ROWS, N - r0)
-            P = _tile_products(X, data, indices, indptr, sparse, r0, n, C, CT, G, acc)
-            _nearest_block(P, n, c_norms, best, s1, s2)
-            for r in range(n):
-                i = r0 + r
-                if bounds:
-                    margin = eps * (x_norms[i] + c_max)
-                    upper[i] = np.sqrt(max(x_norms[i] + s1[r], 0.0) + margin)
-                    low = _low(x_norms[i] + s2[r], margin, shrink)
-                    for g in range(lower.shape[1]):
-                        lower[i, g] = low
-                if best[r] != labels[i]:
-                    n_changed = _relabel(labels, i, best[r], moved, old, n_changed)
-        _block_sums(X, data, indices, indptr, sparse, weights, labels, moved, old, n_changed, sums[b], counts[b])
-        changed[b] = n_changed
+@functools.lru_cache(maxsize=None)
+def _kernels(sparse):
+    """The kernels over Rows, compiled for dense rows (sparse False) or CSR rows (True). `sparse` is
+    a constant of these closures (and part of Numba's cache key for them): the other layout's
+    branches of the inlined helpers are pruned before typing, so a fit compiles only its own."""
 
-
-@_jit
-def own_sq_distances(X, data, indices, indptr, sparse, x_norms, C, c_norms, labels, out, first, step):
-    """out[i] = ||x_i - c_{labels[i]}||^2 (direct for dense rows)."""
-    N = labels.shape[0]
-    for b in range(first, n_blocks(N), step):
-        for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
-            a = labels[i]
+    @_jit
+    def _block_sums(X, data, indices, indptr, weights, labels, moved, old, n, sums, counts):
+        """A block's changes of the weighted sums: the rows moved[:n], in order, leave cluster old[j]
+        (none when < 0) for labels[moved[j]]. One call a block, after its labels: an inlined call a
+        row cost ~100 ns (its arrays' reference counts), several times a dense row's move."""
+        sums[:] = 0.0
+        counts[:] = 0.0
+        for j in range(n):
+            i, k, o = moved[j], labels[moved[j]], old[j]
+            w = weights[i]
+            counts[k] += w
+            if o >= 0:
+                counts[o] -= w
             if sparse:
-                out[i] = _sparse_sq_distance(data, indices, indptr, i, C, a, x_norms[i], c_norms[a])
-            else:
-                out[i] = _dense_sq_distance(X, i, C, a)
-
-
-@_jit
-def all_sq_distances(X, data, indices, indptr, sparse, x_norms, C, c_norms, out, first, step):
-    """out[i, k] = ||x_i - c_k||^2 (direct for dense rows, so a row equal to c_k gives exactly 0)."""
-    N, K = out.shape
-    for b in range(first, n_blocks(N), step):
-        for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
-            for k in range(K):
-                if sparse:
-                    out[i, k] = _sparse_sq_distance(data, indices, indptr, i, C, k, x_norms[i], c_norms[k])
-                else:
-                    out[i, k] = _dense_sq_distance(X, i, C, k)
-
-
-@_jit
-def row_sq_norms(X, data, indptr, sparse, out, first, step):
-    """out[i] = ||x_i||^2 in float64."""
-    N = out.shape[0]
-    for b in range(first, n_blocks(N), step):
-        for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
-            acc = 0.0
-            if sparse:
-                for j in range(indptr[i], indptr[i + 1]):
-                    acc += np.float64(data[j]) * data[j]
+                for p in range(indptr[i], indptr[i + 1]):
+                    v = w * data[p]
+                    sums[k, indices[p]] += v
+                    if o >= 0:
+                        sums[o, indices[p]] -= v
+            elif o >= 0:
+                for d in range(X.shape[1]):
+                    v = w * X[i, d]
+                    sums[k, d] += v
+                    sums[o, d] -= v
             else:
                 for d in range(X.shape[1]):
-                    acc += np.float64(X[i, d]) * X[i, d]
-            out[i] = acc
+                    sums[k, d] += w * X[i, d]
+
+    @_jit
+    def yinyang_pass(X, data, indices, indptr, weights, x_norms, C, c_norms, half_sep, members, group_start,
+                     group_of, moves, group_moves, eps, shrink, labels, upper, lower, sums, counts, changed, first, step):
+        """One assignment pass with Yinyang bounds (Ding et al., 2015) over rows that have a label.
+
+        The centres form G groups (members[group_start[g]:group_start[g+1]]); lower[i, g] bounds the
+        distance from x_i to every centre of group g but its own. After the centres move,
+        u_i += p_a and lower[i, g] -= max_{k in g} p_k (then shrunk by `shrink` against rounding). A row
+        is skipped while u_i < max(min_g lower[i, g], s_a) (also after tightening u_i to the exact
+        distance), s_a being half the distance from c_a to its nearest other centre (Hamerly, 2010);
+        otherwise only the groups with lower[i, g] <= u_i are scored, with the own centre. The label is
+        the argmin of ||c_k||^2 - 2 x . c_k over the scored centres (ties to the lowest k): the others
+        are farther than the own centre, so it is the label every distance would give."""
+        N = labels.shape[0]
+        K = C.shape[0]
+        G = group_start.shape[0] - 1
+        c_max = _largest(c_norms)
+        scored = np.zeros(G, dtype=np.bool_)
+        moved, old = np.empty(BLOCK_ROWS, dtype=np.int64), np.empty(BLOCK_ROWS, dtype=np.int64)
+        scores = np.empty(K)
+        for b in range(first, sums.shape[0], step):
+            n_changed = np.int64(0)  # not the literal 0: _block_sums would compile for both
+            for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
+                a = labels[i]
+                u = upper[i] + moves[a]
+                gmin = np.inf
+                for g in range(G):
+                    low = (lower[i, g] - group_moves[g]) * shrink
+                    lower[i, g] = low
+                    gmin = min(gmin, low)
+                gmin = max(gmin, half_sep[a])
+                if u < gmin:
+                    upper[i] = u
+                    continue
+                acc_a = _product(X, data, indices, indptr, sparse, i, C, a)
+                s_a = c_norms[a] - 2.0 * acc_a
+                margin = eps * (x_norms[i] + c_norms[a])
+                u = np.sqrt(max(x_norms[i] + s_a, 0.0) + margin)
+                if u < gmin:
+                    upper[i] = u
+                    continue
+                best, s_best = a, s_a
+                scores[a] = s_a
+                for g in range(G):
+                    scored[g] = lower[i, g] <= u
+                    if not scored[g]:
+                        continue
+                    for m in range(group_start[g], group_start[g + 1]):
+                        k = members[m]
+                        if k == a:
+                            continue
+                        s = c_norms[k] - 2.0 * _product(X, data, indices, indptr, sparse, i, C, k)
+                        scores[k] = s
+                        if s < s_best or (s == s_best and k < best):
+                            best, s_best = k, s
+                # new bounds: scored groups from their centres but the best; the own centre, if it
+                # is no longer the best, joins its group's bound
+                for g in range(G):
+                    if not scored[g]:
+                        continue
+                    low2 = np.inf
+                    for m in range(group_start[g], group_start[g + 1]):
+                        k = members[m]
+                        if k == best:
+                            continue
+                        low2 = min(low2, scores[k])
+                    lower[i, g] = _low(x_norms[i] + low2, eps * (x_norms[i] + c_max), shrink)
+                if best != a:
+                    ga = group_of[a]
+                    if not scored[ga]:
+                        lower[i, ga] = min(lower[i, ga], _low(x_norms[i] + s_a, margin, shrink))
+                upper[i] = np.sqrt(max(x_norms[i] + s_best, 0.0) + eps * (x_norms[i] + c_norms[best]))
+                if best != a:
+                    n_changed = _relabel(labels, i, best, moved, old, n_changed)
+            _block_sums(X, data, indices, indptr, weights, labels, moved, old, n_changed, sums[b], counts[b])
+            changed[b] = n_changed
+
+    @_jit
+    def bounded_hits(X, data, indices, indptr, x_norms, C, c_norms, half_sep, moves, group_moves, eps, shrink,
+                     labels, upper, lower, stride, hits, first, step):
+        """hits[r]: whether a yinyang_pass with these moves would score row i = r * stride (neither the
+        loose nor the tightened bound skips it); changes nothing else."""
+        n = hits.shape[0]
+        for r in range(first, n, step):
+            i = r * stride
+            a = labels[i]
+            gmin = np.inf
+            for g in range(lower.shape[1]):
+                gmin = min(gmin, (lower[i, g] - group_moves[g]) * shrink)
+            gmin = max(gmin, half_sep[a])
+            if upper[i] + moves[a] < gmin:
+                continue
+            s_a = c_norms[a] - 2.0 * _product(X, data, indices, indptr, sparse, i, C, a)
+            hits[r] = np.sqrt(max(x_norms[i] + s_a, 0.0) + eps * (x_norms[i] + c_norms[a])) >= gmin
+
+    @_jit
+    def full_pass(X, data, indices, indptr, weights, x_norms, C, CT, c_norms, eps, shrink, labels, bounds,
+                  upper, lower, sums, counts, changed, first, step):
+        """Labels of every row of the blocks first, first + step, ... from tiles of products
+        (_tile_products, _nearest_block), if `bounds` their bounds (distance to the nearest centre, and
+        to the next nearest as every group's lower bound, widened by the rounding margin), and per block
+        the changes of the weighted sums (sums (B, K, D), counts (B, K), changed (B,))."""
+        N, K = labels.shape[0], C.shape[0]
+        G = np.empty((K, SUB_ROWS), dtype=C.dtype)
+        acc = np.empty(K, dtype=C.dtype)
+        best, s1, s2 = np.empty(SUB_ROWS, dtype=np.int64), np.empty(SUB_ROWS), np.empty(SUB_ROWS)
+        moved, old = np.empty(BLOCK_ROWS, dtype=np.int64), np.empty(BLOCK_ROWS, dtype=np.int64)
+        c_max = _largest(c_norms)
+        for b in range(first, sums.shape[0], step):
+            n_changed = np.int64(0)  # not the literal 0: _block_sums would compile for both
+            for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
+                n = min(SUB_ROWS, N - r0)
+                P = _tile_products(X, data, indices, indptr, sparse, r0, n, C, CT, G, acc)
+                _nearest_block(P, n, c_norms, best, s1, s2)
+                for r in range(n):
+                    i = r0 + r
+                    if bounds:
+                        margin = eps * (x_norms[i] + c_max)
+                        upper[i] = np.sqrt(max(x_norms[i] + s1[r], 0.0) + margin)
+                        low = _low(x_norms[i] + s2[r], margin, shrink)
+                        for g in range(lower.shape[1]):
+                            lower[i, g] = low
+                    if best[r] != labels[i]:
+                        n_changed = _relabel(labels, i, best[r], moved, old, n_changed)
+            _block_sums(X, data, indices, indptr, weights, labels, moved, old, n_changed, sums[b], counts[b])
+            changed[b] = n_changed
+
+    @_jit
+    def sq_distances(X, data, indices, indptr, x_norms, C, c_norms, labels, out, first, step):
+        """out[i, k] = ||x_i - c_k||^2, or with labels (N,) out[i, 0] = ||x_i - c_{labels[i]}||^2
+        (direct for dense rows, so a row equal to its centre gives exactly 0)."""
+        N = out.shape[0]
+        own = labels.shape[0] == N
+        for b in range(first, n_blocks(N), step):
+            for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
+                for j in range(out.shape[1]):
+                    k = labels[i] if own else j
+                    if sparse:
+                        out[i, j] = _sparse_sq_distance(data, indices, indptr, i, C, k, x_norms[i], c_norms[k])
+                    else:
+                        out[i, j] = _dense_sq_distance(X, i, C, k)
+
+    @_jit
+    def row_sq_norms(X, data, indptr, out, first, step):
+        """out[i] = ||x_i||^2 in float64."""
+        N = out.shape[0]
+        for b in range(first, n_blocks(N), step):
+            for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
+                acc = 0.0
+                if sparse:
+                    for j in range(indptr[i], indptr[i + 1]):
+                        acc += np.float64(data[j]) * data[j]
+                else:
+                    for d in range(X.shape[1]):
+                        acc += np.float64(X[i, d]) * X[i, d]
+                out[i] = acc
+
+    return SimpleNamespace(full_pass=full_pass, yinyang_pass=yinyang_pass, bounded_hits=bounded_hits,
+                           sq_distances=sq_distances, row_sq_norms=row_sq_norms)
 
 
 class Rows:
@@ -469,14 +476,15 @@ class Rows:
             self.indices = self.indptr = np.zeros(1, dtype=np.int32)
         self.n_rows, self.n_features = X.shape
         self.norms = np.empty(self.n_rows)
-        _run(row_sq_norms, n_blocks(self.n_rows), self.X, self.data, self.indptr, self.sparse, self.norms)
+        self.kernels = _kernels(self.sparse)
+        _run(self.kernels.row_sq_norms, n_blocks(self.n_rows), self.X, self.data, self.indptr, self.norms)
 
     @property
     def shape(self):
         return (self.n_rows, self.n_features)
 
     def args(self):
-        return self.X, self.data, self.indices, self.indptr, self.sparse
+        return self.X, self.data, self.indices, self.indptr
 
     def centres(self, C):
         """(C, CT, ||c_k||^2) in the kernels' layout: C and CT (D, K) in the rows' dtype."""
@@ -485,15 +493,16 @@ class Rows:
 
     def sq_distances(self, C):
         """(N, K) squared distances to the centres C."""
-        Cd, _, c_norms = self.centres(C)
-        out = np.empty((self.n_rows, Cd.shape[0]))
-        _run(all_sq_distances, n_blocks(self.n_rows), *self.args(), self.norms, Cd, c_norms, out)
-        return out
+        return self._sq_distances(C, np.empty(0, dtype=np.int32), len(C))
 
     def own_sq_distances(self, C, labels):
+        """(N,) squared distances to each row's own centre C[labels]."""
+        return self._sq_distances(C, np.asarray(labels, dtype=np.int32), 1)[:, 0]
+
+    def _sq_distances(self, C, labels, width):
         Cd, _, c_norms = self.centres(C)
-        out = np.empty(self.n_rows)
-        _run(own_sq_distances, n_blocks(self.n_rows), *self.args(), self.norms, Cd, c_norms, labels, out)
+        out = np.empty((self.n_rows, width))
+        _run(self.kernels.sq_distances, n_blocks(self.n_rows), *self.args(), self.norms, Cd, c_norms, labels, out)
         return out
 
     def rows(self, index):
@@ -562,7 +571,7 @@ class LloydState:
                 n_changed = self._bounded_pass(C, Cd, c_norms, np.asarray(moves, dtype=np.float64))
                 if n_changed >= 0:
                     return n_changed
-        _run(full_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, Cd, CT, c_norms, self.eps,
+        _run(rows.kernels.full_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, Cd, CT, c_norms, self.eps,
              self.shrink, self.labels, self.bounded and self._wait == 0, self.upper, self.lower, self._sums, self._counts,
              self._changed, blas=not rows.sparse)
         self._reduce()
@@ -577,14 +586,14 @@ class LloydState:
                                 for g in range(self.n_groups)])
         half_sep = _half_separations(C, self.eps)
         hits = np.zeros((rows.n_rows + SAMPLE_STRIDE - 1) // SAMPLE_STRIDE, dtype=np.bool_)
-        _run(bounded_hits, n_blocks(hits.shape[0]), *rows.args(), rows.norms, Cd, c_norms, half_sep, moves, group_moves,
+        _run(rows.kernels.bounded_hits, n_blocks(hits.shape[0]), *rows.args(), rows.norms, Cd, c_norms, half_sep, moves, group_moves,
              self.eps, self.shrink, self.labels, self.upper, self.lower, SAMPLE_STRIDE, hits)
         if hits.mean() > BOUNDED_MAX_SHARE:
             self._wait = self._backoff
             self._backoff = min(2 * self._backoff, MAX_WAIT)
             return -1
         self._backoff = 1
-        _run(yinyang_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, Cd, c_norms, half_sep, members,
+        _run(rows.kernels.yinyang_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, Cd, c_norms, half_sep, members,
              group_start, group_of, moves, group_moves, self.eps, self.shrink, self.labels, self.upper, self.lower,
              self._sums, self._counts, self._changed)
         self._reduce()
