@@ -1,5 +1,6 @@
 """The k-means kernels' public entry points against NumPy brute force: nearest_centres (labels with
-ties to the lowest index, as argmin; squared distances) and cluster_sums (counts and sums by label)."""
+ties to the lowest index, as argmin; squared distances), cluster_sums (counts and sums by label)
+and column_sums."""
 
 import numpy as np
 import pytest
@@ -149,3 +150,13 @@ def test_running_sums_follow_the_weighted_labels(sparse, share, monkeypatch):
         np.testing.assert_allclose(state.sums, sums, rtol=1e-9, atol=1e-9)
         new = sums / counts[:, None]
         moves, C = np.sqrt(((new - C) ** 2).sum(axis=1)), new
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 3 * BLOCK_ROWS + 5])
+def test_column_sums_are_float64_sums(dtype, n):
+    # far from the origin, where a float32 accumulation would lose digits
+    X = (1e3 + np.random.default_rng(n).normal(size=(n, 6))).astype(dtype)
+    Xd = X.astype(np.float64)
+    np.testing.assert_allclose(kernels.column_sums(X), Xd.sum(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(kernels.column_sums(X, squares=True), (Xd**2).sum(axis=0), rtol=1e-13)

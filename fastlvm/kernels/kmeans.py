@@ -617,15 +617,17 @@ def _half_separations(C, eps):
 
 
 @_jit
-def _column_sq_sums(X, out, first, step):
+def _column_sums(X, squares, out, first, step):
     for b in range(first, out.shape[0], step):
         for i in range(b * BLOCK_ROWS, min(X.shape[0], (b + 1) * BLOCK_ROWS)):
             for d in range(X.shape[1]):
-                out[b, d] += np.float64(X[i, d]) * X[i, d]
+                v = np.float64(X[i, d])
+                out[b, d] += v * v if squares else v
 
 
-def column_sq_sums(X):
-    """sum_i x_id^2 of every column d of a dense array, in float64 (blocks summed in order)."""
+def column_sums(X, squares=False):
+    """sum_i x_id (or with squares sum_i x_id^2) of every column d of a dense array, in float64
+    (blocks summed in order). Several times faster than NumPy's float64 sum of float32 rows."""
     out = np.zeros((n_blocks(X.shape[0]), X.shape[1]))
-    _run(_column_sq_sums, out.shape[0], X, out)
+    _run(_column_sums, out.shape[0], X, squares, out)
     return out.sum(axis=0)

@@ -22,7 +22,7 @@ from sklearn.utils.validation import _check_sample_weight, _is_arraylike_not_sca
 from fastlvm import engine as engines
 from fastlvm._validation import check_finite
 from fastlvm.data import as_source
-from fastlvm.engine import LloydState, Rows, column_sq_sums
+from fastlvm.engine import LloydState, Rows, column_sums
 from fastlvm.mixture.init import kmeans_plusplus, random_rows
 
 INIT_SAMPLE_ROWS = 100_000  # rows a streamed source's initial centres are chosen from
@@ -343,9 +343,9 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
             data = _InMemory(X, weights)
             init_X, init_rows, init_weights = X, data.rows, weights
         else:
-            mean = X.mean(axis=0, dtype=np.float64)
+            mean = column_sums(X) / n_samples
             X -= mean.astype(dtype)
-            variances = column_sq_sums(X) / n_samples if self.tol else 0.0  # X is now centred
+            variances = column_sums(X, squares=True) / n_samples if self.tol else 0.0  # X is now centred
             data = _OnGpu(engine, X) if engine.backend == "cuda" else _InMemory(X, weights)
             init_X, init_rows, init_weights = X, Rows(X) if engine.backend == "cuda" else data.rows, weights
         tol = float(np.mean(variances) * self.tol) if self.tol else 0.0
