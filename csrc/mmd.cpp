@@ -6,9 +6,11 @@
 // with k = c / (c + |a - b|^2) (inverse multiquadric) or exp(-|a - b|^2 / c) (RBF), and its
 // gradients with respect to x and y, computed in the same pass.
 //
-// No n x m matrix: every row of x (and of y) streams over tiles of kMmdTile rows of both sets,
-// held transposed (D, kMmdTile) so that the distances of one row to a tile are a vector loop;
-// the transposed copies are the only memory beyond the inputs and gradients (O((n + m) D)).
+// No n x m matrix: groups of kMmdRows rows of x (and of y) stream over tiles of kMmdTile rows of
+// both sets, held transposed (D, kMmdTile) so that the distances of a group to a tile are vector
+// loops with the sums in registers; the gradient's weighted sums run over the same tile's rows
+// as stored. The transposed copies are the only memory beyond the inputs and gradients
+// (O((n + m) D)).
 // Blocks of rows run in parallel (OpenMP), each with its own partial sums, reduced in block
 // order: the result does not depend on the thread count. The row loop is compiled per ISA
 // clone (mmd_rows.inc, isa.h).
@@ -30,6 +32,8 @@ namespace {
 
 constexpr int64_t kMmdTile = 64;  // rows of a set per transposed tile
 constexpr int64_t kMmdBlock = 16;  // rows of a per task
+constexpr int kMmdRows = 4;  // rows of a that share each load of a tile (register blocking)
+constexpr int kMmdLanes = 16;  // columns (features, in the gradient) summed in registers at once
 
 template <class T>
 struct MmdSide {
@@ -38,6 +42,7 @@ struct MmdSide {
   const T* self_t;  // a transposed in tiles
   int64_t n_self;
   const T* other_t;  // the other set transposed, or null when its cross sums are not needed
+  const T* other;    // the other set's rows
   int64_t n_other;
   bool rbf;
   T c, g_self, g_other;
@@ -67,14 +72,14 @@ double mmd(const T* x, int64_t n, const T* y, int64_t m, int64_t D, bool rbf, do
   const double wxx = 1.0 / (double(n) * (n - 1)), wyy = 1.0 / (double(m) * (m - 1)),
                wxy = 1.0 / (double(n) * m);
   const MmdSide<T> sides[2] = {
-      {x, D, xt.data(), n, yt.data(), m, rbf, T(c), T(2 * wxx), T(-2 * wxy), gx},
-      {y, D, yt.data(), m, gy ? xt.data() : nullptr, n, rbf, T(c), T(2 * wyy), T(-2 * wxy), gy}};
+      {x, D, xt.data(), n, yt.data(), y, m, rbf, T(c), T(2 * wxx), T(-2 * wxy), gx},
+      {y, D, yt.data(), m, gy ? xt.data() : nullptr, x, n, rbf, T(c), T(2 * wyy), T(-2 * wxy), gy}};
   const int64_t bx = (n + kMmdBlock - 1) / kMmdBlock, by = (m + kMmdBlock - 1) / kMmdBlock;
   std::vector<double> sums(2 * (bx + by));
   // Below ~2^16 pair-features a parallel region costs more than it saves (more on a busy machine).
 #pragma omp parallel if ((n + m) * (n + m) * D >= (int64_t(1) << 16))
   {
-    std::vector<T> scratch(2 * kMmdTile + D);
+    std::vector<T> scratch(kMmdRows * (2 * kMmdTile + D));
 #pragma omp for schedule(dynamic)
     for (int64_t k = 0; k < bx + by; ++k) {
       const MmdSide<T>& s = sides[k < bx ? 0 : 1];

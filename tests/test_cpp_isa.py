@@ -9,8 +9,10 @@ over a row are split over as many lanes as the vector holds, so the order of the
 differs; both move a result by an ulp or two per operation, never more than a few over the
 short chains here. The importance weights w = exp(log w - logsumexp) and everything
 computed from them are the exception: an ulp of a log-weight of magnitude |log w| ~ 90 is
-|log w| ulps of w, so there the bound is 16 eps max|log w| relative (100 here). Each clone is also checked against the float64 reference, so that clones
-cannot agree on a wrong answer.
+|log w| ulps of w, so there the bound is 16 eps max|log w| relative (100 here). MMD's sums run
+over all pairs (its gradient is a_i sum_j w_ij - sum_j w_ij b_j, chains of ~B terms), so there
+the bound is 4 x 16 eps. Each clone is also checked against the float64 reference, so that
+clones cannot agree on a wrong answer.
 """
 
 import os
@@ -26,6 +28,7 @@ from fastlvm.reference import vae as ref
 
 CLONES = ["generic", "avx2", "avx512"]
 ULPS = 16
+MMD_CHAIN = 4  # MMD sums run over every pair: chains ~B long, not a few operations
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -108,13 +111,21 @@ def every_kernel(dtype, S=3, B=37, D=45, Dx=133):
     for name, t in zip(("iwae_bwd_lpx", "iwae_bwd_mu", "iwae_bwd_lv"),
                        cpp.iwae_bwd(lpx, mu, lv, eps, out["iwae_w"], g_bound)):
         out[name] = t
+    # MMD: x and y shifted apart (a value far from 0, not a cancellation), rows not a multiple of the
+    # row blocking, D not a multiple of the register chunk
+    ya = randn(B + 4, D, dtype=dtype, seed=14, scale=1.3, shift=0.5)
+    for kernel, c in (("imq", 2.0 * D), ("rbf", 3.0 * D)):
+        for name, t in zip(("", "_gx", "_gy"), cpp.mmd_fwd_grad(mu, ya, kernel, c, need=(True, True))):
+            out[f"mmd_{kernel}{name}"] = t
     refs = {"z": ref.reparameterize(mu.double(), lv.double(), eps.double()),
             "kl": ref.kl_standard_normal(mu.double(), lv.double()),
             "noise": ref.normal_noise(S, B, D, 99, torch.float64),
             "gauss": ref.gaussian_log_likelihood(x.double().repeat(S, 1), mean.double(),
                                                  lvx1.double()),
             "bern": ref.bernoulli_log_likelihood(x.double().repeat(S, 1), logits.double()),
-            "iwae": ref.iwae_bound(lpx.double(), mu.double(), lv.double(), eps.double())}
+            "iwae": ref.iwae_bound(lpx.double(), mu.double(), lv.double(), eps.double()),
+            "mmd_imq": ref.mmd(mu.double(), ya.double(), "imq", 2.0 * D),
+            "mmd_rbf": ref.mmd(mu.double(), ya.double(), "rbf", 3.0 * D)}
     return out, refs
 
 
@@ -142,7 +153,7 @@ def test_clone_matches_generic_and_reference(isa, generic_outputs):
     # exp amplifies the ulps of the log-weights (see the module docstring)
     log_w_scale = 100.0  # |log w| for log p(x|z) = -90 +- 3 sigma
     allowed = {name: ULPS * (log_w_scale if name.startswith("iwae_") and name != "iwae_fg"
-                             else 1.0) for name in got}
+                             else MMD_CHAIN if name.startswith("mmd_") else 1.0) for name in got}
     far = {name: ulp_distance(got[name], base[name]) for name in got}
     assert all(far[k] <= allowed[k] for k in far), \
         {k: round(v, 1) for k, v in far.items() if v > allowed[k]}

@@ -48,7 +48,7 @@ def test_reference_equals_direct_formula(kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n,m,dim", [(2, 2, 1), (70, 130, 5), (129, 64, 32), (33, 200, 3)])
+@pytest.mark.parametrize("n,m,dim", [(2, 2, 1), (70, 130, 5), (129, 64, 32), (33, 200, 3), (50, 47, 20)])
 def test_cpp_equals_reference_value_and_gradients(kernel, dtype, n, m, dim):
     g = torch.Generator().manual_seed(n + m + dim)
     x64 = torch.randn(n, dim, generator=g, dtype=torch.float64) * 0.7 + 0.2
