@@ -33,7 +33,6 @@ namespace {
 constexpr int64_t kMmdTile = 64;  // rows of a set per transposed tile
 constexpr int64_t kMmdBlock = 16;  // rows of a per task
 constexpr int kMmdRows = 4;  // rows of a that share each load of a tile (register blocking)
-constexpr int kMmdLanes = 16;  // columns (features, in the gradient) summed in registers at once
 
 template <class T>
 struct MmdSide {
