@@ -129,10 +129,27 @@ def _transpose_centred(X, r0, C, m, dT):
 
 @_helper
 def _axpy_rows(C, A, out, upper):
-    """out[j] += sum_p C[p, j] A[p] over the rows p of A (p <= j when upper: C upper triangular),
-    four rows of A at a time (A has a multiple of 4 rows; out's rows stay in cache)."""
-    n = A.shape[1]
-    for j in range(out.shape[0]):
+    """out[j] += sum_p C[p, j] A[p] over the rows p of A (p <= j when upper: C upper triangular, its
+    zeros below the diagonal may be added), four outputs by four rows of A at a time (A has a
+    multiple of 4 rows): each load of a row of A serves four outputs, and out's rows stay in cache."""
+    n, J = A.shape[1], out.shape[0]
+    j = 0
+    while j + 4 <= J:
+        y0, y1, y2, y3 = out[j], out[j + 1], out[j + 2], out[j + 3]
+        for p in range(0, j + 4 if upper else A.shape[0], 4):
+            x0, x1, x2, x3 = A[p], A[p + 1], A[p + 2], A[p + 3]
+            a0, a1, a2, a3 = C[p, j], C[p + 1, j], C[p + 2, j], C[p + 3, j]
+            b0, b1, b2, b3 = C[p, j + 1], C[p + 1, j + 1], C[p + 2, j + 1], C[p + 3, j + 1]
+            c0, c1, c2, c3 = C[p, j + 2], C[p + 1, j + 2], C[p + 2, j + 2], C[p + 3, j + 2]
+            d0, d1, d2, d3 = C[p, j + 3], C[p + 1, j + 3], C[p + 2, j + 3], C[p + 3, j + 3]
+            for i in range(n):
+                u, v, w, z = x0[i], x1[i], x2[i], x3[i]
+                y0[i] += a0 * u + a1 * v + a2 * w + a3 * z
+                y1[i] += b0 * u + b1 * v + b2 * w + b3 * z
+                y2[i] += c0 * u + c1 * v + c2 * w + c3 * z
+                y3[i] += d0 * u + d1 * v + d2 * w + d3 * z
+        j += 4
+    for j in range(j, J):
         y = out[j]
         for p in range(0, j + 1 if upper else A.shape[0], 4):
             c0, c1, c2, c3 = C[p, j], C[p + 1, j], C[p + 2, j], C[p + 3, j]
@@ -415,10 +432,11 @@ def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot):
         row_ll[i] = logp[0, i]
         best[i] = 0
     for k in range(1, K):
-        for i in range(C):
-            if logp[k, i] > row_ll[i]:
-                row_ll[i] = logp[k, i]
-                best[i] = k
+        for i in range(C):  # selects, not branches: the loop vectorises
+            v = logp[k, i]
+            up = v > row_ll[i]
+            row_ll[i] = v if up else row_ll[i]
+            best[i] = k if up else best[i]
     if hard:
         if not onehot_rows:
             for k in range(K):
