@@ -109,3 +109,24 @@ def test_statistics_do_not_depend_on_threads(cov):
     two = cpu.suff_stats(kind, X, *kp, False, np.empty((0, 3)), 2, block_rows=256)
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("single, ulps", [(False, 4), (True, 4)])
+def test_exp_of_the_responsibilities_against_numpy(single, ulps):
+    # float64 series, or (float32 data) the float32 series: a few ulp of its precision over the
+    # range a responsibility's exponent takes; exactly 1 at 0 and 0 far below
+    import numba
+
+    @numba.njit
+    def exp_in_place(a, single):
+        cpu._exp_nonpositive(a, a.shape[0], np.empty(a.shape[0], dtype=np.int64), single)
+
+    t = -np.concatenate([np.random.default_rng(0).random(20000) * 80, np.linspace(0.0, 80.0, 1001)])
+    got = t.copy()
+    exp_in_place(got, single)
+    want = np.exp(t)
+    eps = np.finfo(np.float32 if single else np.float64).eps
+    assert np.max(np.abs(got - want) / want) <= ulps * eps
+    edge = np.array([0.0, -1000.0])
+    exp_in_place(edge, single)
+    assert edge.tolist() == [1.0, 0.0]

@@ -67,13 +67,41 @@ _LN2_LO = 1.9082149292705877e-10
 _FLOAT32_TINY = 1.1754943508222875e-38  # smallest normal numbers
 _FLOAT64_TINY = 2.2250738585072014e-308
 _EXP_MIN = -708.0  # below this exp(t) is subnormal or zero; returned as 0 (a responsibility < 1e-307)
+# The series in float32 (constants of that type keep Numba's arithmetic in float32)
+_EXP_MIN_F32 = -87.0  # exp(-87) is near float32's smallest normal number
+_HALF_F32, _ONE_F32 = np.float32(0.5), np.float32(1.0)
+_C3_F32, _C4_F32, _C5_F32 = np.float32(1 / 6), np.float32(1 / 24), np.float32(1 / 120)
+_C6_F32, _C7_F32 = np.float32(1 / 720), np.float32(1 / 5040)
 
 
 @_helper
-def _exp_nonpositive(a, n, bits):
-    """a[:n] = exp(a[:n]) for a <= 0, to a few ulp, in loops that vectorise (libm's exp does not):
-    exp(t) = 2^m exp(r), m = round(t / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series to r^12
-    (remainder < 2e-16 relative), 2^m assembled in the exponent bits of a float64."""
+def _exp_nonpositive(a, n, bits, single):
+    """a[:n] = exp(a[:n]) for a <= 0, in loops that vectorise (libm's exp does not):
+    exp(t) = 2^m exp(r), m = round(t / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series, 2^m
+    assembled in the exponent bits. To a few float64 ulp (series to r^12, remainder < 2e-16), or
+    with `single` to a few float32 ulp, the series in float32 arithmetic, twice the lanes (to r^7,
+    remainder < 6e-9; t < -87 gives 0): for float32 data, whose M-step takes the responsibilities
+    rounded to float32 anyway. bits: int64 scratch (n,)."""
+    if single:
+        b32 = bits.view(np.int32)
+        for i in range(n):
+            t = max(a[i], _EXP_MIN_F32)
+            m = np.floor(t * _LOG2E + 0.5)
+            r = np.float32((t - m * _LN2_HI) - m * _LN2_LO)  # reduced in float64: t's digits count
+            p = _C7_F32
+            p = p * r + _C6_F32
+            p = p * r + _C5_F32
+            p = p * r + _C4_F32
+            p = p * r + _C3_F32
+            p = p * r + _HALF_F32
+            p = p * r + _ONE_F32
+            p = p * r + _ONE_F32
+            a[i] = np.float64(p) if a[i] >= _EXP_MIN_F32 else 0.0
+            b32[i] = (np.int32(m) + 127) << 23
+        scale32 = bits.view(np.float32)
+        for i in range(n):
+            a[i] *= np.float64(scale32[i])
+        return
     for i in range(n):
         t = max(a[i], _EXP_MIN)
         m = np.floor(t * _LOG2E + 0.5)
@@ -423,7 +451,7 @@ def _accumulate_vector(diag, C, resp, onehot, best, rd, n, s, second, aa, mom):
 
 
 @_helper
-def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot):
+def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot, single):
     """resp[k, i] (soft: exp(logp - logsumexp); hard: one-hot argmax, left unset when onehot_rows
     says the caller adds rows by best alone), each row's log p(x) (hard: max_k log p(x, k)) and
     argmax best[i], for i < C; resp is zero on padding rows. bits, tot: scratch (rows,)."""
@@ -448,7 +476,7 @@ def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot):
             rk = resp[k]
             for i in range(C):
                 rk[i] = logp[k, i] - row_ll[i]
-            _exp_nonpositive(rk, C, bits)
+            _exp_nonpositive(rk, C, bits, single)
             for i in range(C):
                 tot[i] += rk[i]
         for i in range(C):
@@ -565,7 +593,7 @@ def _drivers(kind):
                             resp[k, i] = resp_in[r0 + i, k] if i < C else 0.0
                     row_ll[:C] = 0.0
                 else:
-                    _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, scratch)
+                    _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, scratch, X.itemsize == 4)
                 for i in range(C):
                     b_ll[blk] += row_ll[i]
                     if row_ll[i] < worst_ll[blk]:
@@ -590,7 +618,7 @@ def _drivers(kind):
             if C < sub:
                 _zero_padding(kind, C, d, aa)
             _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
-            _normalise(logp, C, hard, hard, resp, row_ll, best, bits, scratch)  # hard: no one-hot resp needed
+            _normalise(logp, C, hard, hard, resp, row_ll, best, bits, scratch, X.itemsize == 4)  # hard: no one-hot resp needed
             for i in range(C):
                 out_ll[r0 + i] = row_ll[i]
                 out_label[r0 + i] = best[i]
