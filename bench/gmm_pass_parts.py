@@ -1,0 +1,76 @@
+"""Where one E+M pass of the diag type spends its time: the GMM kernel's helpers (fastlvm.kernels.cpu)
+timed cumulatively, single-threaded, over N rows in sub-chunks as the driver runs them.
+
+    python bench/gmm_pass_parts.py [--n 200704] [--d 32] [--k 16] [--dtype float32]
+
+Prints the milliseconds of: the rows' squares and transposition, the E-step products and log
+densities, the normalisation (exp, log-sum-exp), and the M-step's sums.
+"""
+
+import argparse
+import time
+
+import numpy as np
+from numba import njit
+
+from fastlvm.kernels import cpu
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=200704)
+    ap.add_argument("--d", type=int, default=32)
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    N, D, K, sub = args.n, args.d, args.k, cpu.SUB_ROWS
+    dt = np.dtype(args.dtype)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(N, D)).astype(dt)
+    centre = X.mean(axis=0).astype(dt)
+    W = -(-2 * D // cpu.PAD) * cpu.PAD
+    Wt = np.zeros((W, K), dtype=dt)
+    Wt[: 2 * D] = rng.normal(size=(2 * D, K)) * 0.1
+    off, log_norm = rng.normal(size=K), rng.normal(size=K)
+
+    @njit(nogil=True, fastmath=cpu._FASTMATH)
+    def parts(X, centre, Wt, off, log_norm, upto):
+        aa, dist = np.zeros((Wt.shape[0], sub), X.dtype), np.empty((K, sub), X.dtype)
+        logp, resp, row_ll, best, bits, tot = cpu._normalise_buffers(K, sub)
+        rd, mom = np.zeros((K, sub), X.dtype), np.zeros((K, Wt.shape[0]), X.dtype)
+        n, s, second = np.zeros(K), np.zeros((K, D)), np.zeros((K, 1, D))
+        for r0 in range(0, X.shape[0] - sub + 1, sub):
+            if upto >= 1:
+                cpu._squares_and_rows(True, X, r0, sub, centre, aa)
+            if upto >= 2:
+                dist[:] = 0.0
+                cpu._axpy_rows(Wt, aa, dist, False)
+                for k in range(K):
+                    for i in range(sub):
+                        logp[k, i] = log_norm[k] - 0.5 * (dist[k, i] + off[k])
+            if upto >= 3:
+                cpu._normalise(logp, sub, False, False, resp, row_ll, best, bits, tot, X.itemsize == 4)
+            if upto >= 4:
+                cpu._accumulate_vector(True, sub, resp, False, best, rd, n, s, second, aa, mom)
+        return n
+
+    times = {u: [] for u in range(5)}
+    for u in range(5):
+        parts(X, centre, Wt, off, log_norm, u)
+    for _ in range(args.repeats):
+        for u in range(5):
+            t = time.perf_counter()
+            parts(X, centre, Wt, off, log_norm, u)
+            times[u].append(time.perf_counter() - t)
+    ms = [1e3 * min(times[u]) for u in range(5)]
+    names = ["squares and transposition", "E-step products and log densities", "normalisation (exp)",
+             "M-step sums"]
+    print(f"diag {args.dtype} N={N} D={D} K={K}, one thread, best of {args.repeats}:")
+    for u, name in enumerate(names, start=1):
+        print(f"  {name:36s} {ms[u] - ms[u - 1]:7.2f} ms")
+    print(f"  {'total':36s} {ms[4] - ms[0]:7.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
