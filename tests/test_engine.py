@@ -1,5 +1,6 @@
 """The dispatch point (fastlvm.engine) in the main suite: backend resolution, device-input detection,
-the errors for a missing GPU, and the rule that no estimator module imports a kernel or numba."""
+the errors for a missing GPU, the rule that no estimator module imports a kernel or numba, and host
+BLAS on one thread beside the kernels."""
 
 import ast
 import os
@@ -97,3 +98,26 @@ def test_recentring_at_one_feature_follows_the_covariance_type(name, K):
     moved = st_a.recentred(st_b.shift)
     np.testing.assert_allclose(moved.second, st_b.second, rtol=1e-10)
     np.testing.assert_allclose(moved.s, st_b.s, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("estimator, loop", [(KMeans, "fastlvm.mixture.kmeans.lloyd"),
+                                             (GaussianMixture, "fastlvm.mixture.gaussian_mixture.run_em")])
+def test_host_blas_runs_on_one_thread_during_the_fit_loop(monkeypatch, estimator, loop):
+    # The kernels are the parallel part: a threaded BLAS call on the host (seeding, inertia, the M-step's
+    # D x D algebra) would leave OpenBLAS's threads spinning beside their workers. Every run of the
+    # loop (one per n_init) sees BLAS limited to one thread.
+    import importlib
+
+    from threadpoolctl import threadpool_info
+
+    module_name, name = loop.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    seen, real = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        seen.append({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    estimator(2, n_init=2, random_state=0).fit(np.random.default_rng(0).normal(size=(500, 3)))
+    assert len(seen) == 2 and all(threads == {1} for threads in seen)

@@ -190,22 +190,3 @@ def test_verbose_output(capsys):
     assert "Iteration 1" in err and "lower bound" in err
     GaussianMixture(2, verbose=2, max_iter=3, tol=0).fit(X)
     assert "[" in capsys.readouterr().err
-
-
-def test_host_blas_runs_on_one_thread_during_em(monkeypatch):
-    # The host's D x D algebra next to the kernels: BLAS limited to one thread for the EM loop, so
-    # no threaded call leaves OpenBLAS's threads spinning beside the kernels' workers.
-    from threadpoolctl import threadpool_info
-
-    import fastlvm.mixture.gaussian_mixture as estimator
-
-    seen, real = [], estimator.run_em
-
-    def spy(*args, **kwargs):
-        seen.append({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(estimator, "run_em", spy)
-    X = np.random.default_rng(0).normal(size=(500, 3))
-    GaussianMixture(2, n_init=2, random_state=0).fit(X)
-    assert len(seen) == 2 and all(threads == {1} for threads in seen)

@@ -199,22 +199,3 @@ def test_every_source_gives_the_in_memory_fit(tmp_path):
             assert km.n_iter_ == ref.n_iter_, name
             np.testing.assert_allclose(km.cluster_centers_, ref.cluster_centers_, rtol=1e-10, err_msg=name)
             assert km.inertia_ == pytest.approx(ref.inertia_, rel=1e-10), name
-
-
-def test_host_blas_runs_on_one_thread_during_the_fit(monkeypatch):
-    # A threaded BLAS call on the host (seeding, inertia) would leave OpenBLAS's threads spinning
-    # beside the kernels' workers: the whole Lloyd loop runs with BLAS limited to one thread.
-    from threadpoolctl import threadpool_info
-
-    import fastlvm.mixture.kmeans as estimator
-
-    seen, real = [], estimator.lloyd
-
-    def spy(*args, **kwargs):
-        seen.append({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(estimator, "lloyd", spy)
-    X = np.random.default_rng(0).normal(size=(500, 3))
-    KMeans(3, n_init=2, random_state=0).fit(X)
-    assert len(seen) == 2 and all(threads == {1} for threads in seen)
