@@ -20,6 +20,7 @@ the result does not depend on the number of threads. The kernels are serial and 
 than Numba's parallel loops, which compile several times slower. Dense products x . c_k are
 single-threaded BLAS calls on tiles of SUB_ROWS rows inside the kernels (BLAS limited to one
 thread meanwhile), so the tile of products stays in cache beside the argmin that reads it.
+The kernels over Rows are made per data layout (`_kernels`): a dense fit compiles no CSR code.
 """
 
 import functools
