@@ -454,7 +454,8 @@ def _accumulate_vector(diag, C, resp, onehot, best, rd, n, s, second, aa, mom):
 def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot, single):
     """resp[k, i] (soft: exp(logp - logsumexp); hard: one-hot argmax, left unset when onehot_rows
     says the caller adds rows by best alone), each row's log p(x) (hard: max_k log p(x, k)) and
-    argmax best[i], for i < C; resp is zero on padding rows. bits, tot: scratch (rows,)."""
+    argmax best[i], for i < C; resp is zero on padding rows. bits, tot: scratch (rows,); single:
+    the exp to float32 accuracy (float32 data, see _exp_nonpositive)."""
     K, rows = logp.shape
     for i in range(C):
         row_ll[i] = logp[0, i]
