@@ -357,6 +357,9 @@ class PeakRSS:
 # case are timed interleaved, under the same background load of a shared machine.
 
 PREFIX = "@@bench "  # marks protocol lines; libraries may print to stdout too
+# Pause before each timed contender: BLAS and OpenMP worker threads spin for up to ~0.1 s after a
+# parallel call, and threads left spinning by one library halved the next one's speed.
+SETTLE_S = 0.3
 
 
 def _send(obj):
@@ -486,6 +489,7 @@ def run_case(case: Case, libs, timeout: float, budget_s: float, max_rounds: int,
         order = list(workers)[rnd % max(len(workers), 1):] + list(workers)[: rnd % max(len(workers), 1)]
         for lib in order:
             r = results[lib]
+            time.sleep(SETTLE_S)  # the previous contender's spinning BLAS/OpenMP threads time out
             try:
                 pair = workers[lib].ask(f"pair {fit_cap}")
             except RuntimeError as e:

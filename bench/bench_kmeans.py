@@ -122,6 +122,11 @@ LIBS = {
 }
 
 
+# Pause before each timed fit: BLAS and OpenMP worker threads spin for up to ~0.1 s after a parallel
+# call, and threads left spinning by one library halved the next one's speed.
+SETTLE_S = 0.3
+
+
 def run_case(c: Case, libs, rounds: int):
     X, init = make_data(c)
     live, notes, times, iters, inertia = [], {}, {}, {}, {}
@@ -134,6 +139,7 @@ def run_case(c: Case, libs, rounds: int):
             notes[lib] = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
     for _ in range(rounds):
         for lib in live:
+            time.sleep(SETTLE_S)  # the previous contender's spinning BLAS/OpenMP threads time out
             t0 = time.perf_counter()
             n_iter, _ = LIBS[lib](X, init, c)
             times[lib].append((time.perf_counter() - t0) / max(n_iter, 1))
