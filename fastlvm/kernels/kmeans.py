@@ -17,9 +17,10 @@ changes touch the sums, so a skipped row costs its three bound words.
 A pass runs over fixed blocks of rows, each with its own partial sums, reduced in block order:
 the result does not depend on the number of threads. The kernels are serial and release the GIL;
 `_run` calls one per thread (cpu._on_workers), each on every step-th block: plain threads rather
-than Numba's parallel loops, which compile several times slower. Dense products x . c_k are
-single-threaded BLAS calls on tiles of SUB_ROWS rows inside the kernels (BLAS limited to one
-thread meanwhile), so the tile of products stays in cache beside the argmin that reads it.
+than Numba's parallel loops, which compile several times slower. Dense rows are scored by the
+register-blocked SIMD search of `fastlvm.kernels.simd` (four rows against a vector of centres,
+reading X as stored: BLAS on a tile of rows by a few centres spent longer packing the tile than
+multiplying it); CSR rows by an axpy per non-zero along the transposed centres.
 The kernels over Rows are made per data layout (`_kernels`): a dense fit compiles no CSR code.
 """
 
@@ -31,6 +32,7 @@ import numpy as np
 from numba import njit
 
 from fastlvm.kernels.cpu import _on_workers, blas_single_thread
+from fastlvm.kernels.simd import lanes, nearest_rows
 
 _FASTMATH = {"reassoc", "contract", "arcp"}
 _inline = njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
@@ -131,26 +133,32 @@ def _low(d2, margin, shrink):
 
 
 @_inline
-def _tile_products(X, data, indices, indptr, sparse, r0, n, C, CT, G, acc):
-    """G[k, r] = x_{r0 + r} . c_k for r < n <= G.shape[1], in the rows' dtype (returns G, or a new
-    (K, n) array for a short dense tile): one BLAS call (dense; np.dot into its output, whose code
-    compiles several times faster than an allocating or sliced one) or one axpy over the K centres
-    per non-zero along the transposed centres CT (D, K) (CSR)."""
-    if sparse:
-        for r in range(n):
-            i = r0 + r
-            acc[:] = 0.0
-            for j in range(indptr[i], indptr[i + 1]):
-                v = data[j]
-                col = indices[j]
-                for k in range(acc.shape[0]):
-                    acc[k] += v * CT[col, k]
+def _sparse_tile_products(data, indices, indptr, r0, n, CT, G, acc):
+    """G[k, r] = x_{r0 + r} . c_k for r < n <= G.shape[1] and CSR rows: one axpy over the K centres
+    per non-zero along the transposed centres CT (D, >= K)."""
+    for r in range(n):
+        i = r0 + r
+        acc[:] = 0.0
+        for j in range(indptr[i], indptr[i + 1]):
+            v = data[j]
+            col = indices[j]
             for k in range(acc.shape[0]):
-                G[k, r] = acc[k]
-        return G
-    out = G if n == G.shape[1] else np.empty((G.shape[0], n), dtype=G.dtype)
-    np.dot(C, X[r0 : r0 + n].T, out)
-    return out
+                acc[k] += v * CT[col, k]
+        for k in range(acc.shape[0]):
+            G[k, r] = acc[k]
+
+
+@_inline
+def _nearest_dense(X, r0, n, CT, lane_norms, best, s1, s2):
+    """best[r], s1[r], s2[r] (as _nearest_block gives them) for the dense rows r0 + r, r < n, from
+    the centres in lanes (`Rows.centres`): four rows at a time, then one."""
+    r = 0
+    while r + 4 <= n:
+        nearest_rows(X, r0 + r, CT, lane_norms, best, s1, s2, r, 4)
+        r += 4
+    while r < n:
+        nearest_rows(X, r0 + r, CT, lane_norms, best, s1, s2, r, 1)
+        r += 1
 
 
 @_inline
@@ -187,19 +195,15 @@ def _nearest_block(G, n, c_norms, best, s1, s2):
 
 
 @_jit
-def _nearest_rows(X, C, c_norms, labels, d2, first, step):
+def _nearest_rows(X, CT, lane_norms, labels, d2, first, step):
     """labels[i] and d2[i] = ||x_i - c||^2 (in d2's dtype, >= 0) of the nearest centre c, for the
     blocks first, first + step, ... of dense rows."""
-    N, K = X.shape[0], C.shape[0]
-    G = np.empty((K, SUB_ROWS), dtype=X.dtype)
+    N = X.shape[0]
     best, s1, s2 = np.empty(SUB_ROWS, dtype=np.int64), np.empty(SUB_ROWS), np.empty(SUB_ROWS)
-    none = np.empty(0, dtype=X.dtype)
-    no_index = np.zeros(1, dtype=np.int32)
     for b in range(first, n_blocks(N), step):
         for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
             n = min(SUB_ROWS, N - r0)
-            P = _tile_products(X, none, no_index, no_index, False, r0, n, C, C, G, none)
-            _nearest_block(P, n, c_norms, best, s1, s2)
+            _nearest_dense(X, r0, n, CT, lane_norms, best, s1, s2)
             for r in range(n):
                 i = r0 + r
                 x_norm = 0.0
@@ -207,6 +211,20 @@ def _nearest_rows(X, C, c_norms, labels, d2, first, step):
                     x_norm += np.float64(X[i, d]) * X[i, d]
                 labels[i] = best[r]
                 d2[i] = max(x_norm + s1[r], 0.0)
+
+
+def centres_in_lanes(C):
+    """The centres as the SIMD search takes them: CT (D, KP), C transposed and padded with zero
+    columns to KP, a multiple of the lane count, and their squared norms (KP,) padded with +inf
+    (a padding centre never wins), both in C's dtype."""
+    K, D = C.shape
+    W = lanes(C.dtype)
+    KP = -(-K // W) * W
+    CT = np.zeros((D, KP), dtype=C.dtype)
+    CT[:, :K] = C.T
+    lane_norms = np.full(KP, np.inf, dtype=C.dtype)
+    lane_norms[:K] = (np.asarray(C, dtype=np.float64) ** 2).sum(axis=1)
+    return CT, lane_norms
 
 
 def _check_dense(name, A):
@@ -230,8 +248,8 @@ def nearest_centres(X, C):
                          f"{C.shape} {C.dtype}")
     labels = np.empty(X.shape[0], dtype=np.int64)
     d2 = np.empty(X.shape[0], dtype=X.dtype)
-    c_norms = (C.astype(np.float64) ** 2).sum(axis=1)
-    _run(_nearest_rows, n_blocks(X.shape[0]), X, C, c_norms, labels, d2, blas=True)
+    CT, lane_norms = centres_in_lanes(C)
+    _run(_nearest_rows, n_blocks(X.shape[0]), X, CT, lane_norms, labels, d2)
     return labels, d2
 
 
@@ -396,15 +414,15 @@ def _kernels(sparse):
             hits[r] = np.sqrt(max(x_norms[i] + s_a, 0.0) + eps * (x_norms[i] + c_norms[a])) >= gmin
 
     @_jit
-    def full_pass(X, data, indices, indptr, weights, x_norms, C, CT, c_norms, eps, shrink, labels, bounds,
+    def full_pass(X, data, indices, indptr, weights, x_norms, CT, c_norms, lane_norms, eps, shrink, labels, bounds,
                   upper, lower, sums, counts, changed, first, step):
         """Labels of every row of the blocks first, first + step, ... from tiles of products
-        (_tile_products, _nearest_block), if `bounds` their bounds (distance to the nearest centre, and
+        (_nearest_dense; CSR: _sparse_tile_products, _nearest_block), if `bounds` their bounds (distance to the nearest centre, and
         to the next nearest as every group's lower bound, widened by the rounding margin), and per block
         the changes of the weighted sums (sums (B, K, D), counts (B, K), changed (B,))."""
-        N, K = labels.shape[0], C.shape[0]
-        G = np.empty((K, SUB_ROWS), dtype=C.dtype)
-        acc = np.empty(K, dtype=C.dtype)
+        N, K = labels.shape[0], c_norms.shape[0]
+        G = np.empty((K, SUB_ROWS), dtype=CT.dtype)
+        acc = np.empty(K, dtype=CT.dtype)
         best, s1, s2 = np.empty(SUB_ROWS, dtype=np.int64), np.empty(SUB_ROWS), np.empty(SUB_ROWS)
         moved, old = np.empty(BLOCK_ROWS, dtype=np.int64), np.empty(BLOCK_ROWS, dtype=np.int64)
         c_max = _largest(c_norms)
@@ -412,8 +430,11 @@ def _kernels(sparse):
             n_changed = np.int64(0)  # not the literal 0: _block_sums would compile for both
             for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
                 n = min(SUB_ROWS, N - r0)
-                P = _tile_products(X, data, indices, indptr, sparse, r0, n, C, CT, G, acc)
-                _nearest_block(P, n, c_norms, best, s1, s2)
+                if sparse:
+                    _sparse_tile_products(data, indices, indptr, r0, n, CT, G, acc)
+                    _nearest_block(G, n, c_norms, best, s1, s2)
+                else:
+                    _nearest_dense(X, r0, n, CT, lane_norms, best, s1, s2)
                 for r in range(n):
                     i = r0 + r
                     if bounds:
@@ -489,9 +510,11 @@ class Rows:
         return self.X, self.data, self.indices, self.indptr
 
     def centres(self, C):
-        """(C, CT, ||c_k||^2) in the kernels' layout: C and CT (D, K) in the rows' dtype."""
+        """(C, CT, ||c_k||^2, lane norms) in the kernels' layout: C (K, D) in the rows' dtype, the
+        squared norms in float64, and CT and the lane norms as centres_in_lanes makes them."""
         Cd = np.ascontiguousarray(C, dtype=self.dtype)
-        return Cd, np.ascontiguousarray(Cd.T), (np.asarray(Cd, dtype=np.float64) ** 2).sum(axis=1)
+        CT, lane_norms = centres_in_lanes(Cd)
+        return Cd, CT, (np.asarray(Cd, dtype=np.float64) ** 2).sum(axis=1), lane_norms
 
     def sq_distances(self, C):
         """(N, K) squared distances to the centres C."""
@@ -502,7 +525,7 @@ class Rows:
         return self._sq_distances(C, np.asarray(labels, dtype=np.int32), 1)[:, 0]
 
     def _sq_distances(self, C, labels, width):
-        Cd, _, c_norms = self.centres(C)
+        Cd, _, c_norms, _ = self.centres(C)
         out = np.empty((self.n_rows, width))
         _run(self.kernels.sq_distances, n_blocks(self.n_rows), *self.args(), self.norms, Cd, c_norms, labels, out)
         return out
@@ -570,7 +593,7 @@ class LloydState:
     def _assign(self, C, moves):
         rows = self.rows
         C = np.asarray(C, dtype=np.float64)
-        Cd, CT, c_norms = rows.centres(C)
+        Cd, CT, c_norms, lane_norms = rows.centres(C)
         if self.bounded and self.groups is None:
             self._group(C)
         if self.bounded and self.labels[0] >= 0:
@@ -580,7 +603,7 @@ class LloydState:
                 n_changed = self._bounded_pass(C, Cd, c_norms, np.asarray(moves, dtype=np.float64))
                 if n_changed >= 0:
                     return n_changed
-        _run(rows.kernels.full_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, Cd, CT, c_norms, self.eps,
+        _run(rows.kernels.full_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, CT, c_norms, lane_norms, self.eps,
              self.shrink, self.labels, self.bounded and self._wait == 0, self.upper, self.lower, self._sums, self._counts,
              self._changed)
         self._reduce()
