@@ -14,10 +14,13 @@ def brute_force(X, C):
     return d2.argmin(axis=1), d2.min(axis=1)
 
 
+@pytest.mark.parametrize("search", ["simd", "blas"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n, d, k", [(1, 1, 1), (7, 3, 5), (BLOCK_ROWS + 3, 5, 1), (BLOCK_ROWS + SUB_ROWS + 17, 4, 300)])
-def test_nearest_centres_with_ties_is_argmin(dtype, n, d, k):
-    """Small integers: every product is exact, so ties are exact and must go to the lowest index."""
+def test_nearest_centres_with_ties_is_argmin(dtype, n, d, k, search, monkeypatch):
+    """Small integers: every product is exact, so ties are exact and must go to the lowest index.
+    Both searches: the SIMD one (few centres) and BLAS tiles (many)."""
+    monkeypatch.setattr(kernels, "SIMD_MAX_BYTES", 10**9 if search == "simd" else 0)
     rng = np.random.default_rng(n + k)
     X = rng.integers(-3, 4, size=(n, d)).astype(dtype)
     C = rng.integers(-3, 4, size=(k, d)).astype(dtype)
@@ -80,11 +83,14 @@ def test_cluster_sums_rejects_bad_labels():
         cluster_sums(X, np.array([0, 1]), 3)
 
 
+@pytest.mark.parametrize("search", ["simd", "blas"])
 @pytest.mark.parametrize("share", [-1.0, 0.2, 1.0])  # never bounded, as predicted, always bounded
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_lloyd_passes_give_the_nearest_centre_whichever_pass_runs(share, dtype, monkeypatch):
+def test_lloyd_passes_give_the_nearest_centre_whichever_pass_runs(share, dtype, search, monkeypatch):
     """Full and bounded passes interleave (the sample's prediction, the back-off); every pass must
-    give nearest_centres' labels and the sums of its labels, also with near-duplicate centres."""
+    give nearest_centres' labels and the sums of its labels, also with near-duplicate centres,
+    whichever search (SIMD or BLAS tiles) the full passes use."""
+    monkeypatch.setattr(kernels, "SIMD_MAX_BYTES", 10**9 if search == "simd" else 0)
     monkeypatch.setattr(kernels, "BOUNDED_MAX_SHARE", share)
     monkeypatch.setattr(kernels, "BOUNDED_MIN_ROWS", 0)
     rng = np.random.default_rng(5)

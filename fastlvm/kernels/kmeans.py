@@ -17,10 +17,12 @@ changes touch the sums, so a skipped row costs its three bound words.
 A pass runs over fixed blocks of rows, each with its own partial sums, reduced in block order:
 the result does not depend on the number of threads. The kernels are serial and release the GIL;
 `_run` calls one per thread (cpu._on_workers), each on every step-th block: plain threads rather
-than Numba's parallel loops, which compile several times slower. Dense rows are scored by the
-register-blocked SIMD search of `fastlvm.kernels.simd` (four rows against a vector of centres,
-reading X as stored: BLAS on a tile of rows by a few centres spent longer packing the tile than
-multiplying it); CSR rows by an axpy per non-zero along the transposed centres.
+than Numba's parallel loops, which compile several times slower. Dense rows are scored against
+a few centres by the register-blocked SIMD search of `fastlvm.kernels.simd` (four rows against a
+vector of centres, reading X as stored: BLAS on a tile of rows by a few centres spent longer
+packing the tile than multiplying it), against many by single-threaded BLAS calls on tiles of
+SUB_ROWS rows (BLAS limited to one thread meanwhile), the tile of products staying in cache beside
+the argmin that reads it; CSR rows by an axpy per non-zero along the transposed centres.
 The kernels over Rows are made per data layout (`_kernels`): a dense fit compiles no CSR code.
 """
 
@@ -41,6 +43,7 @@ _helper = njit(fastmath=_FASTMATH, cache=True, nogil=True, no_cfunc_wrapper=True
 
 BLOCK_ROWS = 2048  # rows per block; fixed, so results ignore the thread count
 SUB_ROWS = 256  # rows per tile of products inside a block
+SIMD_MAX_BYTES = 16 * 1024  # centres (transposed, padded) the SIMD search takes: half an L1 cache
 # A bounded pass scores a row (its own centre, then the groups its bounds cannot rule out) several
 # times slower than a full pass of tiled products does; it pays only while it scores few rows. A
 # sample of every SAMPLE_STRIDE-th row predicts the share it would score. After a miss, full passes
@@ -149,16 +152,31 @@ def _sparse_tile_products(data, indices, indptr, r0, n, CT, G, acc):
 
 
 @_inline
-def _nearest_dense(X, r0, n, CT, lane_norms, best, s1, s2):
-    """best[r], s1[r], s2[r] (as _nearest_block gives them) for the dense rows r0 + r, r < n, from
-    the centres in lanes (`Rows.centres`): four rows at a time, then one."""
-    r = 0
-    while r + 4 <= n:
-        nearest_rows(X, r0 + r, CT, lane_norms, best, s1, s2, r, 4)
-        r += 4
-    while r < n:
-        nearest_rows(X, r0 + r, CT, lane_norms, best, s1, s2, r, 1)
-        r += 1
+def _nearest_dense(X, r0, n, C, CT, c_norms, lane_norms, G, best, s1, s2, simd):
+    """best[r], s1[r], s2[r] (as _nearest_block gives them) for the dense rows r0 + r, r < n: with
+    `simd` by the SIMD search over the centres in lanes (`Rows.centres`), four rows at a time, then
+    one; else from a tile of products G (K, SUB_ROWS) made by one BLAS call (np.dot into its
+    output, whose code compiles several times faster than an allocating or sliced one)."""
+    if simd:
+        r = 0
+        while r + 4 <= n:
+            nearest_rows(X, r0 + r, CT, lane_norms, best, s1, s2, r, 4)
+            r += 4
+        while r < n:
+            nearest_rows(X, r0 + r, CT, lane_norms, best, s1, s2, r, 1)
+            r += 1
+        return
+    P = G if n == G.shape[1] else np.empty((G.shape[0], n), dtype=G.dtype)
+    np.dot(C, X[r0 : r0 + n].T, P)
+    _nearest_block(P, n, c_norms, best, s1, s2)
+
+
+def use_simd(CT):
+    """Whether the SIMD search scores rows against these centres (CT from centres_in_lanes): while
+    the centres stay in the L1 cache beside four rows. More centres are streamed from L2 for every
+    four rows, and BLAS tiles, which block for the caches, are faster (K = 1024, D = 64: 80 against
+    48 ms for a VQ search of 32768 rows; K = 16, D = 32: about twice as fast as BLAS)."""
+    return CT.nbytes <= SIMD_MAX_BYTES
 
 
 @_inline
@@ -195,15 +213,16 @@ def _nearest_block(G, n, c_norms, best, s1, s2):
 
 
 @_jit
-def _nearest_rows(X, CT, lane_norms, labels, d2, first, step):
+def _nearest_rows(X, C, CT, c_norms, lane_norms, simd, labels, d2, first, step):
     """labels[i] and d2[i] = ||x_i - c||^2 (in d2's dtype, >= 0) of the nearest centre c, for the
     blocks first, first + step, ... of dense rows."""
     N = X.shape[0]
+    G = np.empty((C.shape[0], SUB_ROWS), dtype=X.dtype)
     best, s1, s2 = np.empty(SUB_ROWS, dtype=np.int64), np.empty(SUB_ROWS), np.empty(SUB_ROWS)
     for b in range(first, n_blocks(N), step):
         for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
             n = min(SUB_ROWS, N - r0)
-            _nearest_dense(X, r0, n, CT, lane_norms, best, s1, s2)
+            _nearest_dense(X, r0, n, C, CT, c_norms, lane_norms, G, best, s1, s2, simd)
             for r in range(n):
                 i = r0 + r
                 x_norm = 0.0
@@ -249,7 +268,8 @@ def nearest_centres(X, C):
     labels = np.empty(X.shape[0], dtype=np.int64)
     d2 = np.empty(X.shape[0], dtype=X.dtype)
     CT, lane_norms = centres_in_lanes(C)
-    _run(_nearest_rows, n_blocks(X.shape[0]), X, CT, lane_norms, labels, d2)
+    c_norms = (C.astype(np.float64) ** 2).sum(axis=1)
+    _run(_nearest_rows, n_blocks(X.shape[0]), X, C, CT, c_norms, lane_norms, use_simd(CT), labels, d2, blas=True)
     return labels, d2
 
 
@@ -414,8 +434,8 @@ def _kernels(sparse):
             hits[r] = np.sqrt(max(x_norms[i] + s_a, 0.0) + eps * (x_norms[i] + c_norms[a])) >= gmin
 
     @_jit
-    def full_pass(X, data, indices, indptr, weights, x_norms, CT, c_norms, lane_norms, eps, shrink, labels, bounds,
-                  upper, lower, sums, counts, changed, first, step):
+    def full_pass(X, data, indices, indptr, weights, x_norms, C, CT, c_norms, lane_norms, simd, eps, shrink, labels,
+                  bounds, upper, lower, sums, counts, changed, first, step):
         """Labels of every row of the blocks first, first + step, ... from tiles of products
         (_nearest_dense; CSR: _sparse_tile_products, _nearest_block), if `bounds` their bounds (distance to the nearest centre, and
         to the next nearest as every group's lower bound, widened by the rounding margin), and per block
@@ -434,7 +454,7 @@ def _kernels(sparse):
                     _sparse_tile_products(data, indices, indptr, r0, n, CT, G, acc)
                     _nearest_block(G, n, c_norms, best, s1, s2)
                 else:
-                    _nearest_dense(X, r0, n, CT, lane_norms, best, s1, s2)
+                    _nearest_dense(X, r0, n, C, CT, c_norms, lane_norms, G, best, s1, s2, simd)
                 for r in range(n):
                     i = r0 + r
                     if bounds:
@@ -603,7 +623,7 @@ class LloydState:
                 n_changed = self._bounded_pass(C, Cd, c_norms, np.asarray(moves, dtype=np.float64))
                 if n_changed >= 0:
                     return n_changed
-        _run(rows.kernels.full_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, CT, c_norms, lane_norms, self.eps,
+        _run(rows.kernels.full_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, Cd, CT, c_norms, lane_norms, use_simd(CT), self.eps,
              self.shrink, self.labels, self.bounded and self._wait == 0, self.upper, self.lower, self._sums, self._counts,
              self._changed)
         self._reduce()
