@@ -171,22 +171,18 @@ def test_column_sums_are_float64_sums(dtype, n):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n, d, k", [(5, 3, 1), (9, 1, 2), (203, 7, 17), (64, 33, 70)])
 def test_simd_search_gives_argmin_and_the_two_lowest_scores(dtype, n, d, k):
-    """fastlvm.kernels.simd.nearest_rows (four rows at a time, then one) against NumPy: the label
-    with ties to the lowest index, also when the tie is across lanes and the later centre sits in
-    a lower lane of a later block; the lowest and next lowest score ||c||^2 - 2 x.c."""
+    """fastlvm.kernels.simd.nearest_tile (tiles of rows, four at a time, then one by one) against
+    NumPy: the label with ties to the lowest index, also when the tie is across lanes and the
+    later centre sits in a lower lane of a later block; the lowest and next lowest score
+    ||c||^2 - 2 x.c."""
     from numba import njit
 
-    from fastlvm.kernels.simd import lanes, nearest_rows
+    from fastlvm.kernels.simd import TILE_ROWS, lanes, nearest_tile
 
     @njit
     def search(X, CT, lane_norms, best, s1, s2):
-        r = 0
-        while r + 4 <= X.shape[0]:
-            nearest_rows(X, r, CT, lane_norms, best, s1, s2, r, 4)
-            r += 4
-        while r < X.shape[0]:
-            nearest_rows(X, r, CT, lane_norms, best, s1, s2, r, 1)
-            r += 1
+        for r in range(0, X.shape[0], TILE_ROWS):
+            nearest_tile(X, r, min(TILE_ROWS, X.shape[0] - r), CT, lane_norms, best[r:], s1[r:], s2[r:])
 
     rng = np.random.default_rng(n * k)
     X = rng.integers(-3, 4, size=(n, d)).astype(dtype)  # small integers: exact products, exact ties
@@ -195,7 +191,9 @@ def test_simd_search_gives_argmin_and_the_two_lowest_scores(dtype, n, d, k):
     if k > W:
         C[W] = C[1]  # lane 0 of block 1 ties lane 1 of block 0: centre 1 must win
     CT, lane_norms = kernels.centres_in_lanes(C)
-    assert CT.shape == (d, -(-k // W) * W) and np.isinf(lane_norms[k:]).all()
+    KP = -(-k // W) * W
+    assert CT.shape == (KP // W, d, W) and np.isinf(lane_norms[k:]).all()
+    np.testing.assert_array_equal(CT.transpose(0, 2, 1).reshape(KP, d)[:k], C)
     best, s1, s2 = np.empty(n, dtype=np.int64), np.empty(n), np.empty(n)
     search(X, CT, lane_norms, best, s1, s2)
     scores = (C.astype(np.float64) ** 2).sum(1)[None] - 2.0 * X.astype(np.float64) @ C.T.astype(np.float64)

@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit
 
 from fastlvm.kernels.cpu import _on_workers, blas_single_thread
-from fastlvm.kernels.simd import lanes, nearest_rows
+from fastlvm.kernels.simd import TILE_ROWS, lanes, nearest_tile
 
 _FASTMATH = {"reassoc", "contract", "arcp"}
 _inline = njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
@@ -138,7 +138,7 @@ def _low(d2, margin, shrink):
 @_inline
 def _sparse_tile_products(data, indices, indptr, r0, n, CT, G, acc):
     """G[k, r] = x_{r0 + r} . c_k for r < n <= G.shape[1] and CSR rows: one axpy over the K centres
-    per non-zero along the transposed centres CT (D, >= K)."""
+    per non-zero along the transposed centres CT (D, K)."""
     for r in range(n):
         i = r0 + r
         acc[:] = 0.0
@@ -154,17 +154,12 @@ def _sparse_tile_products(data, indices, indptr, r0, n, CT, G, acc):
 @_inline
 def _nearest_dense(X, r0, n, C, CT, c_norms, lane_norms, G, best, s1, s2, simd):
     """best[r], s1[r], s2[r] (as _nearest_block gives them) for the dense rows r0 + r, r < n: with
-    `simd` by the SIMD search over the centres in lanes (`Rows.centres`), four rows at a time, then
-    one; else from a tile of products G (K, SUB_ROWS) made by one BLAS call (np.dot into its
+    `simd` by the SIMD search over the centres in lanes (`Rows.centres`), TILE_ROWS rows at a
+    time; else from a tile of products G (K, SUB_ROWS) made by one BLAS call (np.dot into its
     output, whose code compiles several times faster than an allocating or sliced one)."""
     if simd:
-        r = 0
-        while r + 4 <= n:
-            nearest_rows(X, r0 + r, CT, lane_norms, best, s1, s2, r, 4)
-            r += 4
-        while r < n:
-            nearest_rows(X, r0 + r, CT, lane_norms, best, s1, s2, r, 1)
-            r += 1
+        for r in range(0, n, TILE_ROWS):
+            nearest_tile(X, r0 + r, min(TILE_ROWS, n - r), CT, lane_norms, best[r:], s1[r:], s2[r:])
         return
     P = G if n == G.shape[1] else np.empty((G.shape[0], n), dtype=G.dtype)
     np.dot(C, X[r0 : r0 + n].T, P)
@@ -172,10 +167,11 @@ def _nearest_dense(X, r0, n, C, CT, c_norms, lane_norms, G, best, s1, s2, simd):
 
 
 def use_simd(CT):
-    """Whether the SIMD search scores rows against these centres (CT from centres_in_lanes): while
-    the centres stay in the L1 cache beside four rows. More centres are streamed from L2 for every
-    four rows, and BLAS tiles, which block for the caches, are faster (K = 1024, D = 64: 80 against
-    48 ms for a VQ search of 32768 rows; K = 16, D = 32: about twice as fast as BLAS)."""
+    """Whether the SIMD search scores rows against these centres (the panels of centres_in_lanes):
+    while they fit half an L1 cache. On AVX2 it beat the BLAS tiles at every shape measured (1.05-
+    1.44x, K = 16 to 1024), most at few centres, where BLAS spends longest packing; but it runs on
+    256-bit vectors (LLVM splits wider ones on AVX-512 hosts, whose BLAS kernels are 512 bits wide),
+    so many centres keep BLAS, which is GEMM-bound there."""
     return CT.nbytes <= SIMD_MAX_BYTES
 
 
@@ -233,17 +229,18 @@ def _nearest_rows(X, C, CT, c_norms, lane_norms, simd, labels, d2, first, step):
 
 
 def centres_in_lanes(C):
-    """The centres as the SIMD search takes them: CT (D, KP), C transposed and padded with zero
-    columns to KP, a multiple of the lane count, and their squared norms (KP,) padded with +inf
+    """The centres as the SIMD search takes them: panels (KP / W, D, W) of W (the lane count)
+    centres transposed, zero past the last centre, and their squared norms (KP,) padded with +inf
     (a padding centre never wins), both in C's dtype."""
     K, D = C.shape
     W = lanes(C.dtype)
     KP = -(-K // W) * W
-    CT = np.zeros((D, KP), dtype=C.dtype)
-    CT[:, :K] = C.T
+    padded = np.zeros((KP, D), dtype=C.dtype)
+    padded[:K] = C
+    panels = np.ascontiguousarray(padded.reshape(KP // W, W, D).transpose(0, 2, 1))
     lane_norms = np.full(KP, np.inf, dtype=C.dtype)
     lane_norms[:K] = (np.asarray(C, dtype=np.float64) ** 2).sum(axis=1)
-    return CT, lane_norms
+    return panels, lane_norms
 
 
 def _check_dense(name, A):
@@ -531,9 +528,12 @@ class Rows:
 
     def centres(self, C):
         """(C, CT, ||c_k||^2, lane norms) in the kernels' layout: C (K, D) in the rows' dtype, the
-        squared norms in float64, and CT and the lane norms as centres_in_lanes makes them."""
+        squared norms in float64, the lane norms as centres_in_lanes makes them, and the centres
+        transposed, CT: for dense rows the panels of centres_in_lanes, for CSR rows (D, K)."""
         Cd = np.ascontiguousarray(C, dtype=self.dtype)
         CT, lane_norms = centres_in_lanes(Cd)
+        if self.sparse:
+            CT = np.ascontiguousarray(Cd.T)
         return Cd, CT, (np.asarray(Cd, dtype=np.float64) ** 2).sum(axis=1), lane_norms
 
     def sq_distances(self, C):

@@ -2,18 +2,24 @@
 Numba intrinsics (LLVM IR built at compile time, so they inline into the kernels that call them
 and are cached with them).
 
-`nearest_rows(X, r, CT, cn, best, s1, s2, o, R)`: for the R rows X[r : r + R] (R a literal 1 or 4)
-and the centres given transposed, CT (D, KP) with KP a multiple of the lane count W, and their
-squared norms cn (KP,) (padding +inf), the nearest centre by score s_k = cn_k - 2 x . c_k:
+`nearest_tile(X, r0, n, CT, cn, best, s1, s2)`: for the n <= TILE_ROWS rows X[r0 : r0 + n] and
+the centres given as panels of W (the lane count) transposed, CT (KP / W, D, W) with
+CT[b, d, l] = c_{bW + l, d} (zero past the last centre), and their squared norms cn (KP,)
+(padding +inf), the nearest centre by score s_k = cn_k - 2 x . c_k:
 best[j] = argmin (ties to the lowest k), s1[j] its score and s2[j] the next lowest (inf when
-K = 1), into entries o + j, j < R, of the outputs, scores computed in X's dtype.
+K = 1), for j < n, scores computed in X's dtype.
 
-The products x . c_k for W consecutive centres are W lanes of one vector: per feature d, one
-vector load of CT[d, k0 : k0 + W], one broadcast of x_d per row and one FMA per row; the R
-accumulators stay in registers (R = 4 with W = 64 bytes of lanes: 8 AVX2 registers or 4 AVX-512
-ones). BLAS on these shapes (a tile of rows by K = 16 centres, D = 32) spends longer packing the
-tile than multiplying it; here X is read as stored. The argmin of a block of W centres is a
-vector minimum, a lane compare and a count of trailing zeros, with no per-centre branch.
+The products x . c_k for W consecutive centres (a block) are W lanes of one vector: per feature
+d, one vector load of CT[d, k0 : k0 + W], one broadcast of x_d per row and one FMA per row, for
+four rows at a time whose accumulators stay in registers (W = 64 bytes of lanes: 8 AVX2 registers
+or 4 AVX-512 ones). X is read as stored: BLAS on a tile of rows by K = 16 centres, D = 32, spent
+longer packing the tile than multiplying it. Blocks are the outer loop and the tile's rows the
+inner one, so a block of centres (a contiguous D x 64-byte panel: rows of a (D, K) transpose lie
+K apart, and at K = 1024 float32 every one fell in the same L1 set) stays in L1 while every row
+of the tile meets it.
+Each row keeps per lane its lowest score, the block it came from and its next lowest score
+(selects, no per-centre branch); after the last block one horizontal minimum per row gives the
+label (the lowest index among the lanes at the minimum), its score and the next lowest score.
 """
 
 from llvmlite import ir
@@ -50,81 +56,110 @@ def _row_pointer(builder, arr, row):
     return builder.bitcast(raw, arr.data.type)
 
 
+TILE_ROWS = 32  # rows whose running minima a tile keeps (3 vectors each: 6 KB), per block of centres
+
+
 @intrinsic
-def nearest_rows(typingctx, X, r, CT, cn, best, s1, s2, o, R):
+def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
+    """See the module docstring: rows X[r0 : r0 + n], n <= TILE_ROWS, into best/s1/s2[0 : n]."""
     if not (isinstance(X, types.Array) and X.ndim == 2 and X.dtype in (types.float32, types.float64)
-            and isinstance(CT, types.Array) and CT.dtype == X.dtype and CT.layout == "C"
-            and isinstance(cn, types.Array) and cn.dtype == X.dtype and isinstance(R, types.IntegerLiteral)):
+            and isinstance(CT, types.Array) and CT.ndim == 3 and CT.dtype == X.dtype and CT.layout == "C"
+            and isinstance(cn, types.Array) and cn.dtype == X.dtype and cn.layout == "C"):
         return None
-    n_rows = R.literal_value
 
     def codegen(context, builder, sig, args):
-        Xv, rv, CTv, cnv, bestv, s1v, s2v, ov, _ = args
-        xty, _, cty, nty, bty, s1ty, s2ty, _, _ = sig.args
+        Xv, r0v, nv, CTv, cnv, bestv, s1v, s2v = args
+        xty, _, _, cty, nty, bty, s1ty, s2ty = sig.args
         ety = context.get_data_type(xty.dtype)
         W = VECTOR_BYTES // context.get_abi_sizeof(ety)
         vty = ir.VectorType(ety, W)
-        intp = rv.type
+        i32 = ir.IntType(32)
+        ity = ir.VectorType(i32, W)
+        intp = context.get_value_type(types.intp)
+        r0v = context.cast(builder, r0v, sig.args[1], types.intp)
+        nv = context.cast(builder, nv, sig.args[2], types.intp)
         xa = context.make_array(xty)(context, builder, Xv)
         ca = context.make_array(cty)(context, builder, CTv)
         na = context.make_array(nty)(context, builder, cnv)
         D = cgutils.unpack_tuple(builder, xa.shape)[1]
-        KP = cgutils.unpack_tuple(builder, ca.shape)[1]
+        n_blocks = cgutils.unpack_tuple(builder, ca.shape)[0]
         fma = _vector_function(builder, "fma", vty, 3)
         vmin = _vector_function(builder, "vector.reduce.fmin", vty, 1, ety)
+        const = lambda v: ir.Constant(intp, v)  # noqa: E731
         zero = ir.Constant(vty, [ir.Constant(ety, 0.0)] * W)
-        xrows = [_row_pointer(builder, xa, builder.add(rv, ir.Constant(intp, j))) for j in range(n_rows)]
-        i32 = ir.IntType(32)
-        ity = ir.VectorType(i32, W)
         infs = _splat(builder, vty, ir.Constant(ety, float("inf")))
-        accs = [cgutils.alloca_once(builder, vty) for _ in range(n_rows)]
-        # Per lane l, over the blocks so far: the lowest score (min1), the block it came from (at)
-        # and the next lowest score (min2) of the centres k = block * W + l.
-        min1 = [cgutils.alloca_once_value(builder, infs) for _ in range(n_rows)]
-        min2 = [cgutils.alloca_once_value(builder, infs) for _ in range(n_rows)]
-        at = [cgutils.alloca_once_value(builder, ir.Constant(ity, [0] * W)) for _ in range(n_rows)]
         minus_two = _splat(builder, vty, ir.Constant(ety, -2.0))
-        with cgutils.for_range(builder, builder.udiv(KP, ir.Constant(intp, W))) as blocks:
-            k0 = builder.mul(blocks.index, ir.Constant(intp, W))
-            for acc in accs:
+        # Per row and lane l, over the blocks so far: the lowest score (min1), the block it came
+        # from (at) and the next lowest score (min2) among the centres k = block * W + l.
+        # Two copies, read from one and written to the other block by block: a store of a select
+        # between a new value and the one loaded from the same place became a masked store, which
+        # AMD's cores microcode (several times slower than the whole search).
+        min1 = cgutils.alloca_once(builder, vty, size=2 * TILE_ROWS)
+        min2 = cgutils.alloca_once(builder, vty, size=2 * TILE_ROWS)
+        at = cgutils.alloca_once(builder, ity, size=2 * TILE_ROWS)
+        accs = [cgutils.alloca_once(builder, vty) for _ in range(4)]
+        with cgutils.for_range(builder, nv) as rows:
+            builder.store(infs, builder.gep(min1, [rows.index]))
+            builder.store(infs, builder.gep(min2, [rows.index]))
+            builder.store(ir.Constant(ity, [0] * W), builder.gep(at, [rows.index]))
+
+        def group(row, R, cbase, norms, block, src, dst):
+            """Products of rows row .. row + R - 1 (of the tile) with one block, their state read at
+            row offset src and written at dst."""
+            xrows = [_row_pointer(builder, xa, builder.add(r0v, builder.add(row, const(j)))) for j in range(R)]
+            for acc in accs[:R]:
                 builder.store(zero, acc)
-            cbase = builder.gep(ca.data, [k0])
             with cgutils.for_range(builder, D) as features:
                 d = features.index
-                c = builder.load(builder.bitcast(builder.gep(cbase, [builder.mul(d, KP)]), vty.as_pointer()), align=1)
-                for j in range(n_rows):
+                c = builder.load(builder.bitcast(builder.gep(cbase, [builder.mul(d, const(W))]), vty.as_pointer()), align=1)
+                for j in range(R):
                     xb = _splat(builder, vty, builder.load(builder.gep(xrows[j], [d])))
                     builder.store(builder.call(fma, [xb, c, builder.load(accs[j])]), accs[j])
+            for j in range(R):
+                i, o = builder.add(src, builder.add(row, const(j))), builder.add(dst, builder.add(row, const(j)))
+                scores = builder.call(fma, [minus_two, builder.load(accs[j]), norms])
+                m1, m2 = builder.load(builder.gep(min1, [i])), builder.load(builder.gep(min2, [i]))
+                lower = builder.fcmp_ordered("<", scores, m1)  # strict: an earlier block keeps a tie
+                builder.store(builder.select(lower, m1, builder.select(builder.fcmp_ordered("<", scores, m2), scores,
+                                                                       m2)), builder.gep(min2, [o]))
+                builder.store(builder.select(lower, scores, m1), builder.gep(min1, [o]))
+                builder.store(builder.select(lower, block, builder.load(builder.gep(at, [i]))), builder.gep(at, [o]))
+
+        n_groups = builder.udiv(nv, const(4))
+        with cgutils.for_range(builder, n_blocks) as blocks:
+            k0 = builder.mul(blocks.index, const(W))
+            cbase = builder.gep(ca.data, [builder.mul(k0, D)])
             norms = builder.load(builder.bitcast(builder.gep(na.data, [k0]), vty.as_pointer()), align=1)
             block = _splat(builder, ity, builder.trunc(blocks.index, i32))
-            for j in range(n_rows):
-                scores = builder.call(fma, [minus_two, builder.load(accs[j]), norms])
-                m1, m2 = builder.load(min1[j]), builder.load(min2[j])
-                lower = builder.fcmp_ordered("<", scores, m1)  # strict: an earlier block keeps a tie
-                builder.store(builder.select(lower, m1, builder.select(builder.fcmp_ordered("<", scores, m2), scores, m2)),
-                              min2[j])
-                builder.store(builder.select(lower, scores, m1), min1[j])
-                builder.store(builder.select(lower, block, builder.load(at[j])), at[j])
+            src = builder.mul(builder.and_(blocks.index, const(1)), const(TILE_ROWS))
+            dst = builder.sub(const(TILE_ROWS), src)
+            with cgutils.for_range(builder, n_groups) as groups:
+                group(builder.mul(groups.index, const(4)), 4, cbase, norms, block, src, dst)
+            with cgutils.for_range_slice(builder, builder.mul(n_groups, const(4)), nv, const(1)) as (row, _):
+                group(row, 1, cbase, norms, block, src, dst)
+        final = builder.mul(builder.and_(n_blocks, const(1)), const(TILE_ROWS))
         # Across lanes: the lowest score, the lowest centre index that has it, and the next lowest
         # score (the other lanes' minima and every lane's second).
         iota = ir.Constant(ity, list(range(W)))
         umin = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [ity]),
                                               f"llvm.vector.reduce.umin.v{W}i32")
-        for j in range(n_rows):
-            m1 = builder.load(min1[j])
-            s1 = builder.call(vmin, [m1], fastmath=_NO_NAN)
-            ks = builder.add(builder.mul(builder.load(at[j]), _splat(builder, ity, ir.Constant(i32, W))), iota)
-            ties = builder.fcmp_ordered("==", m1, _splat(builder, vty, s1))
+        outs = [(context.make_array(t)(context, builder, v), t) for t, v in ((bty, bestv), (s1ty, s1v), (s2ty, s2v))]
+        with cgutils.for_range(builder, nv) as rows:
+            i = rows.index
+            f = builder.add(final, i)
+            m1 = builder.load(builder.gep(min1, [f]))
+            low = builder.call(vmin, [m1], fastmath=_NO_NAN)
+            ks = builder.add(builder.mul(builder.load(builder.gep(at, [f])), _splat(builder, ity, ir.Constant(i32, W))),
+                             iota)
+            ties = builder.fcmp_ordered("==", m1, _splat(builder, vty, low))
             k = builder.call(umin, [builder.select(ties, ks, _splat(builder, ity, ir.Constant(i32, 2**31 - 1)))])
             lane = builder.and_(k, ir.Constant(i32, W - 1))
             others = builder.select(builder.icmp_unsigned("==", iota, _splat(builder, ity, lane)), infs, m1)
-            s2 = builder.call(vmin, [builder.select(builder.fcmp_ordered("<", others, builder.load(min2[j])), others,
-                                                    builder.load(min2[j]))], fastmath=_NO_NAN)
-            index = builder.add(ov, ir.Constant(intp, j))
-            for arr_ty, arr_v, value, from_ty in ((bty, bestv, k, types.int32), (s1ty, s1v, s1, xty.dtype),
-                                                  (s2ty, s2v, s2, xty.dtype)):
-                out = context.make_array(arr_ty)(context, builder, arr_v)
-                builder.store(context.cast(builder, value, from_ty, arr_ty.dtype), builder.gep(out.data, [index]))
+            m2 = builder.load(builder.gep(min2, [f]))
+            second = builder.call(vmin, [builder.select(builder.fcmp_ordered("<", others, m2), others, m2)],
+                                  fastmath=_NO_NAN)
+            for (out, t), value, from_ty in zip(outs, (k, low, second), (types.int32, xty.dtype, xty.dtype)):
+                builder.store(context.cast(builder, value, from_ty, t.dtype), builder.gep(out.data, [i]))
         return context.get_dummy_value()
 
-    return types.void(X, r, CT, cn, best, s1, s2, o, R), codegen
+    return types.void(X, r0, n, CT, cn, best, s1, s2), codegen
