@@ -208,24 +208,31 @@ def _nearest_block(G, n, c_norms, best, s1, s2):
             best[r], s1[r], s2[r] = _fold(c_norms[k] - 2.0 * G[k, r], k, best[r], s1[r], s2[r])
 
 
-@_jit
-def _nearest_rows(X, C, CT, c_norms, lane_norms, simd, labels, d2, first, step):
-    """labels[i] and d2[i] = ||x_i - c||^2 (in d2's dtype, >= 0) of the nearest centre c, for the
-    blocks first, first + step, ... of dense rows."""
-    N = X.shape[0]
-    G = np.empty((C.shape[0], SUB_ROWS), dtype=X.dtype)
-    best, s1, s2 = np.empty(SUB_ROWS, dtype=np.int64), np.empty(SUB_ROWS), np.empty(SUB_ROWS)
-    for b in range(first, n_blocks(N), step):
-        for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
-            n = min(SUB_ROWS, N - r0)
-            _nearest_dense(X, r0, n, C, CT, c_norms, lane_norms, G, best, s1, s2, simd)
-            for r in range(n):
-                i = r0 + r
-                x_norm = 0.0
-                for d in range(X.shape[1]):
-                    x_norm += np.float64(X[i, d]) * X[i, d]
-                labels[i] = best[r]
-                d2[i] = max(x_norm + s1[r], 0.0)
+@functools.lru_cache(maxsize=None)
+def _nearest_rows(simd):
+    """The kernel of nearest_centres, compiled with one search (`simd`, a constant: the other is
+    pruned before typing)."""
+
+    @_jit
+    def nearest_rows(X, C, CT, c_norms, lane_norms, labels, d2, first, step):
+        """labels[i] and d2[i] = ||x_i - c||^2 (in d2's dtype, >= 0) of the nearest centre c, for
+        the blocks first, first + step, ... of dense rows."""
+        N = X.shape[0]
+        G = np.empty((C.shape[0], SUB_ROWS), dtype=X.dtype)
+        best, s1, s2 = np.empty(SUB_ROWS, dtype=np.int64), np.empty(SUB_ROWS), np.empty(SUB_ROWS)
+        for b in range(first, n_blocks(N), step):
+            for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
+                n = min(SUB_ROWS, N - r0)
+                _nearest_dense(X, r0, n, C, CT, c_norms, lane_norms, G, best, s1, s2, simd)
+                for r in range(n):
+                    i = r0 + r
+                    x_norm = 0.0
+                    for d in range(X.shape[1]):
+                        x_norm += np.float64(X[i, d]) * X[i, d]
+                    labels[i] = best[r]
+                    d2[i] = max(x_norm + s1[r], 0.0)
+
+    return nearest_rows
 
 
 def centres_in_lanes(C):
@@ -266,7 +273,7 @@ def nearest_centres(X, C):
     d2 = np.empty(X.shape[0], dtype=X.dtype)
     CT, lane_norms = centres_in_lanes(C)
     c_norms = (C.astype(np.float64) ** 2).sum(axis=1)
-    _run(_nearest_rows, n_blocks(X.shape[0]), X, C, CT, c_norms, lane_norms, use_simd(CT), labels, d2, blas=True)
+    _run(_nearest_rows(use_simd(CT)), n_blocks(X.shape[0]), X, C, CT, c_norms, lane_norms, labels, d2, blas=True)
     return labels, d2
 
 
@@ -300,40 +307,42 @@ def cluster_sums(X, labels, n_clusters):
     return counts.sum(axis=0), sums.sum(axis=0)
 
 
+@_inline
+def _block_sums(sparse, X, data, indices, indptr, weights, labels, moved, old, n, sums, counts):
+    """A block's changes of the weighted sums: the rows moved[:n], in order, leave cluster old[j]
+    (none when < 0) for labels[moved[j]]. Once a block, after its labels: a helper called per
+    row cost ~100 ns (its arrays' reference counts), several times a dense row's move. Inlined:
+    as a kernel of its own it compiled 0.3 s longer."""
+    sums[:] = 0.0
+    counts[:] = 0.0
+    for j in range(n):
+        i, k, o = moved[j], labels[moved[j]], old[j]
+        w = weights[i]
+        counts[k] += w
+        if o >= 0:
+            counts[o] -= w
+        if sparse:
+            for p in range(indptr[i], indptr[i + 1]):
+                v = w * data[p]
+                sums[k, indices[p]] += v
+                if o >= 0:
+                    sums[o, indices[p]] -= v
+        elif o >= 0:
+            for d in range(X.shape[1]):
+                v = w * X[i, d]
+                sums[k, d] += v
+                sums[o, d] -= v
+        else:
+            for d in range(X.shape[1]):
+                sums[k, d] += w * X[i, d]
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(sparse):
-    """The kernels over Rows, compiled for dense rows (sparse False) or CSR rows (True). `sparse` is
-    a constant of these closures (and part of Numba's cache key for them): the other layout's
-    branches of the inlined helpers are pruned before typing, so a fit compiles only its own."""
-
-    @_inline
-    def _block_sums(X, data, indices, indptr, weights, labels, moved, old, n, sums, counts):
-        """A block's changes of the weighted sums: the rows moved[:n], in order, leave cluster old[j]
-        (none when < 0) for labels[moved[j]]. Once a block, after its labels: a helper called per
-        row cost ~100 ns (its arrays' reference counts), several times a dense row's move. Inlined:
-        as a kernel of its own it compiled 0.3 s longer."""
-        sums[:] = 0.0
-        counts[:] = 0.0
-        for j in range(n):
-            i, k, o = moved[j], labels[moved[j]], old[j]
-            w = weights[i]
-            counts[k] += w
-            if o >= 0:
-                counts[o] -= w
-            if sparse:
-                for p in range(indptr[i], indptr[i + 1]):
-                    v = w * data[p]
-                    sums[k, indices[p]] += v
-                    if o >= 0:
-                        sums[o, indices[p]] -= v
-            elif o >= 0:
-                for d in range(X.shape[1]):
-                    v = w * X[i, d]
-                    sums[k, d] += v
-                    sums[o, d] -= v
-            else:
-                for d in range(X.shape[1]):
-                    sums[k, d] += w * X[i, d]
+    """The kernels over Rows (but the full pass, _full_pass), compiled for dense rows (sparse False)
+    or CSR rows (True). `sparse` is a constant of these closures (and part of Numba's cache key for
+    them): the other layout's branches of the inlined helpers are pruned before typing, so a fit
+    compiles only its own."""
 
     @_jit
     def yinyang_pass(X, data, indices, indptr, weights, x_norms, C, c_norms, half_sep, members, group_start,
@@ -409,7 +418,7 @@ def _kernels(sparse):
                 upper[i] = np.sqrt(max(x_norms[i] + s_best, 0.0) + eps * (x_norms[i] + c_norms[best]))
                 if best != a:
                     n_changed = _relabel(labels, i, best, moved, old, n_changed)
-            _block_sums(X, data, indices, indptr, weights, labels, moved, old, n_changed, sums[b], counts[b])
+            _block_sums(sparse, X, data, indices, indptr, weights, labels, moved, old, n_changed, sums[b], counts[b])
             changed[b] = n_changed
 
     @_jit
@@ -429,41 +438,6 @@ def _kernels(sparse):
                 continue
             s_a = c_norms[a] - 2.0 * _product(X, data, indices, indptr, sparse, i, C, a)
             hits[r] = np.sqrt(max(x_norms[i] + s_a, 0.0) + eps * (x_norms[i] + c_norms[a])) >= gmin
-
-    @_jit
-    def full_pass(X, data, indices, indptr, weights, x_norms, C, CT, c_norms, lane_norms, simd, eps, shrink, labels,
-                  bounds, upper, lower, sums, counts, changed, first, step):
-        """Labels of every row of the blocks first, first + step, ... from tiles of products
-        (_nearest_dense; CSR: _sparse_tile_products, _nearest_block), if `bounds` their bounds (distance to the nearest centre, and
-        to the next nearest as every group's lower bound, widened by the rounding margin), and per block
-        the changes of the weighted sums (sums (B, K, D), counts (B, K), changed (B,))."""
-        N, K = labels.shape[0], c_norms.shape[0]
-        G = np.empty((K, SUB_ROWS), dtype=CT.dtype)
-        acc = np.empty(K, dtype=CT.dtype)
-        best, s1, s2 = np.empty(SUB_ROWS, dtype=np.int64), np.empty(SUB_ROWS), np.empty(SUB_ROWS)
-        moved, old = np.empty(BLOCK_ROWS, dtype=np.int64), np.empty(BLOCK_ROWS, dtype=np.int64)
-        c_max = _largest(c_norms)
-        for b in range(first, sums.shape[0], step):
-            n_changed = np.int64(0)  # not the literal 0: _block_sums would compile for both
-            for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
-                n = min(SUB_ROWS, N - r0)
-                if sparse:
-                    _sparse_tile_products(data, indices, indptr, r0, n, CT, G, acc)
-                    _nearest_block(G, n, c_norms, best, s1, s2)
-                else:
-                    _nearest_dense(X, r0, n, C, CT, c_norms, lane_norms, G, best, s1, s2, simd)
-                for r in range(n):
-                    i = r0 + r
-                    if bounds:
-                        margin = eps * (x_norms[i] + c_max)
-                        upper[i] = np.sqrt(max(x_norms[i] + s1[r], 0.0) + margin)
-                        low = _low(x_norms[i] + s2[r], margin, shrink)
-                        for g in range(lower.shape[1]):
-                            lower[i, g] = low
-                    if best[r] != labels[i]:
-                        n_changed = _relabel(labels, i, best[r], moved, old, n_changed)
-            _block_sums(X, data, indices, indptr, weights, labels, moved, old, n_changed, sums[b], counts[b])
-            changed[b] = n_changed
 
     @_jit
     def sq_distances(X, data, indices, indptr, x_norms, C, c_norms, labels, out, first, step):
@@ -495,8 +469,51 @@ def _kernels(sparse):
                         acc += np.float64(X[i, d]) * X[i, d]
                 out[i] = acc
 
-    return SimpleNamespace(full_pass=full_pass, yinyang_pass=yinyang_pass, bounded_hits=bounded_hits,
+    return SimpleNamespace(yinyang_pass=yinyang_pass, bounded_hits=bounded_hits,
                            sq_distances=sq_distances, row_sq_norms=row_sq_norms)
+
+
+@functools.lru_cache(maxsize=None)
+def _full_pass(sparse, simd):
+    """The full pass over Rows of one layout (`sparse`) and, for dense rows, one search (`simd`: the
+    SIMD search, else BLAS tiles); both constants, as in _kernels."""
+
+    @_jit
+    def full_pass(X, data, indices, indptr, weights, x_norms, C, CT, c_norms, lane_norms, eps, shrink, labels,
+                  bounds, upper, lower, sums, counts, changed, first, step):
+        """Labels of every row of the blocks first, first + step, ... from tiles of products
+        (_nearest_dense; CSR: _sparse_tile_products, _nearest_block), if `bounds` their bounds (distance to the nearest centre, and
+        to the next nearest as every group's lower bound, widened by the rounding margin), and per block
+        the changes of the weighted sums (sums (B, K, D), counts (B, K), changed (B,))."""
+        N, K = labels.shape[0], c_norms.shape[0]
+        G = np.empty((K, SUB_ROWS), dtype=CT.dtype)
+        acc = np.empty(K, dtype=CT.dtype)
+        best, s1, s2 = np.empty(SUB_ROWS, dtype=np.int64), np.empty(SUB_ROWS), np.empty(SUB_ROWS)
+        moved, old = np.empty(BLOCK_ROWS, dtype=np.int64), np.empty(BLOCK_ROWS, dtype=np.int64)
+        c_max = _largest(c_norms)
+        for b in range(first, sums.shape[0], step):
+            n_changed = np.int64(0)  # not the literal 0: _block_sums would compile for both
+            for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
+                n = min(SUB_ROWS, N - r0)
+                if sparse:
+                    _sparse_tile_products(data, indices, indptr, r0, n, CT, G, acc)
+                    _nearest_block(G, n, c_norms, best, s1, s2)
+                else:
+                    _nearest_dense(X, r0, n, C, CT, c_norms, lane_norms, G, best, s1, s2, simd)
+                for r in range(n):
+                    i = r0 + r
+                    if bounds:
+                        margin = eps * (x_norms[i] + c_max)
+                        upper[i] = np.sqrt(max(x_norms[i] + s1[r], 0.0) + margin)
+                        low = _low(x_norms[i] + s2[r], margin, shrink)
+                        for g in range(lower.shape[1]):
+                            lower[i, g] = low
+                    if best[r] != labels[i]:
+                        n_changed = _relabel(labels, i, best[r], moved, old, n_changed)
+            _block_sums(sparse, X, data, indices, indptr, weights, labels, moved, old, n_changed, sums[b], counts[b])
+            changed[b] = n_changed
+
+    return full_pass
 
 
 class Rows:
@@ -623,7 +640,8 @@ class LloydState:
                 n_changed = self._bounded_pass(C, Cd, c_norms, np.asarray(moves, dtype=np.float64))
                 if n_changed >= 0:
                     return n_changed
-        _run(rows.kernels.full_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, Cd, CT, c_norms, lane_norms, use_simd(CT), self.eps,
+        full_pass = _full_pass(rows.sparse, not rows.sparse and use_simd(CT))
+        _run(full_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, Cd, CT, c_norms, lane_norms, self.eps,
              self.shrink, self.labels, self.bounded and self._wait == 0, self.upper, self.lower, self._sums, self._counts,
              self._changed)
         self._reduce()
