@@ -118,15 +118,17 @@ def test_exp_of_the_responsibilities_against_numpy(single, ulps):
     import numba
 
     @numba.njit
-    def exp_in_place(a, single):
-        cpu._exp_nonpositive(a, a.shape[0], np.empty(a.shape[0], dtype=np.int64), single)
+    def exp_in_place(a, like):
+        cpu._exp_nonpositive(a, a.shape[0], np.empty(a.shape[0], dtype=np.int64), like)
+
+    like = np.empty(1, dtype=np.float32 if single else np.float64)  # the data's dtype picks the series
 
     t = -np.concatenate([np.random.default_rng(0).random(20000) * 80, np.linspace(0.0, 80.0, 1001)])
     got = t.copy()
-    exp_in_place(got, single)
+    exp_in_place(got, like)
     want = np.exp(t)
     eps = np.finfo(np.float32 if single else np.float64).eps
     assert np.max(np.abs(got - want) / want) <= ulps * eps
     edge = np.array([0.0, -1000.0])
-    exp_in_place(edge, single)
+    exp_in_place(edge, like)
     assert edge.tolist() == [1.0, 0.0]

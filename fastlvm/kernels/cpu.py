@@ -30,7 +30,8 @@ import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 FULL, TIED, DIAG, SPHERICAL = 0, 1, 2, 3
 BLOCK_ROWS = 4096  # rows reduced serially into one partial; fixed, so results ignore threads
@@ -74,34 +75,48 @@ _C3_F32, _C4_F32, _C5_F32 = np.float32(1 / 6), np.float32(1 / 24), np.float32(1 
 _C6_F32, _C7_F32 = np.float32(1 / 720), np.float32(1 / 5040)
 
 
-@_helper
-def _exp_nonpositive(a, n, bits, single):
+def _exp_nonpositive(a, n, bits, like):
     """a[:n] = exp(a[:n]) for a <= 0, in loops that vectorise (libm's exp does not):
     exp(t) = 2^m exp(r), m = round(t / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series, 2^m
-    assembled in the exponent bits. To a few float64 ulp (series to r^12, remainder < 2e-16), or
-    with `single` to a few float32 ulp, the series in float32 arithmetic, twice the lanes (to r^7,
-    remainder < 6e-9; t < -87 gives 0): for float32 data, whose M-step takes the responsibilities
-    rounded to float32 anyway. bits: int64 scratch (n,)."""
-    if single:
-        b32 = bits.view(np.int32)
-        for i in range(n):
-            t = max(a[i], _EXP_MIN_F32)
-            m = np.floor(t * _LOG2E + 0.5)
-            r = np.float32((t - m * _LN2_HI) - m * _LN2_LO)  # reduced in float64: t's digits count
-            p = _C7_F32
-            p = p * r + _C6_F32
-            p = p * r + _C5_F32
-            p = p * r + _C4_F32
-            p = p * r + _C3_F32
-            p = p * r + _HALF_F32
-            p = p * r + _ONE_F32
-            p = p * r + _ONE_F32
-            a[i] = np.float64(p) if a[i] >= _EXP_MIN_F32 else 0.0
-            b32[i] = (np.int32(m) + 127) << 23
-        scale32 = bits.view(np.float32)
-        for i in range(n):
-            a[i] *= np.float64(scale32[i])
-        return
+    assembled in the exponent bits. For float64 data (`like`, an array of the data's dtype) to a
+    few float64 ulp (series to r^12, remainder < 2e-16); for float32 data to a few float32 ulp,
+    the series in float32 arithmetic, twice the lanes (to r^7, remainder < 6e-9; t < -87 gives 0):
+    the M-step takes the responsibilities rounded to float32 anyway. bits: int64 scratch (n,).
+    Compiled code only: the precision is chosen from like's dtype while typing, so a fit compiles
+    one of the two series."""
+    raise NotImplementedError("_exp_nonpositive runs in compiled code only")
+
+
+@overload(_exp_nonpositive, jit_options={"fastmath": _FASTMATH, "nogil": True})
+def _exp_nonpositive_typed(a, n, bits, like):
+    series = _exp_float32 if like.dtype == types.float32 else _exp_float64
+    return lambda a, n, bits, like: series(a, n, bits)
+
+
+@_helper
+def _exp_float32(a, n, bits):
+    b32 = bits.view(np.int32)
+    for i in range(n):
+        t = max(a[i], _EXP_MIN_F32)
+        m = np.floor(t * _LOG2E + 0.5)
+        r = np.float32((t - m * _LN2_HI) - m * _LN2_LO)  # reduced in float64: t's digits count
+        p = _C7_F32
+        p = p * r + _C6_F32
+        p = p * r + _C5_F32
+        p = p * r + _C4_F32
+        p = p * r + _C3_F32
+        p = p * r + _HALF_F32
+        p = p * r + _ONE_F32
+        p = p * r + _ONE_F32
+        a[i] = np.float64(p) if a[i] >= _EXP_MIN_F32 else 0.0
+        b32[i] = (np.int32(m) + 127) << 23
+    scale32 = bits.view(np.float32)
+    for i in range(n):
+        a[i] *= np.float64(scale32[i])
+
+
+@_helper
+def _exp_float64(a, n, bits):
     for i in range(n):
         t = max(a[i], _EXP_MIN)
         m = np.floor(t * _LOG2E + 0.5)
@@ -451,11 +466,11 @@ def _accumulate_vector(diag, C, resp, onehot, best, rd, n, s, second, aa, mom):
 
 
 @_helper
-def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot, single):
+def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot, like):
     """resp[k, i] (soft: exp(logp - logsumexp); hard: one-hot argmax, left unset when onehot_rows
     says the caller adds rows by best alone), each row's log p(x) (hard: max_k log p(x, k)) and
-    argmax best[i], for i < C; resp is zero on padding rows. bits, tot: scratch (rows,); single:
-    the exp to float32 accuracy (float32 data, see _exp_nonpositive)."""
+    argmax best[i], for i < C; resp is zero on padding rows. bits, tot: scratch (rows,); like: an
+    array of the data's dtype, which picks the exp's precision (see _exp_nonpositive)."""
     K, rows = logp.shape
     for i in range(C):
         row_ll[i] = logp[0, i]
@@ -477,7 +492,7 @@ def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot, single
             rk = resp[k]
             for i in range(C):
                 rk[i] = logp[k, i] - row_ll[i]
-            _exp_nonpositive(rk, C, bits, single)
+            _exp_nonpositive(rk, C, bits, like)
             for i in range(C):
                 tot[i] += rk[i]
         for i in range(C):
@@ -594,7 +609,7 @@ def _drivers(kind):
                             resp[k, i] = resp_in[r0 + i, k] if i < C else 0.0
                     row_ll[:C] = 0.0
                 else:
-                    _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, scratch, X.itemsize == 4)
+                    _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, scratch, X)
                 for i in range(C):
                     b_ll[blk] += row_ll[i]
                     if row_ll[i] < worst_ll[blk]:
@@ -619,7 +634,7 @@ def _drivers(kind):
             if C < sub:
                 _zero_padding(kind, C, d, aa)
             _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
-            _normalise(logp, C, hard, hard, resp, row_ll, best, bits, scratch, X.itemsize == 4)  # hard: no one-hot resp needed
+            _normalise(logp, C, hard, hard, resp, row_ll, best, bits, scratch, X)  # hard: no one-hot resp needed
             for i in range(C):
                 out_ll[r0 + i] = row_ll[i]
                 out_label[r0 + i] = best[i]
