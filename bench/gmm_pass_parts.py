@@ -50,7 +50,7 @@ def main():
                     for i in range(sub):
                         logp[k, i] = log_norm[k] - 0.5 * (dist[k, i] + off[k])
             if upto >= 3:
-                cpu._normalise(logp, sub, False, False, resp, row_ll, best, bits, tot, X.itemsize == 4)
+                cpu._normalise(logp, sub, False, False, resp, row_ll, best, bits, tot, X)
             if upto >= 4:
                 cpu._accumulate_vector(True, sub, resp, False, best, rd, n, s, second, aa, mom)
         return n
