@@ -203,3 +203,16 @@ def test_simd_search_gives_argmin_and_the_two_lowest_scores(dtype, n, d, k):
     np.testing.assert_array_equal(s2, ordered[:, 1] if k > 1 else np.full(n, np.inf))
     if k > W:
         assert not (best == W).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, BLOCK_ROWS + 5])
+def test_centre_shifts_in_place_and_gives_norms_and_column_squares(dtype, n):
+    rng = np.random.default_rng(n)
+    X = (rng.normal(size=(n, 6)) * 3 + 10).astype(dtype)
+    shift = X.mean(axis=0).astype(dtype)
+    want = (X - shift).astype(np.float64)
+    norms, sq_sums = kernels.centre(X, shift)
+    np.testing.assert_array_equal(X, (want).astype(dtype))
+    np.testing.assert_allclose(norms, (want**2).sum(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(sq_sums, (want**2).sum(axis=0), rtol=1e-12)

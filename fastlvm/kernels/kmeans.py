@@ -518,9 +518,9 @@ def _full_pass(sparse, simd):
 
 class Rows:
     """A dense C-contiguous array or a CSR matrix (anything with data/indices/indptr) as the
-    kernels take it, with the rows' squared norms."""
+    kernels take it, with the rows' squared norms (computed unless given, float64 (N,))."""
 
-    def __init__(self, X):
+    def __init__(self, X, norms=None):
         self.sparse = hasattr(X, "indptr")
         if self.sparse:
             self.dtype = X.data.dtype
@@ -532,8 +532,11 @@ class Rows:
             self.data = np.empty(0, dtype=self.dtype)
             self.indices = self.indptr = np.zeros(1, dtype=np.int32)
         self.n_rows, self.n_features = X.shape
-        self.norms = np.empty(self.n_rows)
         self.kernels = _kernels(self.sparse)
+        if norms is not None:
+            self.norms = norms
+            return
+        self.norms = np.empty(self.n_rows)
         _run(self.kernels.row_sq_norms, n_blocks(self.n_rows), self.X, self.data, self.indptr, self.norms)
 
     @property
@@ -693,6 +696,29 @@ def _column_sums(X, squares, out, first, step):
             for d in range(X.shape[1]):
                 v = np.float64(X[i, d])
                 out[b, d] += v * v if squares else v
+
+
+@_jit
+def _centre(X, shift, norms, sq_sums, first, step):
+    for b in range(first, sq_sums.shape[0], step):
+        for i in range(b * BLOCK_ROWS, min(X.shape[0], (b + 1) * BLOCK_ROWS)):
+            acc = 0.0
+            for d in range(X.shape[1]):
+                X[i, d] -= shift[d]
+                v = np.float64(X[i, d])
+                acc += v * v
+                sq_sums[b, d] += v * v
+            norms[i] = acc
+
+
+def centre(X, shift):
+    """X -= shift in place (a dense array; shift in its dtype), in the same read: each row's squared
+    norm (N,) and each column's sum of squares (D,) after the shift, in float64 (blocks summed in
+    order). One pass over X where a NumPy subtraction, the column sums and the row norms took three."""
+    norms = np.empty(X.shape[0])
+    sq_sums = np.zeros((n_blocks(X.shape[0]), X.shape[1]))
+    _run(_centre, sq_sums.shape[0], X, np.asarray(shift, dtype=X.dtype), norms, sq_sums)
+    return norms, sq_sums.sum(axis=0)
 
 
 def column_sums(X, squares=False):

@@ -22,7 +22,7 @@ from sklearn.utils.validation import _check_sample_weight, _is_arraylike_not_sca
 from fastlvm import engine as engines
 from fastlvm._validation import check_finite
 from fastlvm.data import as_source
-from fastlvm.engine import LloydState, Rows, column_sums
+from fastlvm.engine import LloydState, Rows, centre, column_sums
 from fastlvm.mixture.init import kmeans_plusplus, random_rows
 
 INIT_SAMPLE_ROWS = 100_000  # rows a streamed source's initial centres are chosen from
@@ -43,8 +43,8 @@ class LloydRun:
 class _InMemory:
     """Dense or CSR rows held in memory: Hamerly bounds and running sums across passes."""
 
-    def __init__(self, X, weights):
-        self.rows = Rows(X)
+    def __init__(self, X, weights, norms=None):
+        self.rows = Rows(X, norms)
         self.weights = weights
 
     def start(self, n_clusters):
@@ -307,8 +307,10 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
         if engine.backend == "cuda":
             _check_gpu_input(X, source, sample_weight)
         if source is None:
-            X = _finite(validate_data(self, X, accept_sparse="csr", dtype=[np.float64, np.float32], order="C",
-                                      copy=self.copy_x, accept_large_sparse=False, ensure_all_finite=False))
+            X = validate_data(self, X, accept_sparse="csr", dtype=[np.float64, np.float32], order="C",
+                              copy=self.copy_x, accept_large_sparse=False, ensure_all_finite=False)
+            if sp.issparse(X):
+                _finite(X)  # dense rows are checked by their column sums below
             n_samples, n_features, dtype = X.shape[0], X.shape[1], X.dtype
         else:
             n_samples, n_features, dtype = source.n_rows, source.n_features, source.dtype
@@ -344,10 +346,12 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
             init_X, init_rows, init_weights = X, data.rows, weights
         else:
             mean = column_sums(X) / n_samples
-            X -= mean.astype(dtype)
-            variances = column_sums(X, squares=True) / n_samples if self.tol else 0.0  # X is now centred
-            data = _OnGpu(engine, X) if engine.backend == "cuda" else _InMemory(X, weights)
-            init_X, init_rows, init_weights = X, Rows(X) if engine.backend == "cuda" else data.rows, weights
+            if not np.isfinite(mean).all():  # NaN and inf reach the sums (a float64 overflow falls through)
+                _finite(X)
+            norms, sq_sums = centre(X, mean.astype(dtype))
+            variances = sq_sums / n_samples  # X is now centred
+            data = _OnGpu(engine, X) if engine.backend == "cuda" else _InMemory(X, weights, norms)
+            init_X, init_rows, init_weights = X, Rows(X, norms) if engine.backend == "cuda" else data.rows, weights
         tol = float(np.mean(variances) * self.tol) if self.tol else 0.0
 
         # One BLAS thread on the host (the seeding's and the updates' small products): a threaded
