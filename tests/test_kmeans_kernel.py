@@ -20,7 +20,7 @@ def brute_force(X, C):
 def test_nearest_centres_with_ties_is_argmin(dtype, n, d, k, search, monkeypatch):
     """Small integers: every product is exact, so ties are exact and must go to the lowest index.
     Both searches: the SIMD one (few centres) and BLAS tiles (many)."""
-    monkeypatch.setattr(kernels, "SIMD_MAX_BYTES", 10**9 if search == "simd" else 0)
+    monkeypatch.setattr(kernels, "use_simd", lambda CT: search == "simd")
     rng = np.random.default_rng(n + k)
     X = rng.integers(-3, 4, size=(n, d)).astype(dtype)
     C = rng.integers(-3, 4, size=(k, d)).astype(dtype)
@@ -90,7 +90,7 @@ def test_lloyd_passes_give_the_nearest_centre_whichever_pass_runs(share, dtype, 
     """Full and bounded passes interleave (the sample's prediction, the back-off); every pass must
     give nearest_centres' labels and the sums of its labels, also with near-duplicate centres,
     whichever search (SIMD or BLAS tiles) the full passes use."""
-    monkeypatch.setattr(kernels, "SIMD_MAX_BYTES", 10**9 if search == "simd" else 0)
+    monkeypatch.setattr(kernels, "use_simd", lambda CT: search == "simd")
     monkeypatch.setattr(kernels, "BOUNDED_MAX_SHARE", share)
     monkeypatch.setattr(kernels, "BOUNDED_MIN_ROWS", 0)
     rng = np.random.default_rng(5)

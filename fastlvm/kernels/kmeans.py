@@ -43,7 +43,7 @@ _helper = njit(fastmath=_FASTMATH, cache=True, nogil=True, no_cfunc_wrapper=True
 
 BLOCK_ROWS = 2048  # rows per block; fixed, so results ignore the thread count
 SUB_ROWS = 256  # rows per tile of products inside a block
-SIMD_MAX_BYTES = 16 * 1024  # centres (transposed, padded) the SIMD search takes: half an L1 cache
+SIMD_MAX_BYTES = 16 * 1024  # on AVX-512 hosts, the centres (panels) the SIMD search takes: half an L1
 # A bounded pass scores a row (its own centre, then the groups its bounds cannot rule out) several
 # times slower than a full pass of tiled products does; it pays only while it scores few rows. A
 # sample of every SAMPLE_STRIDE-th row predicts the share it would score. After a miss, full passes
@@ -166,13 +166,23 @@ def _nearest_dense(X, r0, n, C, CT, c_norms, lane_norms, G, best, s1, s2, simd):
     _nearest_block(P, n, c_norms, best, s1, s2)
 
 
+def _host_has_avx512():
+    import llvmlite.binding as ll
+
+    return bool(ll.get_host_cpu_features().get("avx512f", False))
+
+
 def use_simd(CT):
-    """Whether the SIMD search scores rows against these centres (the panels of centres_in_lanes):
-    while they fit half an L1 cache. On AVX2 it beat the BLAS tiles at every shape measured (1.05-
-    1.44x, K = 16 to 1024), most at few centres, where BLAS spends longest packing; but it runs on
-    256-bit vectors (LLVM splits wider ones on AVX-512 hosts, whose BLAS kernels are 512 bits wide),
-    so many centres keep BLAS, which is GEMM-bound there."""
-    return CT.nbytes <= SIMD_MAX_BYTES
+    """Whether the SIMD search scores rows against these centres (the panels of centres_in_lanes)
+    rather than BLAS tiles. On an AVX2 host it beat them at every shape measured (1.05-1.44x, K = 16
+    to 1024, D = 8 to 128; most at few centres, where BLAS spends longest packing): always. It runs
+    on 256-bit vectors (LLVM splits wider ones on AVX-512 hosts too), while an AVX-512 host's BLAS
+    kernels are 512 bits wide, so there only centres that fit half an L1 cache take it, where the
+    packing dominates (not measured on AVX-512: the conservative choice)."""
+    return not _HOST_AVX512 or CT.nbytes <= SIMD_MAX_BYTES
+
+
+_HOST_AVX512 = _host_has_avx512()
 
 
 @_inline
