@@ -216,3 +216,14 @@ def test_centre_shifts_in_place_and_gives_norms_and_column_squares(dtype, n):
     np.testing.assert_array_equal(X, (want).astype(dtype))
     np.testing.assert_allclose(norms, (want**2).sum(axis=1), rtol=1e-12)
     np.testing.assert_allclose(sq_sums, (want**2).sum(axis=0), rtol=1e-12)
+
+
+def test_search_choice_follows_the_host(monkeypatch):
+    """AVX2 hosts take the SIMD search for any number of centres; AVX-512 hosts (512-bit BLAS
+    kernels) only while the panels fit SIMD_MAX_BYTES."""
+    small, _ = kernels.centres_in_lanes(np.zeros((16, 32), dtype=np.float32))
+    large, _ = kernels.centres_in_lanes(np.zeros((1024, 64), dtype=np.float32))
+    monkeypatch.setattr(kernels, "_HOST_AVX512", False)
+    assert kernels.use_simd(small) and kernels.use_simd(large)
+    monkeypatch.setattr(kernels, "_HOST_AVX512", True)
+    assert kernels.use_simd(small) and not kernels.use_simd(large)
