@@ -22,6 +22,8 @@ def test_show_config_returns_the_dict_without_printing(capsys):
     if not cfg["cpu"]["features"]["avx512f"]:
         assert "avx512" not in cfg["cpp_kernels"]["supported"]
     assert cfg["numba"]["target_cpu"]
+    # the k-means search keeps BLAS tiles for many centres only where the host has AVX-512
+    assert ("BLAS" in cfg["numba"]["kmeans_search"]) == bool(cfg["cpu"]["features"]["avx512f"])
     assert any(p.get("api") == "blas" for p in cfg["threadpools"])
     json.dumps(cfg)  # plain data, for bench/machine.py's JSON
 
