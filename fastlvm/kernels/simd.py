@@ -19,7 +19,11 @@ K apart, and at K = 1024 float32 every one fell in the same L1 set) stays in L1 
 of the tile meets it.
 Each row keeps per lane its lowest score, the block it came from and its next lowest score
 (selects, no per-centre branch); after the last block one horizontal minimum per row gives the
-label (the lowest index among the lanes at the minimum), its score and the next lowest score.
+label (the lowest index among the lanes at the minimum: the lane's own centre when it is the only
+one, the usual case, which skips an integer reduction), its score and the next lowest score.
+
+Numba's on-disk cache keys a kernel on its own source file: after editing this module, touch the
+modules whose kernels inline it (kmeans.py) or clear their cache, or they keep the old code.
 """
 
 from llvmlite import ir
@@ -143,6 +147,10 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
         iota = ir.Constant(ity, list(range(W)))
         umin = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [ity]),
                                               f"llvm.vector.reduce.umin.v{W}i32")
+        mask_ty = ir.IntType(W)
+        cttz = cgutils.get_or_insert_function(builder.module, ir.FunctionType(mask_ty, [mask_ty, ir.IntType(1)]),
+                                              f"llvm.cttz.i{W}")
+        k_slot = cgutils.alloca_once(builder, i32)
         outs = [(context.make_array(t)(context, builder, v), t) for t, v in ((bty, bestv), (s1ty, s1v), (s2ty, s2v))]
         with cgutils.for_range(builder, nv) as rows:
             i = rows.index
@@ -152,7 +160,17 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
             ks = builder.add(builder.mul(builder.load(builder.gep(at, [f])), _splat(builder, ity, ir.Constant(i32, W))),
                              iota)
             ties = builder.fcmp_ordered("==", m1, _splat(builder, vty, low))
-            k = builder.call(umin, [builder.select(ties, ks, _splat(builder, ity, ir.Constant(i32, 2**31 - 1)))])
+            mask = builder.bitcast(ties, mask_ty)
+            one_lane = builder.icmp_unsigned("==", builder.and_(mask, builder.sub(mask, ir.Constant(mask_ty, 1))),
+                                             ir.Constant(mask_ty, 0))
+            with builder.if_else(one_lane, likely=True) as (then, otherwise):
+                with then:  # the usual case: one lane holds the minimum, its centre is the label
+                    lane = builder.call(cttz, [mask, ir.Constant(ir.IntType(1), 0)])
+                    builder.store(builder.extract_element(ks, lane), k_slot)
+                with otherwise:  # several lanes tie: the lowest centre index among them
+                    builder.store(builder.call(umin, [builder.select(ties, ks, _splat(builder, ity, ir.Constant(
+                        i32, 2**31 - 1)))]), k_slot)
+            k = builder.load(k_slot)
             lane = builder.and_(k, ir.Constant(i32, W - 1))
             others = builder.select(builder.icmp_unsigned("==", iota, _splat(builder, ity, lane)), infs, m1)
             m2 = builder.load(builder.gep(min2, [f]))
