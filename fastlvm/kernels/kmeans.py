@@ -558,14 +558,16 @@ class Rows:
         return self.X, self.data, self.indices, self.indptr
 
     def centres(self, C):
-        """(C, CT, ||c_k||^2, lane norms) in the kernels' layout: C (K, D) in the rows' dtype, the
-        squared norms in float64, the lane norms as centres_in_lanes makes them, and the centres
-        transposed, CT: for dense rows the panels of centres_in_lanes, for CSR rows (D, K)."""
+        """(C, ||c_k||^2) in the kernels' layout: C (K, D) in the rows' dtype, the norms in float64."""
         Cd = np.ascontiguousarray(C, dtype=self.dtype)
-        CT, lane_norms = centres_in_lanes(Cd)
+        return Cd, (np.asarray(Cd, dtype=np.float64) ** 2).sum(axis=1)
+
+    def search_centres(self, Cd):
+        """The centres as the full pass searches them, (CT, lane norms): for dense rows the panels
+        and lane norms of centres_in_lanes; for CSR rows C transposed (D, K) and no lane norms."""
         if self.sparse:
-            CT = np.ascontiguousarray(Cd.T)
-        return Cd, CT, (np.asarray(Cd, dtype=np.float64) ** 2).sum(axis=1), lane_norms
+            return np.ascontiguousarray(Cd.T), np.empty(0, dtype=self.dtype)
+        return centres_in_lanes(Cd)
 
     def sq_distances(self, C):
         """(N, K) squared distances to the centres C."""
@@ -576,7 +578,7 @@ class Rows:
         return self._sq_distances(C, np.asarray(labels, dtype=np.int32), 1)[:, 0]
 
     def _sq_distances(self, C, labels, width):
-        Cd, _, c_norms, _ = self.centres(C)
+        Cd, c_norms = self.centres(C)
         out = np.empty((self.n_rows, width))
         _run(self.kernels.sq_distances, n_blocks(self.n_rows), *self.args(), self.norms, Cd, c_norms, labels, out)
         return out
@@ -644,7 +646,7 @@ class LloydState:
     def _assign(self, C, moves):
         rows = self.rows
         C = np.asarray(C, dtype=np.float64)
-        Cd, CT, c_norms, lane_norms = rows.centres(C)
+        Cd, c_norms = rows.centres(C)
         if self.bounded and self.groups is None:
             self._group(C)
         if self.bounded and self.labels[0] >= 0:
@@ -654,6 +656,7 @@ class LloydState:
                 n_changed = self._bounded_pass(C, Cd, c_norms, np.asarray(moves, dtype=np.float64))
                 if n_changed >= 0:
                     return n_changed
+        CT, lane_norms = rows.search_centres(Cd)
         full_pass = _full_pass(rows.sparse, not rows.sparse and use_simd(CT))
         _run(full_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, Cd, CT, c_norms, lane_norms, self.eps,
              self.shrink, self.labels, self.bounded and self._wait == 0, self.upper, self.lower, self._sums, self._counts,

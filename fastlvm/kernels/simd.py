@@ -10,7 +10,7 @@ best[j] = argmin (ties to the lowest k), s1[j] its score and s2[j] the next lowe
 K = 1), for j < n, scores computed in X's dtype.
 
 The products x . c_k for W consecutive centres (a block) are W lanes of one vector: per feature
-d, one vector load of CT[d, k0 : k0 + W], one broadcast of x_d per row and one FMA per row, for
+d, one vector load of the block's panel row CT[b, d], one broadcast of x_d per row and one FMA per row, for
 four rows at a time whose accumulators stay in registers (W = 64 bytes of lanes: 8 AVX2 registers
 or 4 AVX-512 ones). X is read as stored: BLAS on a tile of rows by K = 16 centres, D = 32, spent
 longer packing the tile than multiplying it. Blocks are the outer loop and the tile's rows the
