@@ -17,7 +17,7 @@ from sklearn.datasets import load_digits
 import fastlvm
 
 _SCRIPT = textwrap.dedent("""
-    import sys
+    import os, sys
     import numpy as np, torch, torch.distributed as dist
     from sklearn.datasets import load_digits
     import fastlvm
@@ -38,7 +38,10 @@ _SCRIPT = textwrap.dedent("""
     vae = getattr(fastlvm, sys.argv[3])(**kw).fit(X)
     if dist.get_rank() == 0:
         vae.save(sys.argv[1])
-    print("rank", dist.get_rank(), "world", dist.get_world_size(), "rows", rows[0], flush=True)
+    # one write of the whole line: the ranks share the pipe, and print's pieces interleaved with the
+    # other rank's ("rank rank 0 ... / 1 world ...")
+    os.write(1, f"rank {dist.get_rank()} world {dist.get_world_size()} rows {rows[0]}\\n".encode())
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it (a rank aborted there)
     dist.destroy_process_group()
 """)
 
