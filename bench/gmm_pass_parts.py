@@ -36,23 +36,19 @@ def main():
 
     @njit(nogil=True, fastmath=cpu._FASTMATH)
     def parts(X, centre, Wt, off, log_norm, upto):
-        aa, dist = np.zeros((Wt.shape[0], sub), X.dtype), np.empty((K, sub), X.dtype)
-        logp, resp, row_ll, best, bits, tot = cpu._normalise_buffers(K, sub)
-        rd, mom = np.zeros((K, sub), X.dtype), np.zeros((K, Wt.shape[0]), X.dtype)
+        aa = np.zeros((Wt.shape[0], sub), X.dtype)
+        logp, resp, row_ll, best, top, tot = cpu._normalise_buffers(X, K, K, sub)
+        mom = np.zeros((K, Wt.shape[0]), X.dtype)
         n, s, second = np.zeros(K), np.zeros((K, D)), np.zeros((K, 1, D))
         for r0 in range(0, X.shape[0] - sub + 1, sub):
-            if upto >= 1:
+            if upto == 1:
                 cpu._squares_and_rows(True, X, r0, sub, centre, aa)
-            if upto >= 2:
-                dist[:] = 0.0
-                cpu._axpy_rows(Wt, aa, dist, False)
-                for k in range(K):
-                    for i in range(sub):
-                        logp[k, i] = log_norm[k] - 0.5 * (dist[k, i] + off[k])
+            if upto >= 2:  # the squares again, then the product
+                cpu._log_prob_vector(True, X, r0, sub, log_norm, centre, Wt, off, aa, logp)
             if upto >= 3:
-                cpu._normalise(logp, sub, False, False, resp, row_ll, best, bits, tot, X)
+                cpu._normalise(logp, sub, False, False, resp, row_ll, best, top, tot)
             if upto >= 4:
-                cpu._accumulate_vector(True, sub, resp, False, best, rd, n, s, second, aa, mom)
+                cpu._accumulate_vector(True, sub, resp, False, best, n, s, second, aa, mom)
         return n
 
     times = {u: [] for u in range(5)}

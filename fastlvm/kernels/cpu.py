@@ -21,8 +21,8 @@ are stored as (K, rows), so the log-sum-exp runs along contiguous rows and vecto
 of the full, diag and spherical types are loops of our own (see _axpy_rows, _dot_rows); the tied
 type's are single-threaded BLAS calls. Kernels are serial, one per thread over fixed blocks: the
 caller limits BLAS to one thread (see `blas_single_thread`), so there is one level of parallelism. Arithmetic is in the
-data's dtype, log-probabilities and responsibilities in float64, and statistics accumulate in
-float64 across sub-chunks. The last sub-chunk of a block is padded with zero rows, which carry
+data's dtype, log-probabilities and responsibilities too (each row's log p(x) and the statistics
+accumulate in float64 across sub-chunks). The last sub-chunk of a block is padded with zero rows, which carry
 zero responsibility, so every product has the same shape.
 """
 
@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit, types
 from numba.extending import overload
+
+from .simd import max_nonnan, pow2
 
 FULL, TIED, DIAG, SPHERICAL = 0, 1, 2, 3
 BLOCK_ROWS = 4096  # rows reduced serially into one partial; fixed, so results ignore threads
@@ -68,38 +70,38 @@ _LN2_LO = 1.9082149292705877e-10
 _FLOAT32_TINY = 1.1754943508222875e-38  # smallest normal numbers
 _FLOAT64_TINY = 2.2250738585072014e-308
 _EXP_MIN = -708.0  # below this exp(t) is subnormal or zero; returned as 0 (a responsibility < 1e-307)
-# The series in float32 (constants of that type keep Numba's arithmetic in float32)
-_EXP_MIN_F32 = -87.0  # exp(-87) is near float32's smallest normal number
-_HALF_F32, _ONE_F32 = np.float32(0.5), np.float32(1.0)
-_C3_F32, _C4_F32, _C5_F32 = np.float32(1 / 6), np.float32(1 / 24), np.float32(1 / 120)
-_C6_F32, _C7_F32 = np.float32(1 / 720), np.float32(1 / 5040)
+# The float32 series: constants of that type keep Numba's arithmetic in float32
+_F32 = np.float32
+_EXP_MIN_F32 = _F32(-87.0)  # exp(-87) is near float32's smallest normal number
+_LOG2E_F32 = _F32(_LOG2E)
+_LN2_HI_F32, _LN2_LO_F32 = _F32(0.693359375), _F32(-2.12194440e-4)  # n * _LN2_HI_F32 exact for |n| < 2^15
+_ZERO_F32, _HALF_F32, _ONE_F32 = _F32(0.0), _F32(0.5), _F32(1.0)
+_C3_F32, _C4_F32, _C5_F32 = _F32(1 / 6), _F32(1 / 24), _F32(1 / 120)
+_C6_F32, _C7_F32 = _F32(1 / 720), _F32(1 / 5040)
 
 
-def _exp_nonpositive(a, n, bits, like):
-    """a[:n] = exp(a[:n]) for a <= 0, in loops that vectorise (libm's exp does not):
+def _exp_nonpositive(a, n):
+    """a[:n] = exp(a[:n]) for a <= 0, in a's dtype, in loops that vectorise (libm's exp does not):
     exp(t) = 2^m exp(r), m = round(t / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series, 2^m
-    assembled in the exponent bits. For float64 data (`like`, an array of the data's dtype) to a
-    few float64 ulp (series to r^12, remainder < 2e-16); for float32 data to a few float32 ulp,
-    the series in float32 arithmetic, twice the lanes (to r^7, remainder < 6e-9; t < -87 gives 0):
-    the M-step takes the responsibilities rounded to float32 anyway. bits: int64 scratch (n,).
-    Compiled code only: the precision is chosen from like's dtype while typing, so a fit compiles
-    one of the two series."""
+    assembled in the exponent bits (simd.pow2). float64: to a few ulp (series to r^12, remainder
+    < 2e-16); float32 (responsibilities of float32 data), all in float32 arithmetic, twice the
+    lanes: to a few float32 ulp (series to r^7, remainder < 6e-9; t < -87 gives 0).
+    Compiled code only: the series is chosen from a's dtype while typing, so a fit compiles one."""
     raise NotImplementedError("_exp_nonpositive runs in compiled code only")
 
 
 @overload(_exp_nonpositive, jit_options={"fastmath": _FASTMATH, "nogil": True})
-def _exp_nonpositive_typed(a, n, bits, like):
-    series = _exp_float32 if like.dtype == types.float32 else _exp_float64
-    return lambda a, n, bits, like: series(a, n, bits)
+def _exp_nonpositive_typed(a, n):
+    series = _exp_float32 if a.dtype == types.float32 else _exp_float64
+    return lambda a, n: series(a, n)
 
 
 @_helper
-def _exp_float32(a, n, bits):
-    b32 = bits.view(np.int32)
+def _exp_float32(a, n):
     for i in range(n):
         t = max(a[i], _EXP_MIN_F32)
-        m = np.floor(t * _LOG2E + 0.5)
-        r = np.float32((t - m * _LN2_HI) - m * _LN2_LO)  # reduced in float64: t's digits count
+        m = np.floor(t * _LOG2E_F32 + _HALF_F32)
+        r = (t - m * _LN2_HI_F32) - m * _LN2_LO_F32  # the first product is exact
         p = _C7_F32
         p = p * r + _C6_F32
         p = p * r + _C5_F32
@@ -108,15 +110,11 @@ def _exp_float32(a, n, bits):
         p = p * r + _HALF_F32
         p = p * r + _ONE_F32
         p = p * r + _ONE_F32
-        a[i] = np.float64(p) if a[i] >= _EXP_MIN_F32 else 0.0
-        b32[i] = (np.int32(m) + 127) << 23
-    scale32 = bits.view(np.float32)
-    for i in range(n):
-        a[i] *= np.float64(scale32[i])
+        a[i] = p * pow2(m) if a[i] >= _EXP_MIN_F32 else _ZERO_F32
 
 
 @_helper
-def _exp_float64(a, n, bits):
+def _exp_float64(a, n):
     for i in range(n):
         t = max(a[i], _EXP_MIN)
         m = np.floor(t * _LOG2E + 0.5)
@@ -134,11 +132,7 @@ def _exp_float64(a, n, bits):
         p = p * r + 0.5
         p = p * r + 1.0
         p = p * r + 1.0
-        a[i] = p if a[i] >= _EXP_MIN else 0.0
-        bits[i] = (np.int64(m) + 1023) << 52
-    scale = bits.view(np.float64)
-    for i in range(n):
-        a[i] *= scale[i]
+        a[i] = p * pow2(m) if a[i] >= _EXP_MIN else 0.0
 
 
 # ----------------------------------------------------------------------------- full and tied
@@ -325,21 +319,22 @@ def _whitened_offsets(kind, means, prec, centre):
 # ------------------------------------------------------------------------- diag and spherical
 # With a = x - c (c the mixture mean) and m_k = mu_k - c, a diagonal Mahalanobis distance is
 #   sum_p prec_kp (a_p - m_kp)^2 = [prec_k, -2 prec_k m_k] . [a^2, a] + sum_p prec_kp m_kp^2,
-# so one (K x W) @ (W x rows) product gives every row's distances, and one (K x rows) @ (rows x W)
+# so one (K x W) @ (W x rows) product gives every row's distances (its weights scaled by -1/2 and
+# added to log_norm_k - offset_k / 2, the log-probabilities themselves), and one (K x rows) @ (rows x W)
 # product gives the weighted sums of a and a^2 (moments about c). The spherical type needs only
 # ||a||^2 of the squares, so its rows are [||a||^2, a] (W = D + 1) where diag's are [a^2, a] (W = 2D).
 # Both products are the full type's loops (_axpy_rows, _dot_rows) on the expansion stored transposed,
 # aaT (Wp, rows), W padded with zeros to Wp, a multiple of 4. The two types share these compiled
 # helpers, told apart by the run-time flag `diag`.
 def _vector_weights(kind, means, prec, centre):
-    """(WT (Wp, K), offsets (K,)) of the expansion above, WT the weights transposed and padded."""
+    """(WT (Wp, K), offsets (K,)) of the expansion above, WT -1/2 the weights, transposed and padded."""
     K, D = means.shape
     if kind != DIAG and kind != SPHERICAL:
         return np.zeros((0, K), dtype=means.dtype), np.zeros(K)
     p2 = np.broadcast_to(prec[:, 0, :].astype(np.float64) ** 2, (K, D))
     m = means.astype(np.float64) - centre
     squares = p2 if kind == DIAG else p2[:, :1]
-    Wt = np.hstack([squares, -2.0 * p2 * m])
+    Wt = np.hstack([-0.5 * squares, p2 * m])
     WT = np.zeros((-(-Wt.shape[1] // PAD) * PAD, K), dtype=means.dtype)
     WT[: Wt.shape[1]] = Wt.T
     return WT, (p2 * m * m).sum(axis=1)
@@ -383,31 +378,20 @@ def _log_prob_tied(X, r0, C, prec, log_norm, centre, b, d, Y, logp):
 
 
 @_helper
-def _log_prob_vector(diag, X, r0, C, log_norm, centre, Wt, off, aa, dist, logp):
-    """logp[k, i] = log p(x_i, k), leaving aa as _squares_and_rows makes it."""
+def _log_prob_vector(diag, X, r0, C, log_norm, centre, Wt, off, aa, logp):
+    """logp[k, i] = log p(x_i, k) in one product, leaving aa as _squares_and_rows makes it."""
     _squares_and_rows(diag, X, r0, C, centre, aa)
-    dist[:] = 0.0
-    _axpy_rows(Wt, aa, dist, False)
-    for k in range(dist.shape[0]):
-        for i in range(C):
-            logp[k, i] = log_norm[k] - 0.5 * (dist[k, i] + off[k])
-
-
-@_helper
-def _flush_tiny(resp, rd):
-    """rd[:K] = resp in the data's dtype, with responsibilities below its smallest normal number set to
-    zero: as float32 subnormals they would add nothing but slow every product they enter."""
-    tiny = _FLOAT32_TINY if rd.itemsize == 4 else _FLOAT64_TINY
-    for k in range(resp.shape[0]):
-        for i in range(resp.shape[1]):
-            r = resp[k, i]
-            rd[k, i] = r if r >= tiny else 0.0
+    for k in range(logp.shape[0]):
+        c = logp.dtype.type(log_norm[k] - 0.5 * off[k])
+        for i in range(logp.shape[1]):
+            logp[k, i] = c
+    _axpy_rows(Wt, aa, logp, False)
 
 
 @_helper
 def _add_counts(C, resp, n):
-    """n[k] += sum_{i < C} resp[k, i]"""
-    for k in range(resp.shape[0]):
+    """n[k] += sum_{i < C} resp[k, i] (resp may have padding rows past n's K)"""
+    for k in range(n.shape[0]):
         tot = 0.0
         for i in range(C):
             tot += resp[k, i]
@@ -415,31 +399,29 @@ def _add_counts(C, resp, n):
 
 
 @_helper
-def _accumulate_full(resp, rd, n, s, second, YT, ZT):
+def _accumulate_full(resp, n, s, second, YT, ZT):
     """n, s and the upper triangle of second in whitened coordinates (see _accumulate_whitened)."""
-    _flush_tiny(resp, rd)
-    for k in range(resp.shape[0]):
-        _accumulate_whitened(YT[k], rd[k], n, s, second, k, ZT)
+    for k in range(n.shape[0]):
+        _accumulate_whitened(YT[k], resp[k], n, s, second, k, ZT)
 
 
 @_helper
-def _accumulate_tied(C, resp, rd, n, s, second, d, mom, prod):
+def _accumulate_tied(C, resp, n, s, second, d, mom, prod):
     """n, s about c and the second moment about c (which does not depend on r)."""
     K, D = s.shape
-    _flush_tiny(resp, rd)
     _add_counts(C, resp, n)
     np.dot(d.T, d, prod)
     for p in range(D):
         for j in range(D):
             second[0, p, j] += prod[p, j]
-    np.dot(rd, d, mom)
+    np.dot(resp, d, mom)
     for k in range(K):
         for p in range(D):
             s[k, p] += mom[k, p]
 
 
 @_helper
-def _accumulate_vector(diag, C, resp, onehot, best, rd, n, s, second, aa, mom):
+def _accumulate_vector(diag, C, resp, onehot, best, n, s, second, aa, mom):
     """n, s and the diag / spherical second moment from the sums of [squares, a] per component, under
     resp or, when onehot (hard mode), adding each row to its component best[i]."""
     K, D = s.shape
@@ -451,9 +433,8 @@ def _accumulate_vector(diag, C, resp, onehot, best, rd, n, s, second, aa, mom):
             for j in range(aa.shape[0]):
                 mk[j] += aa[j, i]
     else:
-        _flush_tiny(resp, rd)
         _add_counts(C, resp, n)
-        _dot_rows(rd, aa, mom, False)
+        _dot_rows(resp, aa, mom, False)
     sq = D if diag else 1
     for k in range(K):
         for p in range(D):
@@ -466,45 +447,55 @@ def _accumulate_vector(diag, C, resp, onehot, best, rd, n, s, second, aa, mom):
 
 
 @_helper
-def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, tot, like):
-    """resp[k, i] (soft: exp(logp - logsumexp); hard: one-hot argmax, left unset when onehot_rows
-    says the caller adds rows by best alone), each row's log p(x) (hard: max_k log p(x, k)) and
-    argmax best[i], for i < C; resp is zero on padding rows. bits, tot: scratch (rows,); like: an
-    array of the data's dtype, which picks the exp's precision (see _exp_nonpositive)."""
+def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, top, tot):
+    """resp[k, i] (soft: exp(logp - logsumexp), below the dtype's smallest normal number set to zero:
+    as float32 subnormals they would add nothing but slow every product they enter; hard: one-hot
+    argmax, left unset when onehot_rows says the caller adds rows by best alone), each row's
+    log p(x) row_ll[i] (float64; hard: max_k log p(x, k)) and argmax best[i] (int32), for i < C;
+    resp is zero on padding rows. logp, resp, top and tot (scratch, (rows,)) are in the data's
+    dtype: for float32 data the exp and the sums run on twice the lanes, and the M-step's products
+    take resp as it is. resp may have more rows than logp (left as they are)."""
     K, rows = logp.shape
-    for i in range(C):
-        row_ll[i] = logp[0, i]
-        best[i] = 0
+    one = resp.dtype.type(1.0)
+    tiny = resp.dtype.type(_FLOAT32_TINY if resp.itemsize == 4 else _FLOAT64_TINY)
+    # The maximum over k, then the first k that reaches it, as vector max and min (see
+    # simd.max_nonnan: a running argmax by selects ran at a quarter of the speed).
+    top[:C] = logp[0, :C]
     for k in range(1, K):
-        for i in range(C):  # selects, not branches: the loop vectorises
-            v = logp[k, i]
-            up = v > row_ll[i]
-            row_ll[i] = v if up else row_ll[i]
-            best[i] = k if up else best[i]
+        for i in range(C):
+            top[i] = max_nonnan(top[i], logp[k, i])
+    last = np.int32(K - 1)
+    best[:C] = last
+    for k in range(K - 1):
+        k32 = np.int32(k)  # int32: as many lanes as float32 logp's
+        for i in range(C):
+            best[i] = min(best[i], k32 if logp[k, i] == top[i] else last)
     if hard:
+        for i in range(C):
+            row_ll[i] = top[i]
         if not onehot_rows:
             for k in range(K):
                 for i in range(C):
-                    resp[k, i] = 1.0 if best[i] == k else 0.0
+                    resp[k, i] = one if best[i] == k else 0
     else:
-        tot[:C] = 0.0
+        tot[:C] = 0
         for k in range(K):
             rk = resp[k]
             for i in range(C):
-                rk[i] = logp[k, i] - row_ll[i]
-            _exp_nonpositive(rk, C, bits, like)
+                rk[i] = logp[k, i] - top[i]
+            _exp_nonpositive(rk, C)
             for i in range(C):
                 tot[i] += rk[i]
         for i in range(C):
-            tot[i] = 1.0 / tot[i]
+            row_ll[i] = np.float64(top[i]) + np.log(np.float64(tot[i]))
+            tot[i] = one / tot[i]
         for k in range(K):
             for i in range(C):
-                resp[k, i] *= tot[i]
-        for i in range(C):
-            row_ll[i] -= np.log(tot[i])
+                r = resp[k, i] * tot[i]
+                resp[k, i] = r if r >= tiny else 0
     for k in range(K):
         for i in range(C, rows):
-            resp[k, i] = 0.0
+            resp[k, i] = 0
 
 
 # ----------------------------------------------------------------------------- one sub-chunk
@@ -519,19 +510,19 @@ def _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist
     elif kind == TIED:
         _log_prob_tied(X, r0, C, prec, log_norm, centre, b, d, Y, logp)
     else:
-        _log_prob_vector(kind == DIAG, X, r0, C, log_norm, centre, Wt, off, aa, dist, logp)
+        _log_prob_vector(kind == DIAG, X, r0, C, log_norm, centre, Wt, off, aa, logp)
 
 
 @_inline
-def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, rd, mom, Z, prod):
+def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, mom, Z, prod):
     """Adds the sub-chunk's statistics under responsibilities resp (K, rows), or, when onehot (hard
     mode, diag and spherical), under the one-hot best[i]."""
     if kind == FULL:
-        _accumulate_full(resp, rd, n, s, second, Y, Z)
+        _accumulate_full(resp, n, s, second, Y, Z)
     elif kind == TIED:
-        _accumulate_tied(C, resp, rd, n, s, second, d, mom, prod)
+        _accumulate_tied(C, resp, n, s, second, d, mom, prod)
     else:
-        _accumulate_vector(kind == DIAG, C, resp, onehot, best, rd, n, s, second, aa, mom)
+        _accumulate_vector(kind == DIAG, C, resp, onehot, best, n, s, second, aa, mom)
 
 
 @_inline
@@ -547,10 +538,11 @@ def _row_buffers(kind, X, K, Dp, W, sub):
 
 
 @_helper
-def _normalise_buffers(K, sub):
-    """_normalise's outputs and scratch (logp, resp, row_ll, best, bits, scratch)."""
-    return (np.empty((K, sub)), np.empty((K, sub)), np.empty(sub), np.empty(sub, dtype=np.int64),
-            np.empty(sub, dtype=np.int64), np.empty(sub))
+def _normalise_buffers(X, K, Kp, sub):
+    """_normalise's outputs and scratch (logp (K, sub), resp (Kp, sub), row_ll, best, top, tot), in
+    X's dtype but row_ll (float64) and best (int32); resp's rows past K are zero."""
+    return (np.empty((K, sub), dtype=X.dtype), np.zeros((Kp, sub), dtype=X.dtype), np.empty(sub),
+            np.empty(sub, dtype=np.int32), np.empty(sub, dtype=X.dtype), np.empty(sub, dtype=X.dtype))
 
 
 @_inline
@@ -589,12 +581,12 @@ def _drivers(kind):
         sub = SUB_ROWS
         given = resp_in.shape[0] == N
         onehot_rows = hard and not given and (kind == DIAG or kind == SPHERICAL)
+        tiny = _FLOAT32_TINY if X.itemsize == 4 else _FLOAT64_TINY
         d, Y, aa, dist = _row_buffers(kind, X, K, prec.shape[1], Wt.shape[0], sub)
-        logp, resp, row_ll, best, bits, scratch = _normalise_buffers(K, sub)
+        Kp = K + K % 2 if kind == DIAG or kind == SPHERICAL else K  # _dot_rows takes rows in pairs
+        logp, resp, row_ll, best, top, tot = _normalise_buffers(X, K, Kp, sub)
         Z = np.empty((prec.shape[1], sub), dtype=X.dtype)
         prod = np.empty((D, D), dtype=X.dtype)
-        Kp = K + K % 2 if kind == DIAG or kind == SPHERICAL else K  # _dot_rows takes rows in pairs
-        rd = np.zeros((Kp, sub), dtype=X.dtype)
         mom = np.empty((Kp, D if kind == TIED else Wt.shape[0]), dtype=X.dtype)
         for blk in range(first, b_ll.shape[0], step):
             stop = min(N, (blk + 1) * block_rows)
@@ -606,17 +598,18 @@ def _drivers(kind):
                 if given:
                     for k in range(K):
                         for i in range(sub):
-                            resp[k, i] = resp_in[r0 + i, k] if i < C else 0.0
+                            v = resp_in[r0 + i, k] if i < C else 0.0
+                            resp[k, i] = v if v >= tiny else 0.0  # as _normalise flushes
                     row_ll[:C] = 0.0
                 else:
-                    _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, bits, scratch, X)
+                    _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, top, tot)
                 for i in range(C):
                     b_ll[blk] += row_ll[i]
                     if row_ll[i] < worst_ll[blk]:
                         worst_ll[blk] = row_ll[i]
                         worst_row[blk] = r0 + i
                 _accumulate(kind, C, resp, onehot_rows, best, b_n[blk], b_s[blk], b_second[blk], d, Y, aa,
-                            rd, mom, Z, prod)
+                            mom, Z, prod)
 
 
     @_jit
@@ -627,14 +620,14 @@ def _drivers(kind):
         sub = SUB_ROWS
         want_logp = out_logp.shape[0] == N
         d, Y, aa, dist = _row_buffers(kind, X, K, prec.shape[1], Wt.shape[0], sub)
-        logp, resp, row_ll, best, bits, scratch = _normalise_buffers(K, sub)
+        logp, resp, row_ll, best, top, tot = _normalise_buffers(X, K, K, sub)
         for c in range(first, (N + sub - 1) // sub, step):
             r0 = c * sub
             C = min(sub, N - r0)
             if C < sub:
                 _zero_padding(kind, C, d, aa)
             _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
-            _normalise(logp, C, hard, hard, resp, row_ll, best, bits, scratch, X)  # hard: no one-hot resp needed
+            _normalise(logp, C, hard, hard, resp, row_ll, best, top, tot)  # hard: no one-hot resp needed
             for i in range(C):
                 out_ll[r0 + i] = row_ll[i]
                 out_label[r0 + i] = best[i]

@@ -22,8 +22,16 @@ Each row keeps per lane its lowest score, the block it came from and its next lo
 label (the lowest index among the lanes at the minimum: the lane's own centre when it is the only
 one, the usual case, which skips an integer reduction), its score and the next lowest score.
 
+`pow2(m)`: 2**m for an integer-valued float m in its type's normal exponent range, assembled in
+the exponent bits in m's own width (Numba would widen the integer arithmetic to 64 bits, and a
+view of a scratch array costs a compiled function of its own); it vectorises with the loop.
+
+`max_nonnan(a, b)`: the larger of two floats known not to be NaN, as LLVM's maxnum (a vector max
+once vectorised); Numba's `max` is a compare and select, and a select stored back onto the array
+element it read becomes a conditional store, which vectorises as a masked store (microcoded on AMD).
+
 Numba's on-disk cache keys a kernel on its own source file: after editing this module, touch the
-modules whose kernels inline it (kmeans.py) or clear their cache, or they keep the old code.
+modules whose kernels inline it (kmeans.py, cpu.py) or clear their cache, or they keep the old code.
 """
 
 from llvmlite import ir
@@ -181,3 +189,31 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
         return context.get_dummy_value()
 
     return types.void(X, r0, n, CT, cn, best, s1, s2), codegen
+
+
+@intrinsic
+def pow2(typingctx, m):
+    if m not in (types.float32, types.float64):
+        return None
+    bits, bias = (32, 127) if m == types.float32 else (64, 1023)
+    mantissa = 23 if m == types.float32 else 52
+
+    def codegen(context, builder, sig, args):
+        ity = ir.IntType(bits)
+        e = builder.add(builder.fptosi(args[0], ity), ir.Constant(ity, bias))
+        return builder.bitcast(builder.shl(e, ir.Constant(ity, mantissa)), context.get_value_type(m))
+
+    return m(m), codegen
+
+
+@intrinsic
+def max_nonnan(typingctx, a, b):
+    if a != b or a not in (types.float32, types.float64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(args[0].type, [args[0].type] * 2),
+                                            "llvm.maxnum." + ("f32" if a == types.float32 else "f64"))
+        return builder.call(fn, args, fastmath=_NO_NAN)
+
+    return a(a, b), codegen
