@@ -130,3 +130,18 @@ def test_exp_of_the_responsibilities_against_numpy(dtype):
     edge = np.array([0.0, -1000.0], dtype=dtype)
     exp_in_place(edge)
     assert edge.tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n, D", [(128, 32), (13, 7), (16, 9), (3, 40)])
+def test_centred_transposition_against_numpy(dtype, n, D):
+    import numba
+
+    # whole SIMD tiles and the scalar edges together: every (feature, row) written once, exactly
+    rng = np.random.default_rng(n * D)
+    X = rng.normal(size=(n + 5, D)).astype(dtype)
+    m = rng.normal(size=D).astype(dtype)
+    out = np.full((D + 2, n + 3), 7.0, dtype=dtype)
+    numba.njit(lambda X, n, m, out: cpu._transpose_centred(X, 3, n, m, out))(X, n, m, out)
+    np.testing.assert_array_equal(out[:D, :n], (X[3 : 3 + n] - m).T)
+    assert (out[D:] == 7.0).all() and (out[:, n:] == 7.0).all()

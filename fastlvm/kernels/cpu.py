@@ -33,7 +33,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import max_nonnan, pow2
+from .simd import TRANSPOSE_BYTES, max_nonnan, pow2, transpose_centred
 
 FULL, TIED, DIAG, SPHERICAL = 0, 1, 2, 3
 BLOCK_ROWS = 4096  # rows reduced serially into one partial; fixed, so results ignore threads
@@ -156,11 +156,15 @@ PAD = 4  # the full type's feature count is padded to a multiple of this
 
 @_helper
 def _transpose_centred(X, r0, C, m, dT):
-    """dT[p, i] = X[r0 + i, p] - m[p] for i < C, p < D (rows D.. of dT stay zero)."""
+    """dT[p, i] = X[r0 + i, p] - m[p] for i < C, p < D (rows D.. of dT stay zero): whole tiles by
+    simd.transpose_centred, the edges here."""
     D = X.shape[1]
+    T = TRANSPOSE_BYTES // X.itemsize
+    CT, DT = C - C % T, D - D % T
+    transpose_centred(X, r0, C, m, dT)
     for i in range(C):
         xi = X[r0 + i]
-        for p in range(D):
+        for p in range(DT if i < CT else 0, D):
             dT[p, i] = xi[p] - m[p]
 
 
@@ -666,6 +670,7 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, n_workers,
     When resp_in has N rows it is used as the responsibilities (initialisation from given
     responsibilities) and the log-likelihood outputs are meaningless. n_workers: threads to use.
     """
+    X = np.ascontiguousarray(X)  # the kernels read rows as contiguous vectors
     N, D = X.shape
     K = means.shape[0]
     n_blocks = (N + block_rows - 1) // block_rows
@@ -690,6 +695,7 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
     """Per-row outputs without statistics: out_label[i] = argmax_k log p(x_i, k),
     out_ll[i] = log p(x_i) (hard: max_k log p(x_i, k)), and, when out_logp has N rows,
     out_logp[i, k] = log p(x_i, k)."""
+    X = np.ascontiguousarray(X)
     n_sub = (X.shape[0] + SUB_ROWS - 1) // SUB_ROWS
     kprec, b = _padded(kind, prec, _whitened_offsets(kind, means, prec, centre))
     Wt, off = _vector_weights(kind, means, prec, centre)

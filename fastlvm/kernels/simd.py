@@ -22,6 +22,13 @@ Each row keeps per lane its lowest score, the block it came from and its next lo
 label (the lowest index among the lanes at the minimum: the lane's own centre when it is the only
 one, the usual case, which skips an integer reduction), its score and the next lowest score.
 
+`transpose_centred(X, r0, n, m, out)`: out[p, i] = X[r0 + i, p] - m[p] on the whole tiles of
+T x T (T = 32 bytes of lanes: 8 float32 or 4 float64), i < n - n % T and p < D - D % T; the caller
+does the edges. Each tile is T vector loads along rows of X, log2(T) rounds of two-input shuffles
+(each round swaps the off-diagonal blocks of half the size of the last) and T vector stores along
+rows of out: Numba's element loop makes one scattered store per element. X is C-contiguous; out's
+rows have unit stride.
+
 `pow2(m)`: 2**m for an integer-valued float m in its type's normal exponent range, assembled in
 the exponent bits in m's own width (Numba would widen the integer arithmetic to 64 bits, and a
 view of a scratch array costs a compiled function of its own); it vectorises with the loop.
@@ -217,3 +224,60 @@ def max_nonnan(typingctx, a, b):
         return builder.call(fn, args, fastmath=_NO_NAN)
 
     return a(a, b), codegen
+
+
+TRANSPOSE_BYTES = 32  # a tile row is one AVX2 register
+
+
+def transpose_lanes(dtype):
+    """T, the tile size of transpose_centred for this NumPy dtype."""
+    return TRANSPOSE_BYTES // dtype.itemsize
+
+
+@intrinsic
+def transpose_centred(typingctx, X, r0, n, m, out):
+    """See the module docstring."""
+    if not (isinstance(X, types.Array) and X.ndim == 2 and X.dtype in (types.float32, types.float64)
+            and X.layout == "C" and isinstance(m, types.Array) and m.ndim == 1 and m.dtype == X.dtype
+            and isinstance(out, types.Array) and out.ndim == 2 and out.dtype == X.dtype):
+        return None
+
+    def codegen(context, builder, sig, args):
+        Xv, r0v, nv, mv, outv = args
+        ety = context.get_data_type(X.dtype)
+        size = context.get_abi_sizeof(ety)
+        T = TRANSPOSE_BYTES // size
+        vty = ir.VectorType(ety, T)
+        intp = context.get_value_type(types.intp)
+        const = lambda v: ir.Constant(intp, v)  # noqa: E731
+        r0v = context.cast(builder, r0v, sig.args[1], types.intp)
+        nv = context.cast(builder, nv, sig.args[2], types.intp)
+        xa = context.make_array(X)(context, builder, Xv)
+        ma = context.make_array(m)(context, builder, mv)
+        oa = context.make_array(out)(context, builder, outv)
+        D = cgutils.unpack_tuple(builder, xa.shape)[1]
+        whole = lambda v: builder.mul(builder.udiv(v, const(T)), const(T))  # noqa: E731
+        masks = []  # per round d: the shuffles giving rows j and j + d from rows j and j + d
+        d = T // 2
+        while d >= 1:
+            lo = [c if c & d == 0 else T + c - d for c in range(T)]
+            hi = [c + d if c & d == 0 else T + c for c in range(T)]
+            masks.append((d, *(ir.Constant(ir.VectorType(ir.IntType(32), T), k) for k in (lo, hi))))
+            d //= 2
+        with cgutils.for_range_slice(builder, const(0), whole(nv), const(T)) as (i0, _):
+            rows = [_row_pointer(builder, xa, builder.add(r0v, builder.add(i0, const(j)))) for j in range(T)]
+            with cgutils.for_range_slice(builder, const(0), whole(D), const(T)) as (p0, _):
+                v = [builder.load(builder.bitcast(builder.gep(r, [p0]), vty.as_pointer()), align=size) for r in rows]
+                for d, lo, hi in masks:
+                    for j in range(T):
+                        if j & d == 0:
+                            v[j], v[j + d] = (builder.shuffle_vector(v[j], v[j + d], lo),
+                                              builder.shuffle_vector(v[j], v[j + d], hi))
+                for j in range(T):
+                    p = builder.add(p0, const(j))
+                    centre = _splat(builder, vty, builder.load(builder.gep(ma.data, [p])))
+                    dst = builder.gep(_row_pointer(builder, oa, p), [i0])
+                    builder.store(builder.fsub(v[j], centre), builder.bitcast(dst, vty.as_pointer()), align=size)
+        return context.get_dummy_value()
+
+    return types.none(X, r0, n, m, out), codegen
