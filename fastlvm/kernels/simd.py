@@ -75,6 +75,13 @@ def _row_pointer(builder, arr, row):
     return builder.bitcast(raw, arr.data.type)
 
 
+def _rows_args(context, builder, sig, args):
+    """(X's array, r0 and n as intp, D) of an intrinsic called as f(X, r0, n, ...)."""
+    xa = context.make_array(sig.args[0])(context, builder, args[0])
+    r0, n = (context.cast(builder, args[j], sig.args[j], types.intp) for j in (1, 2))
+    return xa, r0, n, cgutils.unpack_tuple(builder, xa.shape)[1]
+
+
 TILE_ROWS = 32  # rows whose running minima a tile keeps (3 vectors each: 6 KB), per block of centres
 
 
@@ -87,7 +94,7 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
         return None
 
     def codegen(context, builder, sig, args):
-        Xv, r0v, nv, CTv, cnv, bestv, s1v, s2v = args
+        _, _, _, CTv, cnv, bestv, s1v, s2v = args
         xty, _, _, cty, nty, bty, s1ty, s2ty = sig.args
         ety = context.get_data_type(xty.dtype)
         W = VECTOR_BYTES // context.get_abi_sizeof(ety)
@@ -95,12 +102,9 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
         i32 = ir.IntType(32)
         ity = ir.VectorType(i32, W)
         intp = context.get_value_type(types.intp)
-        r0v = context.cast(builder, r0v, sig.args[1], types.intp)
-        nv = context.cast(builder, nv, sig.args[2], types.intp)
-        xa = context.make_array(xty)(context, builder, Xv)
+        xa, r0v, nv, D = _rows_args(context, builder, sig, args)
         ca = context.make_array(cty)(context, builder, CTv)
         na = context.make_array(nty)(context, builder, cnv)
-        D = cgutils.unpack_tuple(builder, xa.shape)[1]
         n_blocks = cgutils.unpack_tuple(builder, ca.shape)[0]
         fma = _vector_function(builder, "fma", vty, 3)
         vmin = _vector_function(builder, "vector.reduce.fmin", vty, 1, ety)
@@ -243,19 +247,16 @@ def transpose_centred(typingctx, X, r0, n, m, out):
         return None
 
     def codegen(context, builder, sig, args):
-        Xv, r0v, nv, mv, outv = args
+        mv, outv = args[3:]
         ety = context.get_data_type(X.dtype)
         size = context.get_abi_sizeof(ety)
         T = TRANSPOSE_BYTES // size
         vty = ir.VectorType(ety, T)
         intp = context.get_value_type(types.intp)
         const = lambda v: ir.Constant(intp, v)  # noqa: E731
-        r0v = context.cast(builder, r0v, sig.args[1], types.intp)
-        nv = context.cast(builder, nv, sig.args[2], types.intp)
-        xa = context.make_array(X)(context, builder, Xv)
+        xa, r0v, nv, D = _rows_args(context, builder, sig, args)
         ma = context.make_array(m)(context, builder, mv)
         oa = context.make_array(out)(context, builder, outv)
-        D = cgutils.unpack_tuple(builder, xa.shape)[1]
         whole = lambda v: builder.mul(builder.udiv(v, const(T)), const(T))  # noqa: E731
         masks = []  # per round d: the shuffles giving rows j and j + d from rows j and j + d
         d = T // 2
