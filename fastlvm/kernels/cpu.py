@@ -464,7 +464,8 @@ def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, top, tot):
     tiny = resp.dtype.type(_FLOAT32_TINY if resp.itemsize == 4 else _FLOAT64_TINY)
     # The maximum over k, then the first k that reaches it, as vector max and min (see
     # simd.max_nonnan: a running argmax by selects ran at a quarter of the speed).
-    top[:C] = logp[0, :C]
+    for i in range(C):  # a loop: an array assignment compiles Numba's shape-mismatch message (seconds)
+        top[i] = logp[0, i]
     for k in range(1, K):
         for i in range(C):
             top[i] = max_nonnan(top[i], logp[k, i])
