@@ -37,7 +37,10 @@ from .simd import TRANSPOSE_BYTES, max_nonnan, pow2, transpose_centred
 
 FULL, TIED, DIAG, SPHERICAL = 0, 1, 2, 3
 BLOCK_ROWS = 4096  # rows reduced serially into one partial; fixed, so results ignore threads
-SUB_ROWS = 128  # rows per sub-chunk: every component's rows of one stay in L2 between E-step and M-step
+# Rows per sub-chunk: long enough that the products' per-row-block costs (horizontal sums, reloaded
+# outputs) amortise, short enough that a sub-chunk's rows stay in cache from E-step to M-step. 256
+# against 128 (EPYC Zen 3, one thread): diag pass 20.6 -> 17.9 ms; full float32 and float64 faster too.
+SUB_ROWS = 256
 
 # Reassociation lets reductions vectorise; NaN/inf semantics are kept (no 'nnan'/'ninf').
 _FASTMATH = {"reassoc", "contract", "arcp"}
