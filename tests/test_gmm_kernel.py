@@ -145,3 +145,35 @@ def test_centred_transposition_against_numpy(dtype, n, D):
     numba.njit(lambda X, n, m, out: cpu._transpose_centred(X, 3, n, m, out))(X, n, m, out)
     np.testing.assert_array_equal(out[:D, :n], (X[3 : 3 + n] - m).T)
     assert (out[D:] == 7.0).all() and (out[:, n:] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("hard", [False, True])
+def test_normalisation_against_scipy(dtype, hard):
+    # responsibilities, log p(x) and the argmax of each row (first of tied maxima, as np.argmax),
+    # in the data's dtype; rows past C left zero; a far-off component's responsibility is exactly 0
+    import numba
+    from scipy.special import logsumexp, softmax
+
+    K, rows, C = 5, 40, 37
+    rng = np.random.default_rng(3)
+    logp = (rng.normal(size=(K, rows)) * 4 - 30).astype(dtype)
+    logp[2, :10] = logp[4, :10] = logp[:, :10].max(axis=0)  # ties: the lower index wins
+    logp[3, 10:20] = -1e4  # exp underflows: resp 0
+    resp = np.full((K + 1, rows), 5.0, dtype=dtype)
+    resp[K] = 0.0
+    row_ll, best = np.empty(rows), np.empty(rows, dtype=np.int32)
+    top, tot = np.empty(rows, dtype=dtype), np.empty(rows, dtype=dtype)
+    numba.njit(lambda *a: cpu._normalise(*a))(logp, C, hard, False, resp, row_ll, best, top, tot)
+    want_best = logp[:, :C].argmax(axis=0)
+    np.testing.assert_array_equal(best[:C], want_best)
+    l64 = logp[:, :C].astype(np.float64)
+    if hard:
+        np.testing.assert_array_equal(resp[:K, :C], np.eye(K)[want_best].T)
+        np.testing.assert_array_equal(row_ll[:C], l64.max(axis=0))
+    else:
+        rtol = 8 * np.finfo(dtype).eps
+        np.testing.assert_allclose(resp[:K, :C], softmax(l64, axis=0), rtol=rtol, atol=np.finfo(dtype).tiny)
+        np.testing.assert_allclose(row_ll[:C], logsumexp(l64, axis=0), rtol=rtol)
+        assert (resp[3, 10:20] == 0).all()
+    assert resp.dtype == dtype and (resp[:K, C:] == 0).all() and (resp[K] == 0).all()
