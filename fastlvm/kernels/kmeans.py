@@ -33,6 +33,7 @@ from types import SimpleNamespace
 import numba
 import numpy as np
 from numba import njit
+from numba.extending import register_jitable
 
 from fastlvm.kernels.cpu import _on_workers, blas_single_thread
 from fastlvm.kernels.simd import TILE_ROWS, lanes, nearest_tile
@@ -62,8 +63,9 @@ def n_groups(n_clusters):
     return max(1, -(-n_clusters // (4 if n_clusters <= 64 else 10)))
 
 
-@njit(cache=True)
+@register_jitable  # plain Python when called from Python: no compile of its own
 def n_blocks(n_rows):
+    """Blocks of BLOCK_ROWS rows (at least one)."""
     return max(1, (n_rows + BLOCK_ROWS - 1) // BLOCK_ROWS)
 
 
