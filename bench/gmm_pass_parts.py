@@ -34,11 +34,11 @@ def main():
     Wt[: 2 * D] = rng.normal(size=(2 * D, K)) * 0.1
     off, log_norm = rng.normal(size=K), rng.normal(size=K)
 
+    scratch = cpu._scratch(cpu.DIAG, dt, K, D, 0, W, 1)
+
     @njit(nogil=True, fastmath=cpu._FASTMATH)
-    def parts(X, centre, Wt, off, log_norm, upto):
-        aa = np.zeros((Wt.shape[0], sub), X.dtype)
-        logp, resp, row_ll, best, top, tot = cpu._normalise_buffers(X, K, K, sub)
-        mom = np.zeros((K, Wt.shape[0]), X.dtype)
+    def parts(X, centre, Wt, off, log_norm, upto, scratch):
+        _, _, aa, _, logp, resp, row_ll, best, top, tot, _, _, mom = cpu._worker(scratch, 0)
         n, s, second = np.zeros(K), np.zeros((K, D)), np.zeros((K, 1, D))
         for r0 in range(0, X.shape[0] - sub + 1, sub):
             if upto == 1:
@@ -53,11 +53,11 @@ def main():
 
     times = {u: [] for u in range(5)}
     for u in range(5):
-        parts(X, centre, Wt, off, log_norm, u)
+        parts(X, centre, Wt, off, log_norm, u, scratch)
     for _ in range(args.repeats):
         for u in range(5):
             t = time.perf_counter()
-            parts(X, centre, Wt, off, log_norm, u)
+            parts(X, centre, Wt, off, log_norm, u, scratch)
             times[u].append(time.perf_counter() - t)
     ms = [1e3 * min(times[u]) for u in range(5)]
     names = ["squares and transposition", "E-step products and log densities", "normalisation (exp)",

@@ -533,24 +533,31 @@ def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, mom, Z, pro
         _accumulate_vector(kind == DIAG, C, resp, onehot, best, n, s, second, aa, mom)
 
 
-@_inline
-def _row_buffers(kind, X, K, Dp, W, sub):
-    """_log_prob's buffers (d, Y, aa, dist): d and Y are (Dp, sub) and (K, Dp, sub) for the full type,
-    (sub, D) and (1, sub, D) for tied, (sub, D) and nothing otherwise; aa (W, sub); dist (K, sub)."""
-    aa = np.zeros((W, sub), dtype=X.dtype)
-    dist = np.empty((K, sub), dtype=X.dtype)
+def _scratch(kind, dtype, K, D, Dp, W, n_workers):
+    """Each worker's buffers for a driver, stacked on a leading worker axis: (d, Y, aa, dist) for
+    _log_prob (d and Y are (Dp, sub) and (K, Dp, sub) for the full type, (sub, D) and (1, sub, D) for
+    tied, (sub, D) and nothing otherwise; aa (W, sub); dist (K, sub)); (logp, resp, row_ll, best, top,
+    tot) for _normalise (resp (Kp, sub), its rows past K zero; row_ll float64, best int32); (Z, prod,
+    mom) for _accumulate. Made here in NumPy: allocations inside the kernels compile NumPy's
+    allocation code once per shape and dtype, about half a second of a first fit."""
+    n, sub = n_workers, SUB_ROWS
+    Kp = K + K % 2 if kind == DIAG or kind == SPHERICAL else K  # _dot_rows takes rows in pairs
     if kind == FULL:
-        return np.zeros((Dp, sub), dtype=X.dtype), np.empty((K, Dp, sub), dtype=X.dtype), aa, dist
-    D = X.shape[1]
-    return np.zeros((sub, D), dtype=X.dtype), np.empty((1 if kind == TIED else 0, sub, D), dtype=X.dtype), aa, dist
+        d, Y = np.zeros((n, Dp, sub), dtype), np.empty((n, K, Dp, sub), dtype)
+    else:
+        d, Y = np.zeros((n, sub, D), dtype), np.empty((n, 1 if kind == TIED else 0, sub, D), dtype)
+    return (d, Y, np.zeros((n, W, sub), dtype), np.empty((n, K, sub), dtype),
+            np.empty((n, K, sub), dtype), np.zeros((n, Kp, sub), dtype), np.empty((n, sub)),
+            np.empty((n, sub), np.int32), np.empty((n, sub), dtype), np.empty((n, sub), dtype),
+            np.empty((n, Dp, sub), dtype), np.empty((n, D, D), dtype),
+            np.empty((n, Kp, D if kind == TIED else W), dtype))
 
 
-@_helper
-def _normalise_buffers(X, K, Kp, sub):
-    """_normalise's outputs and scratch (logp (K, sub), resp (Kp, sub), row_ll, best, top, tot), in
-    X's dtype but row_ll (float64) and best (int32); resp's rows past K are zero."""
-    return (np.empty((K, sub), dtype=X.dtype), np.zeros((Kp, sub), dtype=X.dtype), np.empty(sub),
-            np.empty(sub, dtype=np.int32), np.empty(sub, dtype=X.dtype), np.empty(sub, dtype=X.dtype))
+@_inline
+def _worker(scratch, w):
+    """Worker w's buffers from _scratch's stacks."""
+    d, Y, aa, dist, logp, resp, row_ll, best, top, tot, Z, prod, mom = scratch
+    return d[w], Y[w], aa[w], dist[w], logp[w], resp[w], row_ll[w], best[w], top[w], tot[w], Z[w], prod[w], mom[w]
 
 
 @_inline
@@ -565,7 +572,7 @@ def _zero_padding(kind, C, d, aa):
 
 # ----------------------------------------------------------------------------- drivers
 # One pair of compiled drivers per covariance type (made on first use by `_drivers`), so a fit
-# compiles only its own type: the small switches on `kind` (_log_prob, _accumulate, _row_buffers,
+# compiles only its own type: the small switches on `kind` (_log_prob, _accumulate, _worker,
 # _zero_padding) are inlined into them at Numba's IR level, where `kind` is a constant and the other
 # types' branches are pruned before typing. Everything else is a compiled helper of its own, compiled
 # once per dtype when first reached and cached: the per-type ones (_log_prob_full, ...) and the
@@ -581,21 +588,16 @@ def _drivers(kind):
 
     @_jit
     def suff_stats_blocks(X, means, prec, log_norm, centre, b, Wt, off, hard, resp_in, block_rows,
-                          b_n, b_s, b_second, b_ll, worst_ll, worst_row, first, step):
+                          b_n, b_s, b_second, b_ll, worst_ll, worst_row, scratch, first, step):
         """Statistics of blocks first, first + step, ... of block_rows rows, into the block's slot
-        of the b_* / worst_* partials (see suff_stats)."""
+        of the b_* / worst_* partials (see suff_stats), with worker first's buffers (_scratch)."""
         N, D = X.shape
         K = means.shape[0]
         sub = SUB_ROWS
         given = resp_in.shape[0] == N
         onehot_rows = hard and not given and (kind == DIAG or kind == SPHERICAL)
         tiny = _FLOAT32_TINY if X.itemsize == 4 else _FLOAT64_TINY
-        d, Y, aa, dist = _row_buffers(kind, X, K, prec.shape[1], Wt.shape[0], sub)
-        Kp = K + K % 2 if kind == DIAG or kind == SPHERICAL else K  # _dot_rows takes rows in pairs
-        logp, resp, row_ll, best, top, tot = _normalise_buffers(X, K, Kp, sub)
-        Z = np.empty((prec.shape[1], sub), dtype=X.dtype)
-        prod = np.empty((D, D), dtype=X.dtype)
-        mom = np.empty((Kp, D if kind == TIED else Wt.shape[0]), dtype=X.dtype)
+        d, Y, aa, dist, logp, resp, row_ll, best, top, tot, Z, prod, mom = _worker(scratch, first)
         for blk in range(first, b_ll.shape[0], step):
             stop = min(N, (blk + 1) * block_rows)
             for r0 in range(blk * block_rows, stop, sub):
@@ -621,14 +623,15 @@ def _drivers(kind):
 
 
     @_jit
-    def row_scores_subs(X, means, prec, log_norm, centre, b, Wt, off, hard, out_ll, out_label, out_logp, first, step):
-        """row_scores on sub-chunks first, first + step, ... of SUB_ROWS rows."""
+    def row_scores_subs(X, means, prec, log_norm, centre, b, Wt, off, hard, out_ll, out_label, out_logp, scratch,
+                        first, step):
+        """row_scores on sub-chunks first, first + step, ... of SUB_ROWS rows, with worker first's
+        buffers (_scratch)."""
         N, D = X.shape
         K = means.shape[0]
         sub = SUB_ROWS
         want_logp = out_logp.shape[0] == N
-        d, Y, aa, dist = _row_buffers(kind, X, K, prec.shape[1], Wt.shape[0], sub)
-        logp, resp, row_ll, best, top, tot = _normalise_buffers(X, K, K, sub)
+        d, Y, aa, dist, logp, resp, row_ll, best, top, tot, _, _, _ = _worker(scratch, first)
         for c in range(first, (N + sub - 1) // sub, step):
             r0 = c * sub
             C = min(sub, N - r0)
@@ -686,8 +689,10 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, n_workers,
     worst_ll = np.full(n_blocks, np.inf)
     worst_row = np.zeros(n_blocks, dtype=np.int64)
     Wt, off = _vector_weights(kind, means, prec, centre)
-    _on_workers(_drivers(kind)[0], max(1, min(n_workers, n_blocks)), X, means, kprec, log_norm, centre, b, Wt, off,
-                bool(hard), resp_in, block_rows, b_n, b_s, b_second, b_ll, worst_ll, worst_row)
+    n_workers = max(1, min(n_workers, n_blocks))
+    scratch = _scratch(kind, X.dtype, K, D, kprec.shape[1], Wt.shape[0], n_workers)
+    _on_workers(_drivers(kind)[0], n_workers, X, means, kprec, log_norm, centre, b, Wt, off,
+                bool(hard), resp_in, block_rows, b_n, b_s, b_second, b_ll, worst_ll, worst_row, scratch)
     # Fixed-order reduction over blocks.
     n, s, second, ll = b_n.sum(axis=0), b_s.sum(axis=0), b_second.sum(axis=0), float(b_ll.sum())
     if kind == FULL:
@@ -703,5 +708,7 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
     n_sub = (X.shape[0] + SUB_ROWS - 1) // SUB_ROWS
     kprec, b = _padded(kind, prec, _whitened_offsets(kind, means, prec, centre))
     Wt, off = _vector_weights(kind, means, prec, centre)
-    _on_workers(_drivers(kind)[1], max(1, min(n_workers, n_sub)), X, means, kprec, log_norm, centre, b, Wt, off,
-                bool(hard), out_ll, out_label, out_logp)
+    n_workers = max(1, min(n_workers, n_sub))
+    scratch = _scratch(kind, X.dtype, means.shape[0], X.shape[1], kprec.shape[1], Wt.shape[0], n_workers)
+    _on_workers(_drivers(kind)[1], n_workers, X, means, kprec, log_norm, centre, b, Wt, off,
+                bool(hard), out_ll, out_label, out_logp, scratch)
