@@ -69,10 +69,32 @@ def n_blocks(n_rows):
     return max(1, (n_rows + BLOCK_ROWS - 1) // BLOCK_ROWS)
 
 
+def _workers(n_items):
+    """Threads for n_items blocks: up to numba.get_num_threads()."""
+    return max(1, min(numba.get_num_threads(), n_items))
+
+
+def _tile_scratch(K, dtype, n_workers):
+    """Each worker's buffers for a pass over tiles of rows, stacked on a leading worker axis:
+    products G (K, SUB_ROWS) and acc (K,) in dtype, per row the nearest centre (int64) and the
+    lowest two scores (float64), and a block's moved rows and their old labels (int64). Made here in
+    NumPy: allocations inside the kernels compile NumPy's allocation code once per shape and dtype."""
+    n = n_workers
+    return (np.empty((n, K, SUB_ROWS), dtype), np.empty((n, K), dtype), np.empty((n, SUB_ROWS), np.int64),
+            np.empty((n, 2, SUB_ROWS)), np.empty((n, 2, BLOCK_ROWS), np.int64))
+
+
+@_inline
+def _tile_worker(scratch, w):
+    """Worker w's buffers from _tile_scratch's stacks: G, acc, best, s1, s2, moved, old."""
+    G, acc, best, s, moved = scratch
+    return G[w], acc[w], best[w], s[w, 0], s[w, 1], moved[w, 0], moved[w, 1]
+
+
 def _run(kernel, n_items, *args, blas=False):
     """kernel(*args, first, step) on up to numba.get_num_threads() threads; `blas`: the kernel calls
     BLAS, which then runs single-threaded (one level of parallelism)."""
-    n_workers = max(1, min(numba.get_num_threads(), n_items))
+    n_workers = _workers(n_items)
     if blas:
         with blas_single_thread():
             _on_workers(kernel, n_workers, *args)
@@ -227,12 +249,11 @@ def _nearest_rows(simd):
     pruned before typing)."""
 
     @_jit
-    def nearest_rows(X, C, CT, c_norms, lane_norms, labels, d2, first, step):
+    def nearest_rows(X, C, CT, c_norms, lane_norms, labels, d2, scratch, first, step):
         """labels[i] and d2[i] = ||x_i - c||^2 (in d2's dtype, >= 0) of the nearest centre c, for
-        the blocks first, first + step, ... of dense rows."""
+        the blocks first, first + step, ... of dense rows, with worker first's buffers (_tile_scratch)."""
         N = X.shape[0]
-        G = np.empty((C.shape[0], SUB_ROWS), dtype=X.dtype)
-        best, s1, s2 = np.empty(SUB_ROWS, dtype=np.int64), np.empty(SUB_ROWS), np.empty(SUB_ROWS)
+        G, _, best, s1, s2, _, _ = _tile_worker(scratch, first)
         for b in range(first, n_blocks(N), step):
             for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
                 n = min(SUB_ROWS, N - r0)
@@ -286,7 +307,9 @@ def nearest_centres(X, C):
     d2 = np.empty(X.shape[0], dtype=X.dtype)
     CT, lane_norms = centres_in_lanes(C)
     c_norms = (C.astype(np.float64) ** 2).sum(axis=1)
-    _run(_nearest_rows(use_simd(CT)), n_blocks(X.shape[0]), X, C, CT, c_norms, lane_norms, labels, d2, blas=True)
+    scratch = _tile_scratch(C.shape[0], X.dtype, _workers(n_blocks(X.shape[0])))
+    _run(_nearest_rows(use_simd(CT)), n_blocks(X.shape[0]), X, C, CT, c_norms, lane_norms, labels, d2, scratch,
+         blas=True)
     return labels, d2
 
 
@@ -493,16 +516,14 @@ def _full_pass(sparse, simd):
 
     @_jit
     def full_pass(X, data, indices, indptr, weights, x_norms, C, CT, c_norms, lane_norms, eps, shrink, labels,
-                  bounds, upper, lower, sums, counts, changed, first, step):
+                  bounds, upper, lower, sums, counts, changed, scratch, first, step):
         """Labels of every row of the blocks first, first + step, ... from tiles of products
         (_nearest_dense; CSR: _sparse_tile_products, _nearest_block), if `bounds` their bounds (distance to the nearest centre, and
         to the next nearest as every group's lower bound, widened by the rounding margin), and per block
-        the changes of the weighted sums (sums (B, K, D), counts (B, K), changed (B,))."""
-        N, K = labels.shape[0], c_norms.shape[0]
-        G = np.empty((K, SUB_ROWS), dtype=CT.dtype)
-        acc = np.empty(K, dtype=CT.dtype)
-        best, s1, s2 = np.empty(SUB_ROWS, dtype=np.int64), np.empty(SUB_ROWS), np.empty(SUB_ROWS)
-        moved, old = np.empty(BLOCK_ROWS, dtype=np.int64), np.empty(BLOCK_ROWS, dtype=np.int64)
+        the changes of the weighted sums (sums (B, K, D), counts (B, K), changed (B,)); worker first's
+        buffers from _tile_scratch."""
+        N = labels.shape[0]
+        G, acc, best, s1, s2, moved, old = _tile_worker(scratch, first)
         c_max = _largest(c_norms)
         for b in range(first, sums.shape[0], step):
             n_changed = np.int64(0)  # not the literal 0: _block_sums would compile for both
@@ -660,9 +681,10 @@ class LloydState:
                     return n_changed
         CT, lane_norms = rows.search_centres(Cd)
         full_pass = _full_pass(rows.sparse, not rows.sparse and use_simd(CT))
+        scratch = _tile_scratch(len(c_norms), CT.dtype, _workers(self._sums.shape[0]))
         _run(full_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, Cd, CT, c_norms, lane_norms, self.eps,
              self.shrink, self.labels, self.bounded and self._wait == 0, self.upper, self.lower, self._sums, self._counts,
-             self._changed)
+             self._changed, scratch)
         self._reduce()
         return int(self._changed.sum())
 
