@@ -233,11 +233,6 @@ def max_nonnan(typingctx, a, b):
 TRANSPOSE_BYTES = 32  # a tile row is one AVX2 register
 
 
-def transpose_lanes(dtype):
-    """T, the tile size of transpose_centred for this NumPy dtype."""
-    return TRANSPOSE_BYTES // dtype.itemsize
-
-
 @intrinsic
 def transpose_centred(typingctx, X, r0, n, m, out):
     """See the module docstring."""
