@@ -536,17 +536,18 @@ def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, mom, Z, pro
 def _scratch(kind, dtype, K, D, Dp, W, n_workers):
     """Each worker's buffers for a driver, stacked on a leading worker axis: (d, Y, aa, dist) for
     _log_prob (d and Y are (Dp, sub) and (K, Dp, sub) for the full type, (sub, D) and (1, sub, D) for
-    tied, (sub, D) and nothing otherwise; aa (W, sub); dist (K, sub)); (logp, resp, row_ll, best, top,
-    tot) for _normalise (resp (Kp, sub), its rows past K zero; row_ll float64, best int32); (Z, prod,
-    mom) for _accumulate. Made here in NumPy: allocations inside the kernels compile NumPy's
-    allocation code once per shape and dtype, about half a second of a first fit."""
+    tied, (sub, D) and nothing otherwise; aa (W, sub); dist (K, sub) for the full type only);
+    (logp, resp, row_ll, best, top, tot) for _normalise (resp (Kp, sub), its rows past K zero;
+    row_ll float64, best int32); (Z, prod, mom) for _accumulate. Made here in NumPy: allocations
+    inside the kernels compile NumPy's allocation code once per shape and dtype, about half a
+    second of a first fit."""
     n, sub = n_workers, SUB_ROWS
     Kp = K + K % 2 if kind == DIAG or kind == SPHERICAL else K  # _dot_rows takes rows in pairs
     if kind == FULL:
         d, Y = np.zeros((n, Dp, sub), dtype), np.empty((n, K, Dp, sub), dtype)
     else:
         d, Y = np.zeros((n, sub, D), dtype), np.empty((n, 1 if kind == TIED else 0, sub, D), dtype)
-    return (d, Y, np.zeros((n, W, sub), dtype), np.empty((n, K, sub), dtype),
+    return (d, Y, np.zeros((n, W, sub), dtype), np.empty((n, K if kind == FULL else 0, sub), dtype),
             np.empty((n, K, sub), dtype), np.zeros((n, Kp, sub), dtype), np.empty((n, sub)),
             np.empty((n, sub), np.int32), np.empty((n, sub), dtype), np.empty((n, sub), dtype),
             np.empty((n, Dp, sub), dtype), np.empty((n, D, D), dtype),
