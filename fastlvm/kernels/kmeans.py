@@ -35,7 +35,7 @@ import numpy as np
 from numba import njit
 from numba.extending import register_jitable
 
-from fastlvm.kernels.cpu import _on_workers, blas_single_thread
+from fastlvm.kernels.cpu import _aligned, _on_workers, blas_single_thread
 from fastlvm.kernels.simd import TILE_ROWS, lanes, nearest_tile
 
 _FASTMATH = {"reassoc", "contract", "arcp"}
@@ -80,8 +80,8 @@ def _tile_scratch(K, dtype, n_workers):
     lowest two scores (float64), and a block's moved rows and their old labels (int64). Made here in
     NumPy: allocations inside the kernels compile NumPy's allocation code once per shape and dtype."""
     n = n_workers
-    return (np.empty((n, K, SUB_ROWS), dtype), np.empty((n, K), dtype), np.empty((n, SUB_ROWS), np.int64),
-            np.empty((n, 2, SUB_ROWS)), np.empty((n, 2, BLOCK_ROWS), np.int64))
+    return (_aligned((n, K, SUB_ROWS), dtype), _aligned((n, K), dtype), _aligned((n, SUB_ROWS), np.int64),
+            _aligned((n, 2, SUB_ROWS), np.float64), _aligned((n, 2, BLOCK_ROWS), np.int64))
 
 
 @_inline
