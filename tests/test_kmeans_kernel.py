@@ -190,6 +190,8 @@ def test_simd_search_gives_argmin_and_the_two_lowest_scores(dtype, n, d, k):
     W = lanes(np.dtype(dtype))
     if k > W:
         C[W] = C[1]  # lane 0 of block 1 ties lane 1 of block 0: centre 1 must win
+    if k > 2:
+        C[min(k, W) - 1] = C[0]  # the block's last lane ties its first (another transposed part when k >= W)
     CT, lane_norms = kernels.centres_in_lanes(C)
     KP = -(-k // W) * W
     assert CT.shape == (KP // W, d, W) and np.isinf(lane_norms[k:]).all()
@@ -203,6 +205,8 @@ def test_simd_search_gives_argmin_and_the_two_lowest_scores(dtype, n, d, k):
     np.testing.assert_array_equal(s2, ordered[:, 1] if k > 1 else np.full(n, np.inf))
     if k > W:
         assert not (best == W).any()
+    if k > 2:
+        assert not (best == min(k, W) - 1).any()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

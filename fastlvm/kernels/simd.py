@@ -17,10 +17,11 @@ longer packing the tile than multiplying it. Blocks are the outer loop and the t
 inner one, so a block of centres (a contiguous D x 64-byte panel: rows of a (D, K) transpose lie
 K apart, and at K = 1024 float32 every one fell in the same L1 set) stays in L1 while every row
 of the tile meets it.
-Each row keeps per lane its lowest score, the block it came from and its next lowest score
-(selects, no per-centre branch); after the last block one horizontal minimum per row gives the
-label (the lowest index among the lanes at the minimum: the lane's own centre when it is the only
-one, the usual case, which skips an integer reduction), its score and the next lowest score.
+A block's scores go to a small buffer, a W-lane vector per row; read back T rows by T centres
+(T = 32 bytes of lanes) and transposed in registers, they put the rows in lanes, so the running
+minimum, its centre and the next lowest score are vertical minima and selects over the centres in
+order (ties keep the lowest index), with no per-row horizontal reduction: that had cost as long
+as the products at K = 16, D = 32.
 
 `transpose_centred(X, r0, n, m, out)`: out[p, i] = X[r0 + i, p] - m[p] on the whole tiles of
 T x T (T = 32 bytes of lanes: 8 float32 or 4 float64), i < n - n % T and p < D - D % T; the caller
@@ -82,12 +83,49 @@ def _rows_args(context, builder, sig, args):
     return xa, r0, n, cgutils.unpack_tuple(builder, xa.shape)[1]
 
 
-TILE_ROWS = 32  # rows whose running minima a tile keeps (3 vectors each: 6 KB), per block of centres
+TILE_ROWS = 32  # rows a tile takes per block of centres (their scores: 2 KB)
+TRANSPOSE_BYTES = 32  # a transposed tile's row is one AVX2 register
+
+
+def _transpose_masks(T):
+    """Per round d (T/2, T/4, .., 1) of a T x T transposition: the shuffles that give rows j and
+    j + d from rows j and j + d (j & d == 0)."""
+    masks = []
+    d = T // 2
+    while d >= 1:
+        lo = [c if c & d == 0 else T + c - d for c in range(T)]
+        hi = [c + d if c & d == 0 else T + c for c in range(T)]
+        masks.append((d, *(ir.Constant(ir.VectorType(ir.IntType(32), T), k) for k in (lo, hi))))
+        d //= 2
+    return masks
+
+
+def _transpose(builder, v, masks):
+    """The T vectors v (rows of a T x T tile) transposed: log2(T) rounds of two-input shuffles, each
+    swapping the off-diagonal blocks of half the size of the last."""
+    v = list(v)
+    for d, lo, hi in masks:
+        for j in range(len(v)):
+            if j & d == 0:
+                v[j], v[j + d] = builder.shuffle_vector(v[j], v[j + d], lo), builder.shuffle_vector(v[j], v[j + d], hi)
+    return v
+
+
+def _vector_cast(builder, v, to):
+    """Vector v with its elements converted to the scalar LLVM type `to` (widened or narrowed)."""
+    vto = ir.VectorType(to, v.type.count)
+    if v.type.element == to:
+        return v
+    if isinstance(to, ir.IntType):
+        return (builder.sext if to.width > v.type.element.width else builder.trunc)(v, vto)
+    wider = isinstance(to, ir.DoubleType)
+    return (builder.fpext if wider else builder.fptrunc)(v, vto)
 
 
 @intrinsic
 def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
-    """See the module docstring: rows X[r0 : r0 + n], n <= TILE_ROWS, into best/s1/s2[0 : n]."""
+    """See the module docstring: rows X[r0 : r0 + n], n <= TILE_ROWS, into best/s1/s2[0 : n]
+    (1-D arrays with unit stride)."""
     if not (isinstance(X, types.Array) and X.ndim == 2 and X.dtype in (types.float32, types.float64)
             and isinstance(CT, types.Array) and CT.ndim == 3 and CT.dtype == X.dtype and CT.layout == "C"
             and isinstance(cn, types.Array) and cn.dtype == X.dtype and cn.layout == "C"):
@@ -97,38 +135,42 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
         _, _, _, CTv, cnv, bestv, s1v, s2v = args
         xty, _, _, cty, nty, bty, s1ty, s2ty = sig.args
         ety = context.get_data_type(xty.dtype)
-        W = VECTOR_BYTES // context.get_abi_sizeof(ety)
-        vty = ir.VectorType(ety, W)
+        size = context.get_abi_sizeof(ety)
+        W, T = VECTOR_BYTES // size, TRANSPOSE_BYTES // size
+        vty, tty = ir.VectorType(ety, W), ir.VectorType(ety, T)
         i32 = ir.IntType(32)
-        ity = ir.VectorType(i32, W)
+        ity = ir.VectorType(i32, T)
         intp = context.get_value_type(types.intp)
         xa, r0v, nv, D = _rows_args(context, builder, sig, args)
         ca = context.make_array(cty)(context, builder, CTv)
         na = context.make_array(nty)(context, builder, cnv)
         n_blocks = cgutils.unpack_tuple(builder, ca.shape)[0]
         fma = _vector_function(builder, "fma", vty, 3)
-        vmin = _vector_function(builder, "vector.reduce.fmin", vty, 1, ety)
+        tmin, tmax = (_vector_function(builder, f, tty, 2) for f in ("minnum", "maxnum"))
         const = lambda v: ir.Constant(intp, v)  # noqa: E731
         zero = ir.Constant(vty, [ir.Constant(ety, 0.0)] * W)
-        infs = _splat(builder, vty, ir.Constant(ety, float("inf")))
         minus_two = _splat(builder, vty, ir.Constant(ety, -2.0))
-        # Per row and lane l, over the blocks so far: the lowest score (min1), the block it came
-        # from (at) and the next lowest score (min2) among the centres k = block * W + l.
-        # Two copies, read from one and written to the other block by block: a store of a select
-        # between a new value and the one loaded from the same place became a masked store, which
-        # AMD's cores microcode (several times slower than the whole search).
-        min1 = cgutils.alloca_once(builder, vty, size=2 * TILE_ROWS)
-        min2 = cgutils.alloca_once(builder, vty, size=2 * TILE_ROWS)
-        at = cgutils.alloca_once(builder, ity, size=2 * TILE_ROWS)
+        masks = _transpose_masks(T)
+        # A block's scores, a W-lane vector per row, read back T rows by T centres and transposed.
+        scores = cgutils.alloca_once(builder, vty, size=TILE_ROWS)
+        # Per group of T rows (one per lane), over the blocks so far: the lowest score (min1), the
+        # centre that has it (at) and the next lowest score (min2).
+        min1 = cgutils.alloca_once(builder, tty, size=TILE_ROWS // T)
+        min2 = cgutils.alloca_once(builder, tty, size=TILE_ROWS // T)
+        at = cgutils.alloca_once(builder, ity, size=TILE_ROWS // T)
         accs = [cgutils.alloca_once(builder, vty) for _ in range(4)]
-        with cgutils.for_range(builder, nv) as rows:
-            builder.store(infs, builder.gep(min1, [rows.index]))
-            builder.store(infs, builder.gep(min2, [rows.index]))
-            builder.store(ir.Constant(ity, [0] * W), builder.gep(at, [rows.index]))
+        n_row_groups = builder.udiv(builder.add(nv, const(T - 1)), const(T))
+        infs = _splat(builder, tty, ir.Constant(ety, float("inf")))
+        with cgutils.for_range(builder, n_row_groups) as groups:
+            builder.store(infs, builder.gep(min1, [groups.index]))
+            builder.store(infs, builder.gep(min2, [groups.index]))
+            builder.store(ir.Constant(ity, [0] * T), builder.gep(at, [groups.index]))
+        # Rows past n in the last group: defined scores (never stored out).
+        with cgutils.for_range_slice(builder, nv, builder.mul(n_row_groups, const(T)), const(1)) as (row, _):
+            builder.store(zero, builder.gep(scores, [row]))
 
-        def group(row, R, cbase, norms, block, src, dst):
-            """Products of rows row .. row + R - 1 (of the tile) with one block, their state read at
-            row offset src and written at dst."""
+        def products(row, R, cbase, norms):
+            """Scores of rows row .. row + R - 1 (of the tile) against one block, into `scores`."""
             xrows = [_row_pointer(builder, xa, builder.add(r0v, builder.add(row, const(j)))) for j in range(R)]
             for acc in accs[:R]:
                 builder.store(zero, acc)
@@ -139,64 +181,52 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
                     xb = _splat(builder, vty, builder.load(builder.gep(xrows[j], [d])))
                     builder.store(builder.call(fma, [xb, c, builder.load(accs[j])]), accs[j])
             for j in range(R):
-                i, o = builder.add(src, builder.add(row, const(j))), builder.add(dst, builder.add(row, const(j)))
-                scores = builder.call(fma, [minus_two, builder.load(accs[j]), norms])
-                m1, m2 = builder.load(builder.gep(min1, [i])), builder.load(builder.gep(min2, [i]))
-                lower = builder.fcmp_ordered("<", scores, m1)  # strict: an earlier block keeps a tie
-                builder.store(builder.select(lower, m1, builder.select(builder.fcmp_ordered("<", scores, m2), scores,
-                                                                       m2)), builder.gep(min2, [o]))
-                builder.store(builder.select(lower, scores, m1), builder.gep(min1, [o]))
-                builder.store(builder.select(lower, block, builder.load(builder.gep(at, [i]))), builder.gep(at, [o]))
+                score = builder.call(fma, [minus_two, builder.load(accs[j]), norms])
+                builder.store(score, builder.gep(scores, [builder.add(row, const(j))]))
 
-        n_groups = builder.udiv(nv, const(4))
+        def fold(g, k0):
+            """The block's W centres k0 .. k0 + W - 1 into row group g's minima, T centres at a time
+            (a T x T transposition puts the rows in lanes), in order of k: ties keep the lowest k."""
+            m1, m2, a = (builder.load(builder.gep(buf, [g])) for buf in (min1, min2, at))
+            first = builder.gep(scores, [builder.mul(g, const(T))])
+            for part in range(W // T):
+                v = [builder.load(builder.gep(builder.bitcast(builder.gep(first, [const(j)]), tty.as_pointer()),
+                                              [const(part)]), align=size) for j in range(T)]
+                for t, s in enumerate(_transpose(builder, v, masks)):
+                    k = builder.trunc(builder.add(k0, const(part * T + t)), i32)
+                    lower = builder.fcmp_ordered("<", s, m1)  # strict: an earlier centre keeps a tie
+                    m2 = builder.call(tmin, [m2, builder.call(tmax, [m1, s], fastmath=_NO_NAN)], fastmath=_NO_NAN)
+                    m1 = builder.select(lower, s, m1)
+                    a = builder.select(lower, _splat(builder, ity, k), a)
+            for buf, value in ((min1, m1), (min2, m2), (at, a)):
+                builder.store(value, builder.gep(buf, [g]))
+
+        n_quads = builder.udiv(nv, const(4))
         with cgutils.for_range(builder, n_blocks) as blocks:
             k0 = builder.mul(blocks.index, const(W))
             cbase = builder.gep(ca.data, [builder.mul(k0, D)])
             norms = builder.load(builder.bitcast(builder.gep(na.data, [k0]), vty.as_pointer()), align=1)
-            block = _splat(builder, ity, builder.trunc(blocks.index, i32))
-            src = builder.mul(builder.and_(blocks.index, const(1)), const(TILE_ROWS))
-            dst = builder.sub(const(TILE_ROWS), src)
-            with cgutils.for_range(builder, n_groups) as groups:
-                group(builder.mul(groups.index, const(4)), 4, cbase, norms, block, src, dst)
-            with cgutils.for_range_slice(builder, builder.mul(n_groups, const(4)), nv, const(1)) as (row, _):
-                group(row, 1, cbase, norms, block, src, dst)
-        final = builder.mul(builder.and_(n_blocks, const(1)), const(TILE_ROWS))
-        # Across lanes: the lowest score, the lowest centre index that has it, and the next lowest
-        # score (the other lanes' minima and every lane's second).
-        iota = ir.Constant(ity, list(range(W)))
-        umin = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [ity]),
-                                              f"llvm.vector.reduce.umin.v{W}i32")
-        mask_ty = ir.IntType(W)
-        cttz = cgutils.get_or_insert_function(builder.module, ir.FunctionType(mask_ty, [mask_ty, ir.IntType(1)]),
-                                              f"llvm.cttz.i{W}")
-        k_slot = cgutils.alloca_once(builder, i32)
-        outs = [(context.make_array(t)(context, builder, v), t) for t, v in ((bty, bestv), (s1ty, s1v), (s2ty, s2v))]
-        with cgutils.for_range(builder, nv) as rows:
-            i = rows.index
-            f = builder.add(final, i)
-            m1 = builder.load(builder.gep(min1, [f]))
-            low = builder.call(vmin, [m1], fastmath=_NO_NAN)
-            ks = builder.add(builder.mul(builder.load(builder.gep(at, [f])), _splat(builder, ity, ir.Constant(i32, W))),
-                             iota)
-            ties = builder.fcmp_ordered("==", m1, _splat(builder, vty, low))
-            mask = builder.bitcast(ties, mask_ty)
-            one_lane = builder.icmp_unsigned("==", builder.and_(mask, builder.sub(mask, ir.Constant(mask_ty, 1))),
-                                             ir.Constant(mask_ty, 0))
-            with builder.if_else(one_lane, likely=True) as (then, otherwise):
-                with then:  # the usual case: one lane holds the minimum, its centre is the label
-                    lane = builder.call(cttz, [mask, ir.Constant(ir.IntType(1), 0)])
-                    builder.store(builder.extract_element(ks, lane), k_slot)
-                with otherwise:  # several lanes tie: the lowest centre index among them
-                    builder.store(builder.call(umin, [builder.select(ties, ks, _splat(builder, ity, ir.Constant(
-                        i32, 2**31 - 1)))]), k_slot)
-            k = builder.load(k_slot)
-            lane = builder.and_(k, ir.Constant(i32, W - 1))
-            others = builder.select(builder.icmp_unsigned("==", iota, _splat(builder, ity, lane)), infs, m1)
-            m2 = builder.load(builder.gep(min2, [f]))
-            second = builder.call(vmin, [builder.select(builder.fcmp_ordered("<", others, m2), others, m2)],
-                                  fastmath=_NO_NAN)
-            for (out, t), value, from_ty in zip(outs, (k, low, second), (types.int32, xty.dtype, xty.dtype)):
-                builder.store(context.cast(builder, value, from_ty, t.dtype), builder.gep(out.data, [i]))
+            with cgutils.for_range(builder, n_quads) as quads:
+                products(builder.mul(quads.index, const(4)), 4, cbase, norms)
+            with cgutils.for_range_slice(builder, builder.mul(n_quads, const(4)), nv, const(1)) as (row, _):
+                products(row, 1, cbase, norms)
+            with cgutils.for_range(builder, n_row_groups) as groups:
+                fold(groups.index, k0)
+        outs = [(context.make_array(t)(context, builder, v), context.get_data_type(t.dtype))
+                for t, v in ((bty, bestv), (s1ty, s1v), (s2ty, s2v))]
+        whole = builder.udiv(nv, const(T))
+        with cgutils.for_range(builder, whole) as groups:  # whole groups: vector stores
+            g = groups.index
+            for (out, to), buf in zip(outs, (at, min1, min2)):
+                dst = builder.bitcast(builder.gep(out.data, [builder.mul(g, const(T))]), ir.VectorType(to, T).as_pointer())
+                builder.store(_vector_cast(builder, builder.load(builder.gep(buf, [g])), to), dst,
+                              align=context.get_abi_sizeof(to))
+        with cgutils.for_range_slice(builder, builder.mul(whole, const(T)), nv, const(1)) as (row, _):
+            g, lane = builder.udiv(row, const(T)), builder.urem(row, const(T))
+            for (out, to), buf, from_ty, t in zip(outs, (at, min1, min2), (types.int32, xty.dtype, xty.dtype),
+                                                  (bty, s1ty, s2ty)):
+                value = builder.extract_element(builder.load(builder.gep(buf, [g])), lane)
+                builder.store(context.cast(builder, value, from_ty, t.dtype), builder.gep(out.data, [row]))
         return context.get_dummy_value()
 
     return types.void(X, r0, n, CT, cn, best, s1, s2), codegen
@@ -230,8 +260,6 @@ def max_nonnan(typingctx, a, b):
     return a(a, b), codegen
 
 
-TRANSPOSE_BYTES = 32  # a tile row is one AVX2 register
-
 
 @intrinsic
 def transpose_centred(typingctx, X, r0, n, m, out):
@@ -253,22 +281,12 @@ def transpose_centred(typingctx, X, r0, n, m, out):
         ma = context.make_array(m)(context, builder, mv)
         oa = context.make_array(out)(context, builder, outv)
         whole = lambda v: builder.mul(builder.udiv(v, const(T)), const(T))  # noqa: E731
-        masks = []  # per round d: the shuffles giving rows j and j + d from rows j and j + d
-        d = T // 2
-        while d >= 1:
-            lo = [c if c & d == 0 else T + c - d for c in range(T)]
-            hi = [c + d if c & d == 0 else T + c for c in range(T)]
-            masks.append((d, *(ir.Constant(ir.VectorType(ir.IntType(32), T), k) for k in (lo, hi))))
-            d //= 2
+        masks = _transpose_masks(T)
         with cgutils.for_range_slice(builder, const(0), whole(nv), const(T)) as (i0, _):
             rows = [_row_pointer(builder, xa, builder.add(r0v, builder.add(i0, const(j)))) for j in range(T)]
             with cgutils.for_range_slice(builder, const(0), whole(D), const(T)) as (p0, _):
-                v = [builder.load(builder.bitcast(builder.gep(r, [p0]), vty.as_pointer()), align=size) for r in rows]
-                for d, lo, hi in masks:
-                    for j in range(T):
-                        if j & d == 0:
-                            v[j], v[j + d] = (builder.shuffle_vector(v[j], v[j + d], lo),
-                                              builder.shuffle_vector(v[j], v[j + d], hi))
+                v = _transpose(builder, [builder.load(builder.bitcast(builder.gep(r, [p0]), vty.as_pointer()), align=size)
+                                         for r in rows], masks)
                 for j in range(T):
                     p = builder.add(p0, const(j))
                     centre = _splat(builder, vty, builder.load(builder.gep(ma.data, [p])))
