@@ -177,3 +177,27 @@ def test_normalisation_against_scipy(dtype, hard):
         np.testing.assert_allclose(row_ll[:C], logsumexp(l64, axis=0), rtol=rtol)
         assert (resp[3, 10:20] == 0).all()
     assert resp.dtype == dtype and (resp[:K, C:] == 0).all() and (resp[K] == 0).all()
+
+
+@pytest.mark.parametrize("n_workers", [1, 3])
+def test_workers_claim_every_block_exactly_once(n_workers):
+    """cpu._on_workers with simd.claim: each of n items is taken by exactly one worker, whichever
+    thread is slower, and every worker's index reaches the kernel."""
+    from numba import njit
+
+    from fastlvm.kernels.simd import claim
+
+    @njit(nogil=True)
+    def take(counts, owner, worker, counter):
+        while True:
+            i = claim(counter)
+            if i >= counts.shape[0]:
+                break
+            counts[i] += 1
+            owner[i] = worker
+
+    n = 5000
+    counts, owner = np.zeros(n, dtype=np.int64), np.full(n, -1, dtype=np.int64)
+    cpu._on_workers(take, n_workers, counts, owner)
+    np.testing.assert_array_equal(counts, np.ones(n, dtype=np.int64))
+    assert set(np.unique(owner)) <= set(range(n_workers)) and owner.min() >= 0

@@ -16,7 +16,7 @@ changes touch the sums, so a skipped row costs its three bound words.
 
 A pass runs over fixed blocks of rows, each with its own partial sums, reduced in block order:
 the result does not depend on the number of threads. The kernels are serial and release the GIL;
-`_run` calls one per thread (cpu._on_workers), each on every step-th block: plain threads rather
+`_run` calls one per thread (cpu._on_workers), each claiming blocks until none is left: plain threads rather
 than Numba's parallel loops, which compile several times slower. Dense rows are scored by the
 register-blocked SIMD search of `fastlvm.kernels.simd` (four rows against a panel of centres,
 reading X as stored: BLAS on a tile of rows by a few centres spent longer packing the tile than
@@ -36,7 +36,7 @@ from numba import njit
 from numba.extending import register_jitable
 
 from fastlvm.kernels.cpu import _aligned, _on_workers, blas_single_thread
-from fastlvm.kernels.simd import TILE_ROWS, lanes, nearest_tile
+from fastlvm.kernels.simd import TILE_ROWS, claim, lanes, nearest_tile
 
 _FASTMATH = {"reassoc", "contract", "arcp"}
 _inline = njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
@@ -92,7 +92,7 @@ def _tile_worker(scratch, w):
 
 
 def _run(kernel, n_items, *args, blas=False):
-    """kernel(*args, first, step) on up to numba.get_num_threads() threads; `blas`: the kernel calls
+    """kernel(*args, worker, counter) on up to numba.get_num_threads() threads; `blas`: the kernel calls
     BLAS, which then runs single-threaded (one level of parallelism)."""
     n_workers = _workers(n_items)
     if blas:
@@ -249,12 +249,15 @@ def _nearest_rows(simd):
     pruned before typing)."""
 
     @_jit
-    def nearest_rows(X, C, CT, c_norms, lane_norms, labels, d2, scratch, first, step):
+    def nearest_rows(X, C, CT, c_norms, lane_norms, labels, d2, scratch, worker, counter):
         """labels[i] and d2[i] = ||x_i - c||^2 (in d2's dtype, >= 0) of the nearest centre c, for
-        the blocks first, first + step, ... of dense rows, with worker first's buffers (_tile_scratch)."""
+        the blocks of dense rows the worker claims, with its buffers (_tile_scratch)."""
         N = X.shape[0]
-        G, _, best, s1, s2, _, _ = _tile_worker(scratch, first)
-        for b in range(first, n_blocks(N), step):
+        G, _, best, s1, s2, _, _ = _tile_worker(scratch, worker)
+        while True:
+            b = claim(counter)
+            if b >= n_blocks(N):
+                break
             for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
                 n = min(SUB_ROWS, N - r0)
                 _nearest_dense(X, r0, n, C, CT, c_norms, lane_norms, G, best, s1, s2, simd)
@@ -317,9 +320,12 @@ SUM_PARTS = 8  # row ranges summed apart, then in order: a fixed split, so any t
 
 
 @_jit
-def _cluster_sums(X, labels, counts, sums, first, step):
+def _cluster_sums(X, labels, counts, sums, worker, counter):
     N, P = X.shape[0], sums.shape[0]
-    for p in range(first, P, step):
+    while True:
+        p = claim(counter)
+        if p >= P:
+            break
         for i in range(p * N // P, (p + 1) * N // P):
             k = labels[i]
             counts[p, k] += 1.0
@@ -382,7 +388,7 @@ def _kernels(sparse):
 
     @_jit
     def yinyang_pass(X, data, indices, indptr, weights, x_norms, C, c_norms, half_sep, members, group_start,
-                     group_of, moves, group_moves, eps, shrink, labels, upper, lower, sums, counts, changed, first, step):
+                     group_of, moves, group_moves, eps, shrink, labels, upper, lower, sums, counts, changed, worker, counter):
         """One assignment pass with Yinyang bounds (Ding et al., 2015) over rows that have a label.
 
         The centres form G groups (members[group_start[g]:group_start[g+1]]); lower[i, g] bounds the
@@ -400,7 +406,10 @@ def _kernels(sparse):
         scored = np.zeros(G, dtype=np.bool_)
         moved, old = np.empty(BLOCK_ROWS, dtype=np.int64), np.empty(BLOCK_ROWS, dtype=np.int64)
         scores = np.empty(K)
-        for b in range(first, sums.shape[0], step):
+        while True:
+            b = claim(counter)
+            if b >= sums.shape[0]:
+                break
             n_changed = np.int64(0)  # not the literal 0: _block_sums would compile for both
             for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
                 a = labels[i]
@@ -459,29 +468,36 @@ def _kernels(sparse):
 
     @_jit
     def bounded_hits(X, data, indices, indptr, x_norms, C, c_norms, half_sep, moves, group_moves, eps, shrink,
-                     labels, upper, lower, stride, hits, first, step):
+                     labels, upper, lower, stride, hits, worker, counter):
         """hits[r]: whether a yinyang_pass with these moves would score row i = r * stride (neither the
         loose nor the tightened bound skips it); changes nothing else."""
         n = hits.shape[0]
-        for r in range(first, n, step):
-            i = r * stride
-            a = labels[i]
-            gmin = np.inf
-            for g in range(lower.shape[1]):
-                gmin = min(gmin, (lower[i, g] - group_moves[g]) * shrink)
-            gmin = max(gmin, half_sep[a])
-            if upper[i] + moves[a] < gmin:
-                continue
-            s_a = c_norms[a] - 2.0 * _product(X, data, indices, indptr, sparse, i, C, a)
-            hits[r] = np.sqrt(max(x_norms[i] + s_a, 0.0) + eps * (x_norms[i] + c_norms[a])) >= gmin
+        while True:
+            b = claim(counter)
+            if b >= n_blocks(n):
+                break
+            for r in range(b * BLOCK_ROWS, min(n, (b + 1) * BLOCK_ROWS)):
+                i = r * stride
+                a = labels[i]
+                gmin = np.inf
+                for g in range(lower.shape[1]):
+                    gmin = min(gmin, (lower[i, g] - group_moves[g]) * shrink)
+                gmin = max(gmin, half_sep[a])
+                if upper[i] + moves[a] < gmin:
+                    continue
+                s_a = c_norms[a] - 2.0 * _product(X, data, indices, indptr, sparse, i, C, a)
+                hits[r] = np.sqrt(max(x_norms[i] + s_a, 0.0) + eps * (x_norms[i] + c_norms[a])) >= gmin
 
     @_jit
-    def sq_distances(X, data, indices, indptr, x_norms, C, c_norms, labels, out, first, step):
+    def sq_distances(X, data, indices, indptr, x_norms, C, c_norms, labels, out, worker, counter):
         """out[i, k] = ||x_i - c_k||^2, or with labels (N,) out[i, 0] = ||x_i - c_{labels[i]}||^2
         (direct for dense rows, so a row equal to its centre gives exactly 0)."""
         N = out.shape[0]
         own = labels.shape[0] == N
-        for b in range(first, n_blocks(N), step):
+        while True:
+            b = claim(counter)
+            if b >= n_blocks(N):
+                break
             for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
                 for j in range(out.shape[1]):
                     k = labels[i] if own else j
@@ -491,10 +507,13 @@ def _kernels(sparse):
                         out[i, j] = _dense_sq_distance(X, i, C, k)
 
     @_jit
-    def row_sq_norms(X, data, indptr, out, first, step):
+    def row_sq_norms(X, data, indptr, out, worker, counter):
         """out[i] = ||x_i||^2 in float64."""
         N = out.shape[0]
-        for b in range(first, n_blocks(N), step):
+        while True:
+            b = claim(counter)
+            if b >= n_blocks(N):
+                break
             for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
                 acc = 0.0
                 if sparse:
@@ -516,16 +535,19 @@ def _full_pass(sparse, simd):
 
     @_jit
     def full_pass(X, data, indices, indptr, weights, x_norms, C, CT, c_norms, lane_norms, eps, shrink, labels,
-                  bounds, upper, lower, sums, counts, changed, scratch, first, step):
-        """Labels of every row of the blocks first, first + step, ... from tiles of products
+                  bounds, upper, lower, sums, counts, changed, scratch, worker, counter):
+        """Labels of every row of the blocks the worker claims, from tiles of products
         (_nearest_dense; CSR: _sparse_tile_products, _nearest_block), if `bounds` their bounds (distance to the nearest centre, and
         to the next nearest as every group's lower bound, widened by the rounding margin), and per block
-        the changes of the weighted sums (sums (B, K, D), counts (B, K), changed (B,)); worker first's
+        the changes of the weighted sums (sums (B, K, D), counts (B, K), changed (B,)); the worker's
         buffers from _tile_scratch."""
         N = labels.shape[0]
-        G, acc, best, s1, s2, moved, old = _tile_worker(scratch, first)
+        G, acc, best, s1, s2, moved, old = _tile_worker(scratch, worker)
         c_max = _largest(c_norms)
-        for b in range(first, sums.shape[0], step):
+        while True:
+            b = claim(counter)
+            if b >= sums.shape[0]:
+                break
             n_changed = np.int64(0)  # not the literal 0: _block_sums would compile for both
             for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
                 n = min(SUB_ROWS, N - r0)
@@ -729,8 +751,11 @@ def _half_separations(C, eps):
 
 
 @_jit
-def _column_sums(X, squares, out, first, step):
-    for b in range(first, out.shape[0], step):
+def _column_sums(X, squares, out, worker, counter):
+    while True:
+        b = claim(counter)
+        if b >= out.shape[0]:
+            break
         for i in range(b * BLOCK_ROWS, min(X.shape[0], (b + 1) * BLOCK_ROWS)):
             for d in range(X.shape[1]):
                 v = np.float64(X[i, d])
@@ -738,8 +763,11 @@ def _column_sums(X, squares, out, first, step):
 
 
 @_jit
-def _centre(X, shift, norms, sq_sums, first, step):
-    for b in range(first, sq_sums.shape[0], step):
+def _centre(X, shift, norms, sq_sums, worker, counter):
+    while True:
+        b = claim(counter)
+        if b >= sq_sums.shape[0]:
+            break
         for i in range(b * BLOCK_ROWS, min(X.shape[0], (b + 1) * BLOCK_ROWS)):
             acc = 0.0
             for d in range(X.shape[1]):

@@ -233,6 +233,22 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
 
 
 @intrinsic
+def claim(typingctx, counter):
+    """counter[0] before an atomic increment (counter: an int64 array shared by the workers of a
+    pass): each worker claims the next item until none is left, so a thread slowed by the host
+    takes fewer items than the others. What each item computes, and where its result goes, does not
+    depend on which thread claimed it."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        return builder.atomic_rmw("add", data, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return types.int64(counter), codegen
+
+
+@intrinsic
 def pow2(typingctx, m):
     if m not in (types.float32, types.float64):
         return None
