@@ -155,6 +155,16 @@ def test_verbose_output_is_sklearn_s(tol, capsys):
     assert ("strict convergence" if tol == 0 else "within tolerance") in ours
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_copy_x_leaves_the_data_untouched(dtype):
+    """The fit centres a copy (written in the centring pass), never the caller's array, also when the
+    array needs no conversion."""
+    mine = (X + 5.0).astype(dtype)
+    before = mine.copy()
+    KMeans(4, random_state=0).fit(mine)
+    np.testing.assert_array_equal(mine, before)
+
+
 def test_copy_x_false_gives_the_data_back():
     mine = X.copy()
     a = KMeans(4, random_state=0, copy_x=False).fit(mine)

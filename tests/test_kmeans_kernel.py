@@ -211,13 +211,18 @@ def test_simd_search_gives_argmin_and_the_two_lowest_scores(dtype, n, d, k):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [1, BLOCK_ROWS + 5])
-def test_centre_shifts_in_place_and_gives_norms_and_column_squares(dtype, n):
+@pytest.mark.parametrize("in_place", [True, False])
+def test_centre_shifts_and_gives_norms_and_column_squares(dtype, n, in_place):
     rng = np.random.default_rng(n)
     X = (rng.normal(size=(n, 6)) * 3 + 10).astype(dtype)
+    before = X.copy()
     shift = X.mean(axis=0).astype(dtype)
     want = (X - shift).astype(np.float64)
-    norms, sq_sums = kernels.centre(X, shift)
-    np.testing.assert_array_equal(X, (want).astype(dtype))
+    out = X if in_place else np.full_like(X, np.nan)
+    norms, sq_sums = kernels.centre(X, shift, out)
+    np.testing.assert_array_equal(out, (want).astype(dtype))
+    if not in_place:
+        np.testing.assert_array_equal(X, before)
     np.testing.assert_allclose(norms, (want**2).sum(axis=1), rtol=1e-12)
     np.testing.assert_allclose(sq_sums, (want**2).sum(axis=0), rtol=1e-12)
 

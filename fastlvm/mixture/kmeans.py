@@ -307,8 +307,10 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
         if engine.backend == "cuda":
             _check_gpu_input(X, source, sample_weight)
         if source is None:
+            # Not copied here: centring writes the fit's copy (copy_x) in the same pass, and CSR rows
+            # are never written.
             X = validate_data(self, X, accept_sparse="csr", dtype=[np.float64, np.float32], order="C",
-                              copy=self.copy_x, accept_large_sparse=False, ensure_all_finite=False)
+                              copy=False, accept_large_sparse=False, ensure_all_finite=False)
             if sp.issparse(X):
                 _finite(X)  # dense rows are checked by their column sums below
             n_samples, n_features, dtype = X.shape[0], X.shape[1], X.dtype
@@ -348,7 +350,9 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
             mean = column_sums(X) / n_samples
             if not np.isfinite(mean).all():  # NaN and inf reach the sums (a float64 overflow falls through)
                 _finite(X)
-            norms, sq_sums = centre(X, mean.astype(dtype))
+            user_X = X
+            X = np.empty_like(X) if self.copy_x else X
+            norms, sq_sums = centre(user_X, mean.astype(dtype), X)
             variances = sq_sums / n_samples  # X is now centred
             data = _OnGpu(engine, X) if engine.backend == "cuda" else _InMemory(X, weights, norms)
             init_X, init_rows, init_weights = X, Rows(X, norms) if engine.backend == "cuda" else data.rows, weights
