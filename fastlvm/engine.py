@@ -21,7 +21,8 @@ import numpy as np
 
 from fastlvm.data.base import Source, _check_shape
 from fastlvm.kernels import cpu
-from fastlvm.kernels.kmeans import LloydState, Rows, centre, column_sums  # noqa: F401  (K-means' CPU kernels)
+from fastlvm.kernels.cpu import _aligned as aligned_array  # noqa: F401  (pooled, 64-byte aligned)
+from fastlvm.kernels.kmeans import LloydState, Rows, centre  # noqa: F401  (K-means' CPU kernels)
 
 FULL, TIED, DIAG, SPHERICAL = cpu.FULL, cpu.TIED, cpu.DIAG, cpu.SPHERICAL
 BACKENDS = ("auto", "cpu", "cuda")

@@ -165,6 +165,20 @@ def test_copy_x_leaves_the_data_untouched(dtype):
     np.testing.assert_array_equal(mine, before)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("n, row", [(None, 13), (5000, 4322)])  # among the rows sampled for the origin, or not
+def test_copy_x_false_names_a_bad_row_and_gives_the_data_back(bad, n, row):
+    """The dense fit centres in place while it sums the columns; a NaN or infinity found there is
+    named by row, and the other values are given back (to rounding)."""
+    mine = X + 5.0 if n is None else np.random.default_rng(1).normal(size=(n, 3)) + 5.0
+    mine[row, 1] = bad
+    before = mine.copy()
+    with pytest.raises(ValueError, match=rf"NaN or infinity \(first at row {row}\)"):
+        KMeans(4, random_state=0, copy_x=False).fit(mine)
+    finite = np.isfinite(before)
+    np.testing.assert_allclose(mine[finite], before[finite], rtol=1e-15, atol=1e-14)
+
+
 def test_copy_x_false_gives_the_data_back():
     mine = X.copy()
     a = KMeans(4, random_state=0, copy_x=False).fit(mine)

@@ -610,7 +610,7 @@ class Rows:
         if norms is not None:
             self.norms = norms
             return
-        self.norms = np.empty(self.n_rows)
+        self.norms = _aligned(self.n_rows, np.float64)
         _run(self.kernels.row_sq_norms, n_blocks(self.n_rows), self.X, self.data, self.indptr, self.norms)
 
     @property
@@ -642,7 +642,7 @@ class Rows:
 
     def _sq_distances(self, C, labels, width):
         Cd, c_norms = self.centres(C)
-        out = np.empty((self.n_rows, width))
+        out = _aligned((self.n_rows, width), np.float64)
         _run(self.kernels.sq_distances, n_blocks(self.n_rows), *self.args(), self.norms, Cd, c_norms, labels, out)
         return out
 
@@ -664,11 +664,12 @@ class LloydState:
         self.rows = rows
         self.weights = weights
         N, K, D = rows.n_rows, n_clusters, rows.n_features
-        self.labels = np.full(N, -1, dtype=np.int32)
+        self.labels = _aligned(N, np.int32)
+        self.labels.fill(-1)
         self.n_groups = n_groups(K)
         self.bounded = N >= BOUNDED_MIN_ROWS
-        self.upper = np.zeros(N if self.bounded else 0)
-        self.lower = np.zeros((N if self.bounded else 0, self.n_groups), dtype=np.float32)
+        self.upper = _aligned(N if self.bounded else 0, np.float64, zero=True)
+        self.lower = _aligned((N if self.bounded else 0, self.n_groups), np.float32, zero=True)
         self.sums = np.zeros((K, D))
         self.counts = np.zeros(K)
         B = n_blocks(N)
@@ -779,19 +780,7 @@ def _half_separations(C, eps):
 
 
 @_jit
-def _column_sums(X, squares, out, worker, counter):
-    while True:
-        b = claim(counter)
-        if b >= out.shape[0]:
-            break
-        for i in range(b * BLOCK_ROWS, min(X.shape[0], (b + 1) * BLOCK_ROWS)):
-            for d in range(X.shape[1]):
-                v = np.float64(X[i, d])
-                out[b, d] += v * v if squares else v
-
-
-@_jit
-def _centre(X, shift, out, norms, sq_sums, worker, counter):
+def _centre(X, shift, out, norms, sums, sq_sums, worker, counter):
     while True:
         b = claim(counter)
         if b >= sq_sums.shape[0]:
@@ -802,25 +791,19 @@ def _centre(X, shift, out, norms, sq_sums, worker, counter):
                 out[i, d] = X[i, d] - shift[d]
                 v = np.float64(out[i, d])
                 acc += v * v
+                sums[b, d] += v
                 sq_sums[b, d] += v * v
             norms[i] = acc
 
 
 def centre(X, shift, out=None):
     """out = X - shift (a dense array; shift in its dtype; out: X itself, the default, or a new array
-    of X's shape and dtype), in the same read: each row's squared norm (N,) and each column's sum of
-    squares (D,) after the shift, in float64 (blocks summed in order). One pass over X where a copy,
-    a NumPy subtraction, the column sums and the row norms took four."""
+    of X's shape and dtype), in the same read: each row's squared norm (N,) and each column's sum
+    and sum of squares (D,) after the shift, in float64 (blocks summed in order). One pass over X
+    where a copy, a NumPy subtraction, the column sums and the row norms took four."""
     out = X if out is None else out
-    norms = np.empty(X.shape[0])
-    sq_sums = np.zeros((n_blocks(X.shape[0]), X.shape[1]))
-    _run(_centre, sq_sums.shape[0], X, np.asarray(shift, dtype=X.dtype), out, norms, sq_sums)
-    return norms, sq_sums.sum(axis=0)
-
-
-def column_sums(X, squares=False):
-    """sum_i x_id (or with squares sum_i x_id^2) of every column d of a dense array, in float64
-    (blocks summed in order). Several times faster than NumPy's float64 sum of float32 rows."""
-    out = np.zeros((n_blocks(X.shape[0]), X.shape[1]))
-    _run(_column_sums, out.shape[0], X, squares, out)
-    return out.sum(axis=0)
+    norms = _aligned(X.shape[0], np.float64)
+    sums = np.zeros((n_blocks(X.shape[0]), X.shape[1]))
+    sq_sums = np.zeros_like(sums)
+    _run(_centre, sq_sums.shape[0], X, np.asarray(shift, dtype=X.dtype), out, norms, sums, sq_sums)
+    return norms, sums.sum(axis=0), sq_sums.sum(axis=0)

@@ -22,11 +22,12 @@ from sklearn.utils.validation import _check_sample_weight, _is_arraylike_not_sca
 from fastlvm import engine as engines
 from fastlvm._validation import check_finite
 from fastlvm.data import as_source
-from fastlvm.engine import LloydState, Rows, centre, column_sums
+from fastlvm.engine import LloydState, Rows, centre
 from fastlvm.mixture.init import kmeans_plusplus, random_rows
 
 INIT_SAMPLE_ROWS = 100_000  # rows a streamed source's initial centres are chosen from
 CHUNK_ROWS = 65_536
+SHIFT_SAMPLE_ROWS = 1024  # rows whose mean is the origin of a dense fit's coordinates
 
 
 @dataclass
@@ -347,13 +348,21 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
             data = _InMemory(X, weights)
             init_X, init_rows, init_weights = X, data.rows, weights
         else:
-            mean = column_sums(X) / n_samples
-            if not np.isfinite(mean).all():  # NaN and inf reach the sums (a float64 overflow falls through)
+            # The origin: the mean of a sample of rows, near enough to the mean that ||c||^2 - 2 x.c
+            # does not cancel, so one pass centres the data (into the fit's copy, copy_x) and sums
+            # its columns (a pass for the exact mean first took as long as the centring).
+            mean = X[:: max(1, n_samples // SHIFT_SAMPLE_ROWS)].mean(axis=0, dtype=np.float64)
+            if not np.isfinite(mean).all():  # a bad value among the sampled rows: named before X is touched
                 _finite(X)
+                mean = np.zeros(n_features)  # finite values whose sum overflows
             user_X = X
-            X = np.empty_like(X) if self.copy_x else X
-            norms, sq_sums = centre(user_X, mean.astype(dtype), X)
-            variances = sq_sums / n_samples  # X is now centred
+            X = engines.aligned_array(X.shape, X.dtype) if self.copy_x else X
+            norms, sums, sq_sums = centre(user_X, mean.astype(dtype), X)
+            if not np.isfinite(sq_sums).all():  # NaN and inf reach the sums (a float64 overflow falls through)
+                if not self.copy_x:
+                    X += mean.astype(dtype)  # the caller's data back, as after a fit
+                _finite(user_X)
+            variances = np.maximum(sq_sums / n_samples - (sums / n_samples) ** 2, 0.0)
             data = _OnGpu(engine, X) if engine.backend == "cuda" else _InMemory(X, weights, norms)
             init_X, init_rows, init_weights = X, Rows(X, norms) if engine.backend == "cuda" else data.rows, weights
         tol = float(np.mean(variances) * self.tol) if self.tol else 0.0
