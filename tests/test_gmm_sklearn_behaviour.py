@@ -194,7 +194,8 @@ def test_outputs_in_the_input_dtype_as_sklearn(dtype):
     assert ours.predict(X).dtype == sk.predict(X).dtype
     (Xs, ys), (Xk, yk) = ours.sample(5), sk.sample(5)
     assert (Xs.dtype, ys.dtype) == (Xk.dtype, yk.dtype)
-    assert isinstance(ours.score(X), float)
+    assert isinstance(ours.score(X), float) and isinstance(sk.score(X), float)
+    assert ours.score(X) == ours.score_samples(X).mean()  # the mean in the rows' dtype, as scikit-learn's
 
 
 # ---------------------------------------------------------------- verbose

@@ -349,8 +349,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         return self._rows(X, "log_prob")
 
     def score(self, X, y=None):
-        """Mean log-likelihood per row."""
-        return float(engines.to_numpy(self.score_samples(X)).mean(dtype=np.float64))
+        """Mean log-likelihood per row: the mean of score_samples(X) taken in its dtype, as a float
+        (scikit-learn's, to the last digit)."""
+        return float(engines.to_numpy(self.score_samples(X)).mean())
 
     def predict(self, X):
         """Most probable component of every row."""
