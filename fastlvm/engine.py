@@ -114,6 +114,37 @@ def like_input(out, X):
     return out
 
 
+def array_namespace(X):
+    """(xp, device) of X when scikit-learn's array_api_dispatch is on and X is a host array of
+    another namespace (a torch CPU tensor, array_api_strict, ...), else None. Such input is computed
+    on as NumPy (host_array) and answered in its own namespace (to_namespace), as scikit-learn's
+    estimators answer it; device arrays keep fastlvm's own device path."""
+    if X is None or isinstance(X, np.ndarray) or is_device_array(X) or not hasattr(X, "shape"):
+        return None
+    from sklearn import get_config
+
+    if not get_config().get("array_api_dispatch", False):
+        return None
+    from sklearn.utils._array_api import get_namespace_and_device
+
+    xp, is_array_api, device = get_namespace_and_device(X)
+    return (xp, device) if is_array_api and "numpy" not in xp.__name__ else None
+
+
+def host_array(X):
+    """A NumPy view (or copy) of a host array of any namespace."""
+    try:
+        return np.asarray(X)
+    except (TypeError, RuntimeError, ValueError):  # a namespace without __array__ (array_api_strict)
+        return np.from_dlpack(X)
+
+
+def to_namespace(a, namespace):
+    """The NumPy array a in the namespace and on the device of array_namespace's answer."""
+    xp, device = namespace
+    return xp.asarray(a, device=device)
+
+
 def to_host(a):
     """A NumPy copy of a numba device array; host arrays as they are."""
     return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)

@@ -3,7 +3,10 @@ warm starts, max_iter=0, the exact wording of errors and warnings, degenerate da
 output dtypes. scikit-learn's estimator is the oracle: the same call is made on both."""
 
 import math
+import os
 import re
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -225,3 +228,35 @@ def test_best_of_keeps_the_higher_objective_and_the_later_tie_at_minus_infinity(
     a, b = Run("a", objective=-1.0), Run("b", objective=-2.0)
     assert best_of(None, a) is a and best_of(a, b) is a and best_of(b, a) is a
     assert best_of(Run("x"), Run("y")).params == "y"
+
+
+def test_array_api_dispatch_keeps_the_input_namespace():
+    """Under scikit-learn's array_api_dispatch, torch CPU tensors in give torch tensors out (fitted
+    parameters, per-row answers, samples), equal to the NumPy fit's; floats for the scores. Own
+    process: dispatch needs SCIPY_ARRAY_API=1 before SciPy is imported."""
+    pytest.importorskip("torch")
+    code = """if True:
+        import numpy as np, torch, sklearn
+        from fastlvm import GaussianMixture
+        X = np.random.default_rng(0).normal(size=(300, 3)) + np.repeat(np.eye(3) * 4, 100, axis=0)
+        for dtype in (np.float32, np.float64):
+            Xd, start = X.astype(dtype), X[[0, 100, 200]].astype(dtype)
+            make = lambda means: GaussianMixture(3, init_params="random_from_data", means_init=means, random_state=0)
+            ref = make(start).fit(Xd)
+            with sklearn.config_context(array_api_dispatch=True):
+                Xt = torch.asarray(Xd)
+                gm = make(torch.asarray(start)).fit(Xt)
+                outs = [gm.predict(Xt), gm.predict_proba(Xt), gm.score_samples(Xt), *gm.sample(5)]
+                assert all(isinstance(o, torch.Tensor) for o in outs), [type(o) for o in outs]
+                assert isinstance(gm.score(Xt), float) and isinstance(gm.bic(Xt), float)
+            for name in ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_"):
+                got = getattr(gm, name)
+                assert isinstance(got, torch.Tensor) and got.dtype == Xt.dtype, name
+                np.testing.assert_array_equal(got.numpy(), getattr(ref, name))
+            np.testing.assert_array_equal(outs[0].numpy(), ref.predict(Xd))
+            np.testing.assert_array_equal(outs[2].numpy(), ref.score_samples(Xd))
+        print("ok")
+    """
+    env = dict(os.environ, SCIPY_ARRAY_API="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
