@@ -255,6 +255,14 @@ def test_array_api_dispatch_keeps_the_input_namespace():
                 np.testing.assert_array_equal(got.numpy(), getattr(ref, name))
             np.testing.assert_array_equal(outs[0].numpy(), ref.predict(Xd))
             np.testing.assert_array_equal(outs[2].numpy(), ref.score_samples(Xd))
+        with sklearn.config_context(array_api_dispatch=True):  # scikit-learn's rule there, any input
+            for init in ("kmeans", "k-means++"):
+                try:
+                    GaussianMixture(3, init_params=init).fit(X)
+                    raise AssertionError(init)
+                except NotImplementedError as e:
+                    assert "Allowed `init_params` are ['random', 'random_from_data']" in str(e)
+        GaussianMixture(3).fit(X)  # and only there
         print("ok")
     """
     env = dict(os.environ, SCIPY_ARRAY_API="1")

@@ -14,6 +14,7 @@ from functools import partial
 from numbers import Integral, Real
 
 import numpy as np
+from sklearn import get_config
 from sklearn.base import BaseEstimator, DensityMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as _SkGaussianMixture
@@ -176,6 +177,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         X: array-like (N, D), np.memmap, h5py/Zarr dataset, dask.array, or a callable returning a
         fresh iterable of (rows, D) arrays on every call."""
         continuing = self.warm_start and hasattr(self, "converged_")
+        self._check_dispatch_init()
         vars(self).pop("_online", None)  # a later partial_fit starts its running statistics afresh
         namespace = engines.array_namespace(X)
         X = engines.host_array(X) if namespace else X
@@ -225,6 +227,17 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         return self
 
     _PARAMETERS = ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_")
+
+    def _check_dispatch_init(self):
+        """scikit-learn's rule under array_api_dispatch, kept for drop-in use (its own tests check it):
+        only the 'random' initialisations, which fastlvm could lift but does not, so that code
+        written against scikit-learn behaves the same."""
+        allowed = ["random", "random_from_data"]
+        if get_config()["array_api_dispatch"] and self.init_params not in allowed:
+            raise NotImplementedError(
+                f"Allowed `init_params` are {allowed} if 'array_api_dispatch' is enabled. You passed "
+                f"init_params={self.init_params!r}, which are not implemented to work with 'array_api_dispatch' "
+                f"enabled. Please disable 'array_api_dispatch' to use init_params={self.init_params!r}.")
 
     def _keep_in(self, namespace):
         """Under array_api_dispatch, the fitted parameters in the input's namespace and on its device."""
