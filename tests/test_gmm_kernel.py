@@ -5,10 +5,6 @@ statistics are then the definitions, summed in float64 NumPy. Awkward shapes: D 
 the full type's padding, N not a multiple of the sub-chunk, one row, one component.
 """
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
@@ -181,72 +177,3 @@ def test_normalisation_against_scipy(dtype, hard):
         np.testing.assert_allclose(row_ll[:C], logsumexp(l64, axis=0), rtol=rtol)
         assert (resp[3, 10:20] == 0).all()
     assert resp.dtype == dtype and (resp[:K, C:] == 0).all() and (resp[K] == 0).all()
-
-
-@pytest.mark.parametrize("n_workers", [1, 3])
-def test_workers_claim_every_block_exactly_once(n_workers):
-    """cpu._on_workers with simd.claim: each of n items is taken by exactly one worker, whichever
-    thread is slower, and every worker's index reaches the kernel."""
-    from numba import njit
-
-    from fastlvm.kernels.simd import claim
-
-    @njit(nogil=True)
-    def take(counts, owner, worker, counter):
-        while True:
-            i = claim(counter)
-            if i >= counts.shape[0]:
-                break
-            counts[i] += 1
-            owner[i] = worker
-
-    n = 5000
-    counts, owner = np.zeros(n, dtype=np.int64), np.full(n, -1, dtype=np.int64)
-    cpu._on_workers(take, n_workers, counts, owner)
-    np.testing.assert_array_equal(counts, np.ones(n, dtype=np.int64))
-    assert set(np.unique(owner)) <= set(range(n_workers)) and owner.min() >= 0
-
-
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
-                    reason="needs Linux thread affinity and two CPUs")
-def test_pool_threads_stay_off_the_callers_cpu():
-    """After a pass on two workers the pool's threads may run on every allowed CPU but the one the
-    caller ran on (the scheduler had put them on the caller's own CPU after an idle spell)."""
-    if cpu._sched_getcpu is None:
-        pytest.skip("no sched_getcpu")
-    from numba import njit
-
-    @njit(nogil=True)
-    def nothing(out, worker, counter):
-        out[worker] = 1
-
-    out = np.zeros(2)
-    cpu._on_workers(nothing, 2, out)
-    assert out.tolist() == [1, 1] and cpu._pool_threads
-    for tid in cpu._pool_threads:
-        allowed = os.sched_getaffinity(tid)
-        assert allowed and cpu._caller_cpu not in allowed
-        assert allowed <= os.sched_getaffinity(0)
-
-
-def test_a_forked_child_runs_passes_of_its_own():
-    """A fit in a process forked after a fit in its parent: the parent's pool threads do not exist
-    there; the child must not wait on them."""
-    if "fork" not in __import__("multiprocessing").get_all_start_methods():
-        pytest.skip("no fork")
-    code = """if True:
-        import multiprocessing as mp, numpy as np, numba
-        from fastlvm import KMeans
-        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        X = np.random.default_rng(0).normal(size=(20_000, 4))
-        def fit(_):
-            return KMeans(3, n_init=1, random_state=0).fit(X).inertia_
-        if __name__ == "__main__":
-            parent = fit(0)
-            with mp.get_context("fork").Pool(1) as pool:
-                child = pool.map_async(fit, [0]).get(timeout=60)[0]
-            assert child == parent, (child, parent)
-            print("ok")
-    """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -16,7 +16,7 @@ changes touch the sums, so a skipped row costs its three bound words.
 
 A pass runs over fixed blocks of rows, each with its own partial sums, reduced in block order:
 the result does not depend on the number of threads. The kernels are serial and release the GIL;
-`_run` calls one per thread (cpu._on_workers), each claiming blocks until none is left: plain threads rather
+`_run` calls one per thread (workers.on_workers), each claiming blocks until none is left: plain threads rather
 than Numba's parallel loops, which compile several times slower. Dense rows are scored by the
 register-blocked SIMD search of `fastlvm.kernels.simd` (four rows against a panel of centres,
 reading X as stored: BLAS on a tile of rows by a few centres spent longer packing the tile than
@@ -35,8 +35,9 @@ import numpy as np
 from numba import njit
 from numba.extending import register_jitable
 
-from fastlvm.kernels.cpu import _aligned, _on_workers, blas_single_thread
+from fastlvm.kernels.cpu import _aligned, blas_single_thread
 from fastlvm.kernels.simd import TILE_ROWS, claim, lanes, nearest_tile
+from fastlvm.kernels.workers import on_workers
 
 _FASTMATH = {"reassoc", "contract", "arcp"}
 _inline = njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
@@ -102,9 +103,9 @@ def _run(kernel, n_items, *args, blas=False):
     n_workers = _workers(n_items)
     if blas:
         with blas_single_thread():
-            _on_workers(kernel, n_workers, *args)
+            on_workers(kernel, n_workers, *args)
     else:
-        _on_workers(kernel, n_workers, *args)
+        on_workers(kernel, n_workers, *args)
 
 
 @_inline
