@@ -171,8 +171,9 @@ def _set_bounds(x_norms, r0, n, s1, s2, base, eps, shrink, upper, lower):
     """The bounds of rows r0 + r, r < n, from their lowest two scores s1, s2 (s2 is overwritten):
     upper = the distance to the nearest centre and every group's lower bound the distance to the
     next nearest, each widened by the rounding margin base + eps ||x||^2. Loops over the tile with
-    no store per group in them vectorise, the square roots four at a time: per row in the pass's
-    loop they made a full pass 40% slower (200k x 32, K=16)."""
+    no store per group in them vectorise, the square roots four at a time; the bounds' 24 bytes a
+    row still make a full pass ~40% slower (200k x 32, K=16), so LloydState sets them only when a
+    bounded pass may follow."""
     for r in range(n):
         x = x_norms[r0 + r]
         margin = base + eps * x

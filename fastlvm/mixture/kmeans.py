@@ -313,7 +313,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
             X = validate_data(self, X, accept_sparse="csr", dtype=[np.float64, np.float32], order="C",
                               copy=False, accept_large_sparse=False, ensure_all_finite=False)
             if sp.issparse(X):
-                _finite(X)  # dense rows are checked by their column sums below
+                _finite(X)  # dense rows are checked by the centring pass's sums below
             n_samples, n_features, dtype = X.shape[0], X.shape[1], X.dtype
         else:
             n_samples, n_features, dtype = source.n_rows, source.n_features, source.dtype
@@ -332,18 +332,18 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
         if source is not None:
             if isinstance(source, engines.DeviceSource):  # read in place, so not centred
                 variances = engines.column_moments(engine, source.array)[1]
-                mean, data = np.zeros(n_features), _OnGpu(engine, source)
+                origin, data = np.zeros(n_features), _OnGpu(engine, source)
             else:
-                mean, variances = _column_moments(source)
-                data = _Streamed(source, weights, mean)
+                origin, variances = _column_moments(source)
+                data = _Streamed(source, weights, origin)
             init_X = init_rows = init_weights = None
             if init_array is None:  # centres are chosen from a sample read in one pass
                 sample = np.sort(random_state.permutation(n_samples)[:INIT_SAMPLE_ROWS]) \
                     if n_samples > INIT_SAMPLE_ROWS else np.arange(n_samples)
-                init_X = np.ascontiguousarray(source.take(sample, CHUNK_ROWS) - mean, dtype=dtype)
+                init_X = np.ascontiguousarray(source.take(sample, CHUNK_ROWS) - origin, dtype=dtype)
                 init_rows, init_weights = Rows(init_X), weights[sample]
         elif sp.issparse(X):
-            mean = np.zeros(n_features)
+            origin = np.zeros(n_features)
             variances = _sparse_variances(X) if self.tol else 0.0
             data = _InMemory(X, weights)
             init_X, init_rows, init_weights = X, data.rows, weights
@@ -351,16 +351,16 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
             # The origin: the mean of a sample of rows, near enough to the mean that ||c||^2 - 2 x.c
             # does not cancel, so one pass centres the data (into the fit's copy, copy_x) and sums
             # its columns (a pass for the exact mean first took as long as the centring).
-            mean = X[:: max(1, n_samples // SHIFT_SAMPLE_ROWS)].mean(axis=0, dtype=np.float64)
-            if not np.isfinite(mean).all():  # a bad value among the sampled rows: named before X is touched
+            origin = X[:: max(1, n_samples // SHIFT_SAMPLE_ROWS)].mean(axis=0, dtype=np.float64)
+            if not np.isfinite(origin).all():  # a bad value among the sampled rows: named before X is touched
                 _finite(X)
-                mean = np.zeros(n_features)  # finite values whose sum overflows
+                origin = np.zeros(n_features)  # finite values whose sum overflows
             user_X = X
             X = engines.aligned_array(X.shape, X.dtype) if self.copy_x else X
-            norms, sums, sq_sums = centre(user_X, mean.astype(dtype), X)
+            norms, sums, sq_sums = centre(user_X, origin.astype(dtype), X)
             if not np.isfinite(sq_sums).all():  # NaN and inf reach the sums (a float64 overflow falls through)
                 if not self.copy_x:
-                    X += mean.astype(dtype)  # the caller's data back, as after a fit
+                    X += origin.astype(dtype)  # the caller's data back, as after a fit
                 _finite(user_X)
             variances = np.maximum(sq_sums / n_samples - (sums / n_samples) ** 2, 0.0)
             data = _OnGpu(engine, X) if engine.backend == "cuda" else _InMemory(X, weights, norms)
@@ -373,7 +373,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
             best = None
             for _ in range(self._n_init):
                 if init_array is not None:
-                    centres = init_array.astype(np.float64) - mean
+                    centres = init_array.astype(np.float64) - origin
                 else:
                     centres = self._initial_centres(init_X, init_rows, init_weights, random_state)
                 if self.verbose:
@@ -384,13 +384,13 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
                     best = run
 
         if source is None and not sp.issparse(X) and not self.copy_x:
-            X += mean.astype(dtype)
+            X += origin.astype(dtype)
         distinct = np.count_nonzero(np.bincount(best.labels, minlength=self.n_clusters))
         if distinct < self.n_clusters:
             warnings.warn(f"Number of distinct clusters ({distinct}) found smaller than n_clusters "
                           f"({self.n_clusters}). Possibly due to duplicate points in X.", ConvergenceWarning,
                           stacklevel=2)
-        self.cluster_centers_ = (best.centres + mean).astype(dtype)
+        self.cluster_centers_ = (best.centres + origin).astype(dtype)
         self._n_features_out = self.n_clusters
         self.labels_ = best.labels
         self.inertia_ = best.inertia
