@@ -114,33 +114,31 @@ def like_input(out, X):
     return out
 
 
-def array_namespace(X):
-    """(xp, device) of X when scikit-learn's array_api_dispatch is on and X is a host array of
-    another namespace (a torch CPU tensor, array_api_strict, ...), else None. Such input is computed
-    on as NumPy (host_array) and answered in its own namespace (to_namespace), as scikit-learn's
-    estimators answer it; device arrays keep fastlvm's own device path."""
+def on_host(X):
+    """(X, namespace): under scikit-learn's array_api_dispatch, a host array of another namespace (a
+    torch CPU tensor, array_api_strict, ...) as a NumPy array, and its (xp, device) for the answers
+    (to_namespace), as scikit-learn's estimators answer it; anything else as it is, and None.
+    Device arrays keep fastlvm's own device path."""
     if X is None or isinstance(X, np.ndarray) or is_device_array(X) or not hasattr(X, "shape"):
-        return None
+        return X, None
     from sklearn import get_config
 
     if not get_config().get("array_api_dispatch", False):
-        return None
+        return X, None
     from sklearn.utils._array_api import get_namespace_and_device
 
     xp, is_array_api, device = get_namespace_and_device(X)
-    return (xp, device) if is_array_api and "numpy" not in xp.__name__ else None
-
-
-def host_array(X):
-    """A NumPy view (or copy) of a host array of any namespace."""
+    if not is_array_api or "numpy" in xp.__name__:
+        return X, None
     try:
-        return np.asarray(X)
+        host = np.asarray(X)
     except (TypeError, RuntimeError, ValueError):  # a namespace without __array__ (array_api_strict)
-        return np.from_dlpack(X)
+        host = np.from_dlpack(X)
+    return host, (xp, device)
 
 
 def to_namespace(a, namespace):
-    """The NumPy array a in the namespace and on the device of array_namespace's answer."""
+    """The NumPy array a in the namespace and on the device that on_host found."""
     xp, device = namespace
     return xp.asarray(a, device=device)
 

@@ -707,7 +707,7 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, n_workers,
     n_workers = max(1, min(n_workers, n_blocks))
     scratch = _scratch(kind, X.dtype, K, D, kprec.shape[1], Wt.shape[0], n_workers)
     on_workers(_drivers(kind)[0], n_workers, X, means, kprec, log_norm, centre, b, Wt, off,
-                bool(hard), resp_in, block_rows, b_n, b_s, b_second, b_ll, worst_ll, worst_row, scratch)
+               bool(hard), resp_in, block_rows, b_n, b_s, b_second, b_ll, worst_ll, worst_row, scratch)
     # Fixed-order reduction over blocks.
     n, s, second, ll = b_n.sum(axis=0), b_s.sum(axis=0), b_second.sum(axis=0), float(b_ll.sum())
     if kind == FULL:
@@ -726,4 +726,4 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
     n_workers = max(1, min(n_workers, n_sub))
     scratch = _scratch(kind, X.dtype, means.shape[0], X.shape[1], kprec.shape[1], Wt.shape[0], n_workers)
     on_workers(_drivers(kind)[1], n_workers, X, means, kprec, log_norm, centre, b, Wt, off,
-                bool(hard), out_ll, out_label, out_logp, scratch)
+               bool(hard), out_ll, out_label, out_logp, scratch)

@@ -276,7 +276,6 @@ def max_nonnan(typingctx, a, b):
     return a(a, b), codegen
 
 
-
 @intrinsic
 def transpose_centred(typingctx, X, r0, n, m, out):
     """See the module docstring."""

@@ -12,8 +12,8 @@ import numpy as np
 
 _pool = None
 _pool_threads = []  # the pool's native thread ids
-_pool_cpus = None  # the CPUs the pool's threads may run on (None: any), and the caller's CPU it excludes
-_caller_cpu = None
+_pool_cpus = None  # the CPUs the pool's threads may run on (None: any)
+_caller_cpu = None  # the caller's CPU that _pool_cpus leaves out
 try:
     _sched_getcpu = ctypes.CDLL(None).sched_getcpu
 except (AttributeError, OSError, TypeError):  # not glibc: leave the placement to the scheduler

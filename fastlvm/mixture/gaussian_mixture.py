@@ -148,8 +148,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if self.init_size is not None and self.init_size < K:
             raise ValueError(f"The 'init_size' parameter of {type(self).__name__} must be >= n_components = {K}. "
                              f"Got {self.init_size} instead.")
-        initial = (engines.host_array(a) if engines.array_namespace(a) else a
-                   for a in (self.weights_init, self.means_init, self.precisions_init))
+        initial = (engines.on_host(a)[0] for a in (self.weights_init, self.means_init, self.precisions_init))
         return check_initial_arrays(*initial, get_covariance_type(self.covariance_type), K, data.n_features)
 
     def _context(self, data, rng, engine, prior=None):
@@ -179,8 +178,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         continuing = self.warm_start and hasattr(self, "converged_")
         self._check_dispatch_init()
         vars(self).pop("_online", None)  # a later partial_fit starts its running statistics afresh
-        namespace = engines.array_namespace(X)
-        X = engines.host_array(X) if namespace else X
+        X, namespace = engines.on_host(X)
         engine = self._engine(X)
         data = self._data(X, reset=not continuing, min_rows=2)
         init = self._check_start(data)
@@ -243,7 +241,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """Under array_api_dispatch, the fitted parameters in the input's namespace and on its device."""
         if namespace:
             for name in self._PARAMETERS:
-                setattr(self, name, engines.to_namespace(engines.host_array(getattr(self, name)), namespace))
+                setattr(self, name, engines.to_namespace(getattr(self, name), namespace))
 
     def _fitted_parameters(self):
         return MixtureParameters(*(np.asarray(a, dtype=np.float64) for a in
@@ -312,8 +310,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         parameters. lower_bound_ is the batch's mean log-likelihood before the update and n_iter_
         the number of batches seen; prior (MAP) and checkpoint are not used here."""
         fitted = hasattr(self, "converged_")
-        namespace = engines.array_namespace(X)
-        X = engines.host_array(X) if namespace else X
+        X, namespace = engines.on_host(X)
         engine = self._engine(X)
         data = self._data(X, reset=not fitted, min_rows=1)
         if self.prior is not None:
@@ -351,9 +348,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """Per-row answers ('log_prob', 'label' or 'proba') chunk by chunk; a Dask array for Dask input.
         Densities are computed with float64 accumulation and returned in the input's dtype."""
         check_is_fitted(self, "precisions_cholesky_")
-        namespace = engines.array_namespace(X)
+        host, namespace = engines.on_host(X)
         if namespace:  # computed on as NumPy, answered in the input's namespace
-            return engines.to_namespace(self._rows(engines.host_array(X), what), namespace)
+            return engines.to_namespace(self._rows(host, what), namespace)
         engine = self._engine(X)
         data = self._data(X, reset=False)
         cov = get_covariance_type(self.covariance_type)
@@ -407,7 +404,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         X = np.vstack([rng.multivariate_normal(means[k], cov.component_covariance(c, k, D), int(n))
                        for k, n in enumerate(counts)])
         y = np.concatenate([np.full(n, k, dtype=np.int64) for k, n in enumerate(counts)])
-        namespace = engines.array_namespace(self.means_)
+        namespace = engines.on_host(self.means_)[1]
         return (X, y) if namespace is None else (engines.to_namespace(X, namespace), engines.to_namespace(y, namespace))
 
     def _n_parameters(self):
