@@ -127,6 +127,8 @@ def test_warnings_are_sklearn_s():
     with pytest.warns(ConvergenceWarning, match=r"Number of distinct clusters \(3\) found smaller than "
                                                 r"n_clusters \(4\)\. Possibly due to duplicate points in X\."):
         KMeans(4, random_state=0).fit(dup)
+    with pytest.warns(ConvergenceWarning, match=r"Number of distinct clusters \(3\)"):
+        KMeans(4, random_state=0).fit(dup, sample_weight=[1.0, 2.0, 0.5, 1.0])
     with pytest.warns(RuntimeWarning, match="algorithm='elkan' doesn't make sense for a single cluster"):
         KMeans(1, algorithm="elkan").fit(X)
 
@@ -177,6 +179,53 @@ def test_copy_x_false_names_a_bad_row_and_gives_the_data_back(bad, n, row):
         KMeans(4, random_state=0, copy_x=False).fit(mine)
     finite = np.isfinite(before)
     np.testing.assert_allclose(mine[finite], before[finite], rtol=1e-15, atol=1e-14)
+
+
+def _on_a_cache_line(A):
+    """A copy of A whose first byte starts a 64-byte line."""
+    buf = np.empty(A.size + 64 // A.itemsize, dtype=A.dtype)
+    start = (-buf.ctypes.data % 64) // A.itemsize
+    out = buf[start : start + A.size].reshape(A.shape)
+    out[...] = A
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("copy_x", [True, False])
+def test_centred_rows_on_cache_lines_are_read_in_place(monkeypatch, dtype, copy_x):
+    """Rows already centred (to within a quarter of their spread) and aligned need neither a shift nor
+    a copy: they are read where they lie, left as they were, and the fit is scikit-learn's."""
+    from fastlvm.mixture import kmeans as fit_module
+
+    Xc = _on_a_cache_line((X - X.mean(axis=0) + 0.05).astype(dtype))
+    before = Xc.copy()
+    copies = []
+    real = fit_module.engines.aligned_array
+    def aligned_array(shape, dtype):
+        if np.ndim(shape) == 1 and len(shape) == 2:  # a copy of the rows (not the unit weights)
+            copies.append(shape)
+        return real(shape, dtype)
+
+    monkeypatch.setattr(fit_module.engines, "aligned_array", aligned_array)
+    kw = dict(init=Xc[:4].copy(), n_init=1, tol=0.0)
+    ours = KMeans(4, copy_x=copy_x, **kw).fit(Xc)
+    assert copies == []
+    np.testing.assert_array_equal(Xc, before)
+    assert_same_fit(ours, SkKMeans(4, **kw).fit(Xc), rtol=1e-10 if dtype == np.float64 else 1e-5)
+    if copy_x:  # shifted, or read-only: copied
+        KMeans(4, **kw).fit(Xc + 5.0)
+        Xc.flags.writeable = False
+        KMeans(4, **kw).fit(Xc)
+        assert len(copies) == 2
+
+
+def test_a_bad_value_in_rows_read_in_place_is_named():
+    Xc = _on_a_cache_line(np.random.default_rng(2).normal(size=(5000, 3)))
+    Xc[4322, 2] = np.nan  # not among the rows sampled for the origin
+    before = Xc.copy()
+    with pytest.raises(ValueError, match=r"NaN or infinity \(first at row 4322\)"):
+        KMeans(4, random_state=0).fit(Xc)
+    np.testing.assert_array_equal(Xc, before)
 
 
 def test_copy_x_false_gives_the_data_back():

@@ -201,19 +201,20 @@ def test_simd_search_gives_argmin_and_the_two_lowest_scores(dtype, n, d, k):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [1, BLOCK_ROWS + 5])
-@pytest.mark.parametrize("in_place", [True, False])
-def test_centre_shifts_and_gives_norms_and_column_squares(dtype, n, in_place):
+@pytest.mark.parametrize("write", ["in place", "copy", "nothing"])
+def test_centre_shifts_and_gives_norms_and_column_squares(dtype, n, write):
     rng = np.random.default_rng(n)
     X = (rng.normal(size=(n, 6)) * 3 + 10).astype(dtype)
     before = X.copy()
     shift = X.mean(axis=0).astype(dtype)
-    want = (X - shift).astype(np.float64)
-    out = X if in_place else np.full_like(X, np.nan)
+    want = (X - shift).astype(dtype)
+    out = {"in place": X, "copy": np.full_like(X, np.nan), "nothing": None}[write]
     norms, sums, sq_sums = kernels.centre(X, shift, out)
-    np.testing.assert_array_equal(out, (want).astype(dtype))
-    if not in_place:
+    if out is not None:
+        np.testing.assert_array_equal(out, want)
+    if out is not X:
         np.testing.assert_array_equal(X, before)
-    got = out.astype(np.float64)  # the sums are of the stored (rounded) differences
+    got = want.astype(np.float64)  # the sums are of the rounded differences, as stored
     np.testing.assert_allclose(norms, (got**2).sum(axis=1), rtol=1e-12)
     np.testing.assert_allclose(sums, got.sum(axis=0), rtol=1e-9, atol=1e-9 * np.abs(got).sum(axis=0).max())
     np.testing.assert_allclose(sq_sums, (got**2).sum(axis=0), rtol=1e-12)

@@ -97,10 +97,10 @@ def _tile_worker(scratch, w):
     return G[w], acc[w], best[w], s[w, 0], s[w, 1], moved[w, 0], moved[w, 1]
 
 
-def _run(kernel, n_items, *args, blas=False):
-    """kernel(*args, worker, counter) on up to numba.get_num_threads() threads; `blas`: the kernel calls
-    BLAS, which then runs single-threaded (one level of parallelism)."""
-    n_workers = _workers(n_items)
+def _run(kernel, n_items, *args, blas=False, n_workers=None):
+    """kernel(*args, worker, counter) on n_workers threads (default: up to numba.get_num_threads());
+    `blas`: the kernel calls BLAS, which then runs single-threaded (one level of parallelism)."""
+    n_workers = n_workers or _workers(n_items)
     if blas:
         with blas_single_thread():
             on_workers(kernel, n_workers, *args)
@@ -675,6 +675,8 @@ class LloydState:
         self.sums = np.zeros((K, D))
         self.counts = np.zeros(K)
         B = n_blocks(N)
+        self._n_workers = _workers(B)
+        self._scratch = _tile_scratch(K, rows.dtype, self._n_workers)  # the full pass's, made once
         self._sums = np.empty((B, K, D))
         self._counts = np.empty((B, K))
         self._changed = np.empty(B, dtype=np.int64)
@@ -728,10 +730,9 @@ class LloydState:
                        and self._changed_share <= BOUNDED_MAX_SHARE * CHANGED_PER_SCORED)
         CT, lane_norms = rows.search_centres(Cd)
         full_pass = _full_pass(rows.sparse, not rows.sparse and use_simd(CT))
-        scratch = _tile_scratch(len(c_norms), CT.dtype, _workers(self._sums.shape[0]))
         _run(full_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, Cd, CT, c_norms, lane_norms, self.eps,
              self.shrink, self.labels, self._fresh, self.upper, self.lower, self._sums, self._counts,
-             self._changed, scratch)
+             self._changed, self._scratch, n_workers=self._n_workers)
         self._reduce()
         n_changed = int(self._changed.sum())
         return n_changed if first else self._note(n_changed)
@@ -782,7 +783,7 @@ def _half_separations(C, eps):
 
 
 @_jit
-def _centre(X, shift, out, norms, sums, sq_sums, worker, counter):
+def _centre(X, shift, out, write, norms, sums, sq_sums, worker, counter):
     while True:
         b = claim(counter)
         if b >= sq_sums.shape[0]:
@@ -790,22 +791,24 @@ def _centre(X, shift, out, norms, sums, sq_sums, worker, counter):
         for i in range(b * BLOCK_ROWS, min(X.shape[0], (b + 1) * BLOCK_ROWS)):
             acc = 0.0
             for d in range(X.shape[1]):
-                out[i, d] = X[i, d] - shift[d]
-                v = np.float64(out[i, d])
+                v = X[i, d] - shift[d]
+                if write:
+                    out[i, d] = v
+                v = np.float64(v)
                 acc += v * v
                 sums[b, d] += v
                 sq_sums[b, d] += v * v
             norms[i] = acc
 
 
-def centre(X, shift, out=None):
-    """out = X - shift (a dense array; shift in its dtype; out: X itself, the default, or a new array
-    of X's shape and dtype), in the same read: each row's squared norm (N,) and each column's sum
-    and sum of squares (D,) after the shift, in float64 (blocks summed in order). One pass over X
-    where a copy, a NumPy subtraction, the column sums and the row norms took four."""
-    out = X if out is None else out
+def centre(X, shift, out):
+    """out = X - shift (a dense array; shift in its dtype; out: X itself, a new array of X's shape
+    and dtype, or None to write nothing), in the same read: each row's squared norm (N,) and each
+    column's sum and sum of squares (D,) after the shift, in float64 (blocks summed in order). One
+    pass over X where a copy, a NumPy subtraction, the column sums and the row norms took four."""
     norms = _aligned(X.shape[0], np.float64)
     sums = np.zeros((n_blocks(X.shape[0]), X.shape[1]))
     sq_sums = np.zeros_like(sums)
-    _run(_centre, sq_sums.shape[0], X, np.asarray(shift, dtype=X.dtype), out, norms, sums, sq_sums)
+    _run(_centre, sq_sums.shape[0], X, np.asarray(shift, dtype=X.dtype), X if out is None else out,
+         out is not None, norms, sums, sq_sums)
     return norms, sums.sum(axis=0), sq_sums.sum(axis=0)
