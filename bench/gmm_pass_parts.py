@@ -32,19 +32,19 @@ def main():
     W = -(-2 * D // cpu.PAD) * cpu.PAD
     Wt = np.zeros((W, K), dtype=dt)
     Wt[: 2 * D] = rng.normal(size=(2 * D, K)) * 0.1
-    off, log_norm = rng.normal(size=K), rng.normal(size=K)
+    base = rng.normal(size=K)  # the log-probabilities' constants
 
     scratch = cpu._scratch(cpu.DIAG, dt, K, D, 0, W, 1)
 
     @njit(nogil=True, fastmath=cpu._FASTMATH)
-    def parts(X, centre, Wt, off, log_norm, upto, scratch):
+    def parts(X, centre, Wt, base, upto, scratch):
         _, _, aa, _, logp, resp, row_ll, best, top, tot, _, _, mom = cpu._worker(scratch, 0)
         n, s, second = np.zeros(K), np.zeros((K, D)), np.zeros((K, 1, D))
         for r0 in range(0, X.shape[0] - sub + 1, sub):
             if upto == 1:
                 cpu._squares_and_rows(True, X, r0, sub, centre, aa)
             if upto >= 2:  # the squares again, then the product
-                cpu._log_prob_vector(True, X, r0, sub, log_norm, centre, Wt, off, aa, logp)
+                cpu._log_prob_vector(True, X, r0, sub, base, centre, Wt, aa, logp)
             if upto >= 3:
                 cpu._normalise(logp, sub, False, False, resp, row_ll, best, top, tot)
             if upto >= 4:
@@ -53,11 +53,11 @@ def main():
 
     times = {u: [] for u in range(5)}
     for u in range(5):
-        parts(X, centre, Wt, off, log_norm, u, scratch)
+        parts(X, centre, Wt, base, u, scratch)
     for _ in range(args.repeats):
         for u in range(5):
             t = time.perf_counter()
-            parts(X, centre, Wt, off, log_norm, u, scratch)
+            parts(X, centre, Wt, base, u, scratch)
             times[u].append(time.perf_counter() - t)
     ms = [1e3 * min(times[u]) for u in range(5)]
     names = ["squares and transposition", "E-step products and log densities", "normalisation (exp)",

@@ -148,6 +148,26 @@ def test_centred_transposition_against_numpy(dtype, n, D):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("P, K, n", [(64, 16, 256), (4, 1, 16), (36, 5, 32), (12, 7, 64)])
+def test_row_combinations_against_numpy(dtype, P, K, n):
+    """simd.combine_rows (the diag and spherical E-step): out[k] = base[k] + sum_p C[p, k] A[p], four
+    rows of out at a time then one by one; out's rows past K untouched."""
+    import numba
+
+    from fastlvm.kernels.simd import combine_rows
+
+    rng = np.random.default_rng(P * K + n)
+    C, A = rng.normal(size=(P, K)).astype(dtype), rng.normal(size=(P, n)).astype(dtype)
+    base = rng.normal(size=K) * 10
+    out = np.full((K + 2, n), 7.0, dtype=dtype)
+    numba.njit(lambda C, A, base, out: combine_rows(C, A, base, out))(C, A, base, out)
+    want = base[:, None] + C.astype(np.float64).T @ A.astype(np.float64)
+    scale = np.abs(base)[:, None] + np.abs(C.astype(np.float64)).T @ np.abs(A.astype(np.float64))
+    assert np.all(np.abs(out[:K] - want) <= 4 * P * np.finfo(dtype).eps * np.abs(scale))
+    assert (out[K:] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("hard", [False, True])
 def test_normalisation_against_scipy(dtype, hard):
     # responsibilities, log p(x) and the argmax of each row (first of tied maxima, as np.argmax),

@@ -18,7 +18,7 @@ compiled per type and dtype, see the drivers):
     second  full (K,D,D)                    tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
 Rows are processed in sub-chunks of SUB_ROWS. Inside one, log-probabilities and responsibilities
 are stored as (K, rows), so the log-sum-exp runs along contiguous rows and vectorises. The products
-of the full, diag and spherical types are loops of our own (see _axpy_rows, _dot_rows); the tied
+of the full, diag and spherical types are our own (see _axpy_rows, _dot_rows, simd.combine_rows); the tied
 type's are single-threaded BLAS calls. Kernels are serial, one per thread over fixed blocks: the
 caller limits BLAS to one thread (see `blas_single_thread`), so there is one level of parallelism. Arithmetic is in the
 data's dtype, log-probabilities and responsibilities too (each row's log p(x) and the statistics
@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import TRANSPOSE_BYTES, claim, max_nonnan, pow2, transpose_centred
+from .simd import TRANSPOSE_BYTES, claim, combine_rows, max_nonnan, pow2, transpose_centred
 from .workers import on_workers
 
 FULL, TIED, DIAG, SPHERICAL = 0, 1, 2, 3
@@ -42,6 +42,7 @@ BLOCK_ROWS = 4096  # rows reduced serially into one partial; fixed, so results i
 # Rows per sub-chunk: long enough that the products' per-row-block costs (horizontal sums, reloaded
 # outputs) amortise, short enough that a sub-chunk's rows stay in cache from E-step to M-step. 256
 # against 128 (EPYC Zen 3, one thread): diag pass 20.6 -> 17.9 ms; full float32 and float64 faster too.
+# A multiple of 16: simd.combine_rows takes a sub-chunk's rows 16 float32 (8 float64) at a time.
 SUB_ROWS = 256
 
 # Reassociation lets reductions vectorise; NaN/inf semantics are kept (no 'nnan'/'ninf').
@@ -185,15 +186,15 @@ def _transpose_centred(X, r0, C, m, dT):
 
 
 @_helper
-def _axpy_rows(C, A, out, upper):
-    """out[j] += sum_p C[p, j] A[p] over the rows p of A (p <= j when upper: C upper triangular, its
-    zeros below the diagonal may be added), four outputs by four rows of A at a time (A has a
-    multiple of 4 rows): each load of a row of A serves four outputs, and out's rows stay in cache."""
+def _axpy_rows(C, A, out):
+    """out[j] += sum_{p <= j} C[p, j] A[p] (C upper triangular, its zeros below the diagonal may be
+    added), four outputs by four rows of A at a time (A has a multiple of 4 rows): each load of a
+    row of A serves four outputs, and out's rows stay in cache."""
     n, J = A.shape[1], out.shape[0]
     j = 0
     while j + 4 <= J:
         y0, y1, y2, y3 = out[j], out[j + 1], out[j + 2], out[j + 3]
-        for p in range(0, j + 4 if upper else A.shape[0], 4):
+        for p in range(0, j + 4, 4):
             x0, x1, x2, x3 = A[p], A[p + 1], A[p + 2], A[p + 3]
             a0, a1, a2, a3 = C[p, j], C[p + 1, j], C[p + 2, j], C[p + 3, j]
             b0, b1, b2, b3 = C[p, j + 1], C[p + 1, j + 1], C[p + 2, j + 1], C[p + 3, j + 1]
@@ -208,7 +209,7 @@ def _axpy_rows(C, A, out, upper):
         j += 4
     for j in range(j, J):
         y = out[j]
-        for p in range(0, j + 1 if upper else A.shape[0], 4):
+        for p in range(0, j + 1, 4):
             c0, c1, c2, c3 = C[p, j], C[p + 1, j], C[p + 2, j], C[p + 3, j]
             x0, x1, x2, x3 = A[p], A[p + 1], A[p + 2], A[p + 3]
             for i in range(n):
@@ -251,7 +252,7 @@ def _whiten(P, b, dT, YT, nrm):
     nrm[i] = ||YT[:, i]||^2."""
     for j in range(YT.shape[0]):
         YT[j] = -b[j]
-    _axpy_rows(P, dT, YT, True)
+    _axpy_rows(P, dT, YT)
     nrm[:] = 0.0
     for j in range(YT.shape[0]):
         y = YT[j]
@@ -343,11 +344,13 @@ def _whitened_offsets(kind, means, prec, centre):
 # added to log_norm_k - offset_k / 2, the log-probabilities themselves), and one (K x rows) @ (rows x W)
 # product gives the weighted sums of a and a^2 (moments about c). The spherical type needs only
 # ||a||^2 of the squares, so its rows are [||a||^2, a] (W = D + 1) where diag's are [a^2, a] (W = 2D).
-# Both products are the full type's loops (_axpy_rows, _dot_rows) on the expansion stored transposed,
-# aaT (Wp, rows), W padded with zeros to Wp, a multiple of 4. The two types share these compiled
-# helpers, told apart by the run-time flag `diag`.
-def _vector_weights(kind, means, prec, centre):
-    """(WT (Wp, K), offsets (K,)) of the expansion above, WT -1/2 the weights, transposed and padded."""
+# The expansion is stored transposed, aaT (Wp, rows), W padded with zeros to Wp, a multiple of 4.
+# The E-step's product keeps its outputs in registers (simd.combine_rows: the full type's
+# _axpy_rows, which reloads them, took 1.3-1.4x as long on these shapes); the M-step's is the full
+# type's _dot_rows. The two types share these compiled helpers, told apart by the run-time flag `diag`.
+def _vector_weights(kind, means, prec, centre, log_norm):
+    """(WT (Wp, K), base (K,)) of the expansion above: WT -1/2 the weights, transposed and padded;
+    base log_norm_k - offset_k / 2 in float64, where every row's log-probability starts."""
     K, D = means.shape
     if kind != DIAG and kind != SPHERICAL:
         return np.zeros((0, K), dtype=means.dtype), np.zeros(K)
@@ -357,7 +360,7 @@ def _vector_weights(kind, means, prec, centre):
     Wt = np.hstack([-0.5 * squares, p2 * m])
     WT = np.zeros((-(-Wt.shape[1] // PAD) * PAD, K), dtype=means.dtype)
     WT[: Wt.shape[1]] = Wt.T
-    return WT, (p2 * m * m).sum(axis=1)
+    return WT, np.asarray(log_norm, dtype=np.float64) - 0.5 * (p2 * m * m).sum(axis=1)
 
 
 @_helper
@@ -398,14 +401,10 @@ def _log_prob_tied(X, r0, C, prec, log_norm, centre, b, d, Y, logp):
 
 
 @_helper
-def _log_prob_vector(diag, X, r0, C, log_norm, centre, Wt, off, aa, logp):
+def _log_prob_vector(diag, X, r0, C, base, centre, Wt, aa, logp):
     """logp[k, i] = log p(x_i, k) in one product, leaving aa as _squares_and_rows makes it."""
     _squares_and_rows(diag, X, r0, C, centre, aa)
-    for k in range(logp.shape[0]):
-        c = logp.dtype.type(log_norm[k] - 0.5 * off[k])
-        for i in range(logp.shape[1]):
-            logp[k, i] = c
-    _axpy_rows(Wt, aa, logp, False)
+    combine_rows(Wt, aa, base, logp)
 
 
 @_helper
@@ -523,7 +522,7 @@ def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, top, tot):
 # The switches on `kind`: inlined into each type's drivers, where `kind` is a constant, so only the
 # branch of that type is typed and compiled.
 @_inline
-def _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp):
+def _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, base, d, Y, aa, dist, logp):
     """logp[k, i] = log p(x_i, k) for i < C, leaving the rows in the form the type's M-step needs.
     Padding rows (columns of the full type's d) of d and aa must be zero."""
     if kind == FULL:
@@ -531,7 +530,7 @@ def _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist
     elif kind == TIED:
         _log_prob_tied(X, r0, C, prec, log_norm, centre, b, d, Y, logp)
     else:
-        _log_prob_vector(kind == DIAG, X, r0, C, log_norm, centre, Wt, off, aa, logp)
+        _log_prob_vector(kind == DIAG, X, r0, C, base, centre, Wt, aa, logp)
 
 
 @_inline
@@ -626,7 +625,7 @@ def _drivers(kind):
     only its own type's helpers."""
 
     @_jit
-    def suff_stats_blocks(X, means, prec, log_norm, centre, b, Wt, off, hard, resp_in, block_rows,
+    def suff_stats_blocks(X, means, prec, log_norm, centre, b, Wt, base, hard, resp_in, block_rows,
                           b_n, b_s, b_second, b_ll, worst_ll, worst_row, scratch, worker, counter):
         """Statistics of the blocks of block_rows rows this worker claims, into the block's slot of
         the b_* / worst_* partials (see suff_stats), with the worker's buffers (_scratch)."""
@@ -646,7 +645,7 @@ def _drivers(kind):
                 C = min(sub, stop - r0)
                 if C < sub:
                     _zero_padding(kind, C, d, aa)
-                _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
+                _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, base, d, Y, aa, dist, logp)
                 if given:
                     for k in range(K):
                         for i in range(sub):
@@ -665,7 +664,7 @@ def _drivers(kind):
 
 
     @_jit
-    def row_scores_subs(X, means, prec, log_norm, centre, b, Wt, off, hard, out_ll, out_label, out_logp, scratch,
+    def row_scores_subs(X, means, prec, log_norm, centre, b, Wt, base, hard, out_ll, out_label, out_logp, scratch,
                         worker, counter):
         """row_scores on the sub-chunks of SUB_ROWS rows this worker claims, with its buffers
         (_scratch)."""
@@ -682,7 +681,7 @@ def _drivers(kind):
             C = min(sub, N - r0)
             if C < sub:
                 _zero_padding(kind, C, d, aa)
-            _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, off, d, Y, aa, dist, logp)
+            _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, base, d, Y, aa, dist, logp)
             _normalise(logp, C, hard, hard, resp, row_ll, best, top, tot)  # hard: no one-hot resp needed
             for i in range(C):
                 out_ll[r0 + i] = row_ll[i]
@@ -716,10 +715,10 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, n_workers,
     b_ll = np.zeros(n_blocks)
     worst_ll = np.full(n_blocks, np.inf)
     worst_row = np.zeros(n_blocks, dtype=np.int64)
-    Wt, off = _vector_weights(kind, means, prec, centre)
+    Wt, base = _vector_weights(kind, means, prec, centre, log_norm)
     n_workers = max(1, min(n_workers, n_blocks))
     scratch = _scratch(kind, X.dtype, K, D, kprec.shape[1], Wt.shape[0], n_workers)
-    on_workers(_drivers(kind)[0], n_workers, X, means, kprec, log_norm, centre, b, Wt, off,
+    on_workers(_drivers(kind)[0], n_workers, X, means, kprec, log_norm, centre, b, Wt, base,
                bool(hard), resp_in, block_rows, b_n, b_s, b_second, b_ll, worst_ll, worst_row, scratch)
     # Fixed-order reduction over blocks.
     n, s, second, ll = b_n.sum(axis=0), b_s.sum(axis=0), b_second.sum(axis=0), float(b_ll.sum())
@@ -735,8 +734,8 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
     X = np.ascontiguousarray(X)
     n_sub = (X.shape[0] + SUB_ROWS - 1) // SUB_ROWS
     kprec, b = _padded(kind, prec, _whitened_offsets(kind, means, prec, centre))
-    Wt, off = _vector_weights(kind, means, prec, centre)
+    Wt, base = _vector_weights(kind, means, prec, centre, log_norm)
     n_workers = max(1, min(n_workers, n_sub))
     scratch = _scratch(kind, X.dtype, means.shape[0], X.shape[1], kprec.shape[1], Wt.shape[0], n_workers)
-    on_workers(_drivers(kind)[1], n_workers, X, means, kprec, log_norm, centre, b, Wt, off,
+    on_workers(_drivers(kind)[1], n_workers, X, means, kprec, log_norm, centre, b, Wt, base,
                bool(hard), out_ll, out_label, out_logp, scratch)

@@ -30,6 +30,13 @@ does the edges. Each tile is T vector loads along rows of X, log2(T) rounds of t
 rows of out: Numba's element loop makes one scattered store per element. X is C-contiguous; out's
 rows have unit stride.
 
+`combine_rows(C, A, base, out)`: out[k, i] = base[k] + sum_p C[p, k] A[p, i] for k < K (C's columns)
+and i < n (A's columns, a multiple of 2V, V = 32 bytes of lanes): the diag and spherical types'
+E-step. Four rows of out by 2V columns are eight accumulators that stay in registers over every
+p (each load of A serves four rows, each broadcast of C two vectors); the loop over p with the
+outputs in memory (cpu._axpy_rows) reloaded and stored them at every group of four p and spilled
+its coefficients. The sum runs in order of p from base[k] (float64, rounded to A's dtype).
+
 `pow2(m)`: 2**m for an integer-valued float m in its type's normal exponent range, assembled in
 the exponent bits in m's own width (Numba would widen the integer arithmetic to 64 bits, and a
 view of a scratch array costs a compiled function of its own); it vectorises with the loop.
@@ -274,6 +281,62 @@ def max_nonnan(typingctx, a, b):
         return builder.call(fn, args, fastmath=_NO_NAN)
 
     return a(a, b), codegen
+
+
+@intrinsic
+def combine_rows(typingctx, C, A, base, out):
+    """See the module docstring."""
+    dt = getattr(A, "dtype", None)
+    if not (dt in (types.float32, types.float64)
+            and all(isinstance(a, types.Array) and a.ndim == 2 and a.dtype == dt and a.layout == "C" for a in (C, A, out))
+            and isinstance(base, types.Array) and base.ndim == 1 and base.dtype == types.float64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ca, aa, ba, oa = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args, args))
+        ety = context.get_data_type(dt)
+        size = context.get_abi_sizeof(ety)
+        V = TRANSPOSE_BYTES // size
+        vty = ir.VectorType(ety, V)
+        intp = context.get_value_type(types.intp)
+        const = lambda v: ir.Constant(intp, v)  # noqa: E731
+        P, K = cgutils.unpack_tuple(builder, ca.shape)
+        n = cgutils.unpack_tuple(builder, aa.shape)[1]
+        fma = _vector_function(builder, "fma", vty, 3)
+        accs = [[cgutils.alloca_once(builder, vty) for _ in range(2)] for _ in range(4)]
+
+        def block(i0, k0, R):
+            """out[k0 : k0 + R, i0 : i0 + 2V]."""
+            for r in range(R):
+                b = builder.load(builder.gep(ba.data, [builder.add(k0, const(r))]))
+                start = _splat(builder, vty, b if dt == types.float64 else builder.fptrunc(b, ety))
+                for h in range(2):
+                    builder.store(start, accs[r][h])
+            with cgutils.for_range(builder, P) as ps:
+                arow = builder.gep(_row_pointer(builder, aa, ps.index), [i0])
+                x = [builder.load(builder.bitcast(builder.gep(arow, [const(h * V)]), vty.as_pointer()), align=size)
+                     for h in range(2)]
+                crow = builder.gep(_row_pointer(builder, ca, ps.index), [k0])
+                for r in range(R):
+                    w = _splat(builder, vty, builder.load(builder.gep(crow, [const(r)])))
+                    for h in range(2):
+                        builder.store(builder.call(fma, [w, x[h], builder.load(accs[r][h])]), accs[r][h])
+            for r in range(R):
+                orow = builder.gep(_row_pointer(builder, oa, builder.add(k0, const(r))), [i0])
+                for h in range(2):
+                    dst = builder.bitcast(builder.gep(orow, [const(h * V)]), vty.as_pointer())
+                    builder.store(builder.load(accs[r][h]), dst, align=size)
+
+        # Columns outer: a column block of A (P x 2V) stays in L1 while every row of out meets it.
+        quads = builder.udiv(K, const(4))
+        with cgutils.for_range_slice(builder, const(0), n, const(2 * V)) as (i0, _):
+            with cgutils.for_range(builder, quads) as q:
+                block(i0, builder.mul(q.index, const(4)), 4)
+            with cgutils.for_range_slice(builder, builder.mul(quads, const(4)), K, const(1)) as (k, _):
+                block(i0, k, 1)
+        return context.get_dummy_value()
+
+    return types.none(C, A, base, out), codegen
 
 
 @intrinsic
