@@ -168,6 +168,26 @@ def test_row_combinations_against_numpy(dtype, P, K, n):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("Ka, Kb, n", [(16, 64, 256), (2, 4, 8), (6, 36, 32)])
+def test_row_dots_against_numpy(dtype, Ka, Kb, n):
+    """simd.row_dots (the diag and spherical M-step): out[a, b] += A[a] . B[b], out's other entries
+    untouched."""
+    import numba
+
+    from fastlvm.kernels.simd import row_dots
+
+    rng = np.random.default_rng(Ka * Kb + n)
+    A, B = rng.normal(size=(Ka, n)).astype(dtype), rng.normal(size=(Kb, n)).astype(dtype)
+    out = rng.normal(size=(Ka + 1, Kb + 3)).astype(dtype)
+    before = out.copy()
+    numba.njit(lambda A, B, out: row_dots(A, B, out))(A, B, out)
+    want = before[:Ka, :Kb] + A.astype(np.float64) @ B.astype(np.float64).T
+    scale = np.abs(before[:Ka, :Kb]) + np.abs(A.astype(np.float64)) @ np.abs(B.astype(np.float64)).T
+    assert np.all(np.abs(out[:Ka, :Kb] - want) <= 4 * n * np.finfo(dtype).eps * scale)
+    assert (out[Ka:] == before[Ka:]).all() and (out[:, Kb:] == before[:, Kb:]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("hard", [False, True])
 def test_normalisation_against_scipy(dtype, hard):
     # responsibilities, log p(x) and the argmax of each row (first of tied maxima, as np.argmax),

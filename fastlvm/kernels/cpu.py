@@ -18,7 +18,7 @@ compiled per type and dtype, see the drivers):
     second  full (K,D,D)                    tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
 Rows are processed in sub-chunks of SUB_ROWS. Inside one, log-probabilities and responsibilities
 are stored as (K, rows), so the log-sum-exp runs along contiguous rows and vectorises. The products
-of the full, diag and spherical types are our own (see _axpy_rows, _dot_rows, simd.combine_rows); the tied
+of the full, diag and spherical types are our own (_axpy_rows, _dot_rows; simd.combine_rows, simd.row_dots); the tied
 type's are single-threaded BLAS calls. Kernels are serial, one per thread over fixed blocks: the
 caller limits BLAS to one thread (see `blas_single_thread`), so there is one level of parallelism. Arithmetic is in the
 data's dtype, log-probabilities and responsibilities too (each row's log p(x) and the statistics
@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import TRANSPOSE_BYTES, claim, combine_rows, max_nonnan, pow2, transpose_centred
+from .simd import TRANSPOSE_BYTES, claim, combine_rows, max_nonnan, pow2, row_dots, transpose_centred
 from .workers import on_workers
 
 FULL, TIED, DIAG, SPHERICAL = 0, 1, 2, 3
@@ -42,7 +42,7 @@ BLOCK_ROWS = 4096  # rows reduced serially into one partial; fixed, so results i
 # Rows per sub-chunk: long enough that the products' per-row-block costs (horizontal sums, reloaded
 # outputs) amortise, short enough that a sub-chunk's rows stay in cache from E-step to M-step. 256
 # against 128 (EPYC Zen 3, one thread): diag pass 20.6 -> 17.9 ms; full float32 and float64 faster too.
-# A multiple of 16: simd.combine_rows takes a sub-chunk's rows 16 float32 (8 float64) at a time.
+# A multiple of 16: simd.combine_rows and row_dots take a sub-chunk's rows 16 float32 (8 float64) at a time.
 SUB_ROWS = 256
 
 # Reassociation lets reductions vectorise; NaN/inf semantics are kept (no 'nnan'/'ninf').
@@ -217,14 +217,14 @@ def _axpy_rows(C, A, out):
 
 
 @_helper
-def _dot_rows(A, B, out, upper):
-    """out[a, b] += sum_i A[a, i] B[b, i] in blocks of 2 rows of A by 4 of B (A has a multiple of 2
-    rows, B of 4), eight accumulators in registers. When upper, only blocks that reach b >= a
+def _dot_rows(A, B, out):
+    """out[a, b] += sum_i A[a, i] B[b, i] for b >= a, in blocks of 2 rows of A by 4 of B (A has a
+    multiple of 2 rows, B of 4), eight accumulators in registers; only blocks that reach b >= a
     (a block on the diagonal also adds a few entries below it)."""
     n = A.shape[1]
     for a in range(0, A.shape[0], 2):
         u0, u1 = A[a], A[a + 1]
-        for b in range(a - a % 4 if upper else 0, B.shape[0], 4):
+        for b in range(a - a % 4, B.shape[0], 4):
             v0, v1, v2, v3 = B[b], B[b + 1], B[b + 2], B[b + 3]
             a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = A.dtype.type(0.0)
             for i in range(n):
@@ -280,7 +280,7 @@ def _accumulate_whitened(YT, r, n, s, second, k, ZT):
             z[i] = v
             acc += v
         s[k, p] += acc
-    _dot_rows(ZT, YT, second[k], True)
+    _dot_rows(ZT, YT, second[k])
 
 
 @_helper
@@ -345,9 +345,10 @@ def _whitened_offsets(kind, means, prec, centre):
 # product gives the weighted sums of a and a^2 (moments about c). The spherical type needs only
 # ||a||^2 of the squares, so its rows are [||a||^2, a] (W = D + 1) where diag's are [a^2, a] (W = 2D).
 # The expansion is stored transposed, aaT (Wp, rows), W padded with zeros to Wp, a multiple of 4.
-# The E-step's product keeps its outputs in registers (simd.combine_rows: the full type's
-# _axpy_rows, which reloads them, took 1.3-1.4x as long on these shapes); the M-step's is the full
-# type's _dot_rows. The two types share these compiled helpers, told apart by the run-time flag `diag`.
+# Both products are register-blocked SIMD loops (simd.combine_rows, simd.row_dots): the full type's
+# _axpy_rows, which reloads its outputs, took 1.3-1.4x as long as combine_rows on these shapes, and
+# its _dot_rows, which reads B's rows from L2 for every two rows of A, 1.06-1.24x as long as
+# row_dots. The two types share these compiled helpers, told apart by the run-time flag `diag`.
 def _vector_weights(kind, means, prec, centre, log_norm):
     """(WT (Wp, K), base (K,)) of the expansion above: WT -1/2 the weights, transposed and padded;
     base log_norm_k - offset_k / 2 in float64, where every row's log-probability starts."""
@@ -453,7 +454,7 @@ def _accumulate_vector(diag, C, resp, onehot, best, n, s, second, aa, mom):
                 mk[j] += aa[j, i]
     else:
         _add_counts(C, resp, n)
-        _dot_rows(resp, aa, mom, False)
+        row_dots(resp, aa, mom)
     sq = D if diag else 1
     for k in range(K):
         for p in range(D):
@@ -579,7 +580,7 @@ def _scratch(kind, dtype, K, D, Dp, W, n_workers):
     inside the kernels compile NumPy's allocation code once per shape and dtype, about half a
     second of a first fit."""
     n, sub = n_workers, SUB_ROWS
-    Kp = K + K % 2 if kind == DIAG or kind == SPHERICAL else K  # _dot_rows takes rows in pairs
+    Kp = K + K % 2 if kind == DIAG or kind == SPHERICAL else K  # row_dots takes rows in pairs
     if kind == FULL:
         d, Y = _aligned((n, Dp, sub), dtype, zero=True), _aligned((n, K, Dp, sub), dtype)
     else:

@@ -37,6 +37,12 @@ p (each load of A serves four rows, each broadcast of C two vectors); the loop o
 outputs in memory (cpu._axpy_rows) reloaded and stored them at every group of four p and spilled
 its coefficients. The sum runs in order of p from base[k] (float64, rounded to A's dtype).
 
+`row_dots(A, B, out)`: out[a, b] += A[a] . B[b] for a < A's rows (a multiple of 2) and b < B's rows
+(a multiple of 4), the rows' length a multiple of V: the diag and spherical types' M-step. Two
+rows of A by four of B are eight vector accumulators along the rows; a T x T transposition (T =
+V) then puts each accumulator's lanes in one lane of T vectors, whose sum holds the eight dot
+products, added to out four at a time (eight horizontal sums and eight scalar updates before).
+
 `pow2(m)`: 2**m for an integer-valued float m in its type's normal exponent range, assembled in
 the exponent bits in m's own width (Numba would widen the integer arithmetic to 64 bits, and a
 view of a scratch array costs a compiled function of its own); it vectorises with the loop.
@@ -337,6 +343,63 @@ def combine_rows(typingctx, C, A, base, out):
         return context.get_dummy_value()
 
     return types.none(C, A, base, out), codegen
+
+
+@intrinsic
+def row_dots(typingctx, A, B, out):
+    """See the module docstring."""
+    dt = getattr(A, "dtype", None)
+    if not (dt in (types.float32, types.float64)
+            and all(isinstance(a, types.Array) and a.ndim == 2 and a.dtype == dt and a.layout == "C" for a in (A, B, out))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a_arr, b_arr, o_arr = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args, args))
+        ety = context.get_data_type(dt)
+        size = context.get_abi_sizeof(ety)
+        V = TRANSPOSE_BYTES // size
+        vty, qty = ir.VectorType(ety, V), ir.VectorType(ety, 4)
+        intp = context.get_value_type(types.intp)
+        const = lambda v: ir.Constant(intp, v)  # noqa: E731
+        n_a, n = cgutils.unpack_tuple(builder, a_arr.shape)
+        n_b = cgutils.unpack_tuple(builder, b_arr.shape)[0]
+        fma = _vector_function(builder, "fma", vty, 3)
+        zero = ir.Constant(vty, [ir.Constant(ety, 0.0)] * V)
+        masks = _transpose_masks(V)
+        accs = [cgutils.alloca_once(builder, vty) for _ in range(8)]  # a * 4 + b
+        halves = [ir.Constant(ir.VectorType(ir.IntType(32), 4), list(range(h * 4, h * 4 + 4))) for h in range(2)]
+        # B's four rows outer: they stay in L1 while every row of A meets them (A, a few rows, stays
+        # there too); with A's rows outer, B (the diag type's 64 rows x 256, twice L1) came from L2.
+        with cgutils.for_range_slice(builder, const(0), n_b, const(4)) as (b0, _):
+            rows_b = [_row_pointer(builder, b_arr, builder.add(b0, const(c))) for c in range(4)]
+            with cgutils.for_range_slice(builder, const(0), n_a, const(2)) as (a0, _):
+                rows_a = [_row_pointer(builder, a_arr, builder.add(a0, const(r))) for r in range(2)]
+                for acc in accs:
+                    builder.store(zero, acc)
+                with cgutils.for_range_slice(builder, const(0), n, const(V)) as (i, _):
+                    load = lambda row: builder.load(builder.bitcast(builder.gep(row, [i]), vty.as_pointer()), align=size)  # noqa: E731
+                    u, v = [load(r) for r in rows_a], [load(r) for r in rows_b]
+                    for r in range(2):
+                        for c in range(4):
+                            acc = accs[r * 4 + c]
+                            builder.store(builder.call(fma, [u[r], v[c], builder.load(acc)]), acc)
+                # Sums of the accumulators, V at a time: after the transposition, lane j of the
+                # vectors' sum is the sum of accumulator j's lanes.
+                sums = []
+                for g in range(0, 8, V):
+                    t = _transpose(builder, [builder.load(acc) for acc in accs[g : g + V]], masks)
+                    total = t[0]
+                    for x in t[1:]:
+                        total = builder.fadd(total, x)
+                    sums.append(total)
+                quads = sums if V == 4 else [builder.shuffle_vector(sums[0], sums[0], h) for h in halves]
+                for r in range(2):
+                    dst = builder.bitcast(builder.gep(_row_pointer(builder, o_arr, builder.add(a0, const(r))), [b0]),
+                                          qty.as_pointer())
+                    builder.store(builder.fadd(builder.load(dst, align=size), quads[r]), dst, align=size)
+        return context.get_dummy_value()
+
+    return types.none(A, B, out), codegen
 
 
 @intrinsic
