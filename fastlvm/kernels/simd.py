@@ -295,7 +295,8 @@ def combine_rows(typingctx, C, A, base, out):
     dt = getattr(A, "dtype", None)
     if not (dt in (types.float32, types.float64)
             and all(isinstance(a, types.Array) and a.ndim == 2 and a.dtype == dt and a.layout == "C" for a in (C, A, out))
-            and isinstance(base, types.Array) and base.ndim == 1 and base.dtype == types.float64):
+            and isinstance(base, types.Array) and base.ndim == 1 and base.dtype == types.float64
+            and base.layout == "C"):
         return None
 
     def codegen(context, builder, sig, args):
