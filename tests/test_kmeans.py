@@ -228,6 +228,16 @@ def test_a_bad_value_in_rows_read_in_place_is_named():
     np.testing.assert_array_equal(Xc, before)
 
 
+@pytest.mark.parametrize("offset", [0.0, 5.0])  # centred (read in place when writeable), or shifted
+def test_read_only_rows_are_copied_whatever_copy_x_says(offset):
+    mine = X - X.mean(axis=0) + offset
+    mine.flags.writeable = False
+    kw = dict(init=mine[:4].copy(), n_init=1, tol=0.0)
+    ours = KMeans(4, copy_x=False, **kw).fit(mine)
+    np.testing.assert_array_equal(ours.labels_, KMeans(4, **kw).fit(mine.copy()).labels_)
+    assert_same_fit(ours, SkKMeans(4, **kw).fit(mine))
+
+
 def test_copy_x_false_gives_the_data_back():
     mine = X.copy()
     a = KMeans(4, random_state=0, copy_x=False).fit(mine)
