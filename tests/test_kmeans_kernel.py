@@ -158,6 +158,30 @@ def test_running_sums_follow_the_weighted_labels(sparse, share, monkeypatch):
         moves, C = np.sqrt(((new - C) ** 2).sum(axis=1)), new
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_full_pass_keeps_the_distances_it_is_asked_for(sparse, dtype, monkeypatch):
+    """assign(distances=True) keeps each row's squared distance to its new centre (summed directly:
+    a row on its centre gives 0) when the pass scores every row, and only for that pass."""
+    sp = pytest.importorskip("scipy.sparse")
+    monkeypatch.setattr(kernels, "BOUNDED_MIN_ROWS", 0)
+    rng = np.random.default_rng(8)
+    n, d, k = BLOCK_ROWS + SUB_ROWS + 5, 5, 4
+    X = (rng.normal(size=(n, d)) + rng.normal(size=(k, d))[rng.integers(k, size=n)] * 3).astype(dtype)
+    X[rng.random(X.shape) < 0.3] = 0.0
+    C = X[:k].astype(np.float64)  # rows 0..k-1 lie on their centres
+    state = kernels.LloydState(kernels.Rows(sp.csr_matrix(X) if sparse else X), np.ones(n), k)
+    state.assign(C, np.zeros(k), distances=True)  # a first pass scores every row
+    labels = brute_force(X.astype(np.float64), C)[0]
+    np.testing.assert_array_equal(state.labels, labels)
+    expected = ((X.astype(np.float64) - C.astype(dtype)[labels]) ** 2).sum(axis=1)
+    np.testing.assert_allclose(state.d2, expected, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+    if not sparse:
+        np.testing.assert_array_equal(state.d2[:k], 0.0)
+    state.assign(C, np.zeros(k))
+    assert state.d2 is None
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n, d, k", [(5, 3, 1), (9, 1, 2), (203, 7, 17), (64, 33, 70)])
 def test_simd_search_gives_argmin_and_the_two_lowest_scores(dtype, n, d, k):

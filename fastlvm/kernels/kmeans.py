@@ -83,11 +83,11 @@ def _workers(n_items):
 def _tile_scratch(K, dtype, n_workers):
     """Each worker's buffers for a pass over tiles of rows, stacked on a leading worker axis:
     products G (K, SUB_ROWS) and acc (K,) in dtype, per row the nearest centre (int64) and the
-    lowest two scores (float64), and a block's moved rows and their old labels (int64). Made here in
+    lowest two scores (float64), and a tile's moved rows and their old labels (int64). Made here in
     NumPy: allocations inside the kernels compile NumPy's allocation code once per shape and dtype."""
     n = n_workers
     return (_aligned((n, K, SUB_ROWS), dtype), _aligned((n, K), dtype), _aligned((n, SUB_ROWS), np.int64),
-            _aligned((n, 2, SUB_ROWS), np.float64), _aligned((n, 2, BLOCK_ROWS), np.int64))
+            _aligned((n, 2, SUB_ROWS), np.float64), _aligned((n, 2, SUB_ROWS), np.int64))
 
 
 @_inline
@@ -127,8 +127,16 @@ def _sparse_sq_distance(data, indices, indptr, i, C, k, x_norm, c_norm):
 
 
 @_inline
+def _sq_distance(sparse, X, data, indices, indptr, i, C, k, x_norms, c_norms):
+    """||x_i - c_k||^2 of a dense or CSR row."""
+    if sparse:
+        return _sparse_sq_distance(data, indices, indptr, i, C, k, x_norms[i], c_norms[k])
+    return _dense_sq_distance(X, i, C, k)
+
+
+@_inline
 def _relabel(labels, i, new, moved, old, n_changed):
-    """Row i takes the label `new`, a change, noted as the block's n_changed-th move for _block_sums
+    """Row i takes the label `new`, a change, noted as the block's n_changed-th move for _move_sums
     (callers test for the change first, so an unchanged row costs one comparison); returns the new
     count of moves."""
     moved[n_changed] = i
@@ -374,13 +382,11 @@ def cluster_sums(X, labels, n_clusters):
 
 
 @_inline
-def _block_sums(sparse, X, data, indices, indptr, weights, labels, moved, old, n, sums, counts):
-    """A block's changes of the weighted sums: the rows moved[:n], in order, leave cluster old[j]
-    (none when < 0) for labels[moved[j]]. Once a block, after its labels: a helper called per
-    row cost ~100 ns (its arrays' reference counts), several times a dense row's move. Inlined:
-    as a kernel of its own it compiled 0.3 s longer."""
-    sums[:] = 0.0
-    counts[:] = 0.0
+def _move_sums(sparse, X, data, indices, indptr, weights, labels, moved, old, n, sums, counts):
+    """The changes of the weighted sums (added to sums, counts): the rows moved[:n], in order, leave
+    cluster old[j] (none when < 0) for labels[moved[j]]. Once a tile or block, after its labels: a
+    helper called per row cost ~100 ns (its arrays' reference counts), several times a dense row's
+    move. Inlined: as a kernel of its own it compiled 0.3 s longer."""
     for j in range(n):
         i, k, o = moved[j], labels[moved[j]], old[j]
         w = weights[i]
@@ -434,7 +440,7 @@ def _kernels(sparse):
             b = claim(counter)
             if b >= sums.shape[0]:
                 break
-            n_changed = np.int64(0)  # not the literal 0: _block_sums would compile for both
+            n_changed = np.int64(0)  # not the literal 0: _move_sums would compile for both
             for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
                 a = labels[i]
                 u = upper[i] + moves[a]
@@ -487,7 +493,9 @@ def _kernels(sparse):
                 upper[i] = np.sqrt(max(x_norms[i] + s_best, 0.0) + eps * (x_norms[i] + c_norms[best]))
                 if best != a:
                     n_changed = _relabel(labels, i, best, moved, old, n_changed)
-            _block_sums(sparse, X, data, indices, indptr, weights, labels, moved, old, n_changed, sums[b], counts[b])
+            sums[b] = 0.0
+            counts[b] = 0.0
+            _move_sums(sparse, X, data, indices, indptr, weights, labels, moved, old, n_changed, sums[b], counts[b])
             changed[b] = n_changed
 
     @_jit
@@ -524,11 +532,8 @@ def _kernels(sparse):
                 break
             for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
                 for j in range(out.shape[1]):
-                    k = labels[i] if own else j
-                    if sparse:
-                        out[i, j] = _sparse_sq_distance(data, indices, indptr, i, C, k, x_norms[i], c_norms[k])
-                    else:
-                        out[i, j] = _dense_sq_distance(X, i, C, k)
+                    out[i, j] = _sq_distance(sparse, X, data, indices, indptr, i, C, labels[i] if own else j, x_norms,
+                                             c_norms)
 
     @_jit
     def row_sq_norms(X, data, indptr, out, worker, counter):
@@ -559,12 +564,13 @@ def _full_pass(sparse, simd):
 
     @_jit
     def full_pass(X, data, indices, indptr, weights, x_norms, C, CT, c_norms, lane_norms, eps, shrink, labels,
-                  bounds, upper, lower, sums, counts, changed, scratch, worker, counter):
+                  bounds, d2, upper, lower, sums, counts, changed, scratch, worker, counter):
         """Labels of every row of the blocks the worker claims, from tiles of products
         (_nearest_dense; CSR: _sparse_tile_products, _nearest_block), if `bounds` their bounds (distance to the nearest centre, and
-        to the next nearest as every group's lower bound, widened by the rounding margin), and per block
-        the changes of the weighted sums (sums (B, K, D), counts (B, K), changed (B,)); the worker's
-        buffers from _tile_scratch."""
+        to the next nearest as every group's lower bound, widened by the rounding margin), if d2 is
+        not empty (N,) each row's squared distance to its centre (summed directly, while the tile is
+        in L1: a pass of its own read X again), and per block the changes of the weighted sums (sums
+        (B, K, D), counts (B, K), changed (B,)); the worker's buffers from _tile_scratch."""
         N = labels.shape[0]
         G, acc, best, s1, s2, moved, old = _tile_worker(scratch, worker)
         c_max = _largest(c_norms)
@@ -572,7 +578,9 @@ def _full_pass(sparse, simd):
             b = claim(counter)
             if b >= sums.shape[0]:
                 break
-            n_changed = np.int64(0)  # not the literal 0: _block_sums would compile for both
+            n_changed = 0
+            sums[b] = 0.0
+            counts[b] = 0.0
             for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
                 n = min(SUB_ROWS, N - r0)
                 if sparse:
@@ -582,11 +590,20 @@ def _full_pass(sparse, simd):
                     _nearest_dense(X, r0, n, C, CT, c_norms, lane_norms, G, best, s1, s2, simd)
                 if bounds:
                     _set_bounds(x_norms, r0, n, s1, s2, eps * c_max, eps, shrink, upper, lower)
+                # Every row noted, kept as a move if its label changed: no branch (mispredicted at
+                # every change), and the tile's moved rows are still in L1 for their sums.
+                n_moved = np.int64(0)  # not the literal 0: _move_sums would compile for both
                 for r in range(n):
                     i = r0 + r
-                    if best[r] != labels[i]:
-                        n_changed = _relabel(labels, i, best[r], moved, old, n_changed)
-            _block_sums(sparse, X, data, indices, indptr, weights, labels, moved, old, n_changed, sums[b], counts[b])
+                    moved[n_moved] = i
+                    old[n_moved] = labels[i]
+                    labels[i] = best[r]
+                    n_moved += best[r] != old[n_moved]
+                _move_sums(sparse, X, data, indices, indptr, weights, labels, moved, old, n_moved, sums[b], counts[b])
+                n_changed += n_moved
+                if d2.shape[0]:
+                    for r in range(n):
+                        d2[r0 + r] = _sq_distance(sparse, X, data, indices, indptr, r0 + r, C, best[r], x_norms, c_norms)
             changed[b] = n_changed
 
     return full_pass
@@ -662,14 +679,14 @@ class Rows:
 class LloydState:
     """Labels, Yinyang bounds and the running weighted sums of one k-means run over Rows."""
 
-    def __init__(self, rows, weights, n_clusters):
+    def __init__(self, rows, weights, n_clusters, bounds=True):
         self.rows = rows
         self.weights = weights
         N, K, D = rows.n_rows, n_clusters, rows.n_features
         self.labels = _aligned(N, np.int32)
         self.labels.fill(-1)
         self.n_groups = n_groups(K)
-        self.bounded = N >= BOUNDED_MIN_ROWS
+        self.bounded = bounds and N >= BOUNDED_MIN_ROWS  # bounds=False: one pass, whose bounds would go unread
         self.upper = _aligned(N if self.bounded else 0, np.float64, zero=True)
         self.lower = _aligned((N if self.bounded else 0, self.n_groups), np.float32, zero=True)
         self.sums = np.zeros((K, D))
@@ -687,6 +704,7 @@ class LloydState:
         self._wait = 0  # full passes before the bounds are set again
         self._backoff = 1
         self._changed_share = 0.0  # of the last pass's labels (0 before the first pass's)
+        self.d2 = None
 
     def _group(self, C):
         """Groups of centres near each other: contiguous runs along the centres' main axis."""
@@ -700,9 +718,11 @@ class LloydState:
             group_of[members[group_start[g] : group_start[g + 1]]] = g
         self.groups = members, group_start, group_of
 
-    def assign(self, C, moves):
+    def assign(self, C, moves, distances=False):
         """Assign every row to its nearest centre in C (moves: each centre's move since the last
-        call); returns the number of rows whose label changed. Sums and counts follow.
+        call); returns the number of rows whose label changed. Sums and counts follow. With
+        `distances`, a full pass also keeps each row's squared distance to its centre in `d2`
+        (None after any other pass).
 
         A full pass (full_pass) scores every row from tiles of products and, when the next pass will
         try them, sets the bounds. A pass after that uses the bounds (yinyang_pass) if a sample
@@ -710,10 +730,11 @@ class LloydState:
         their workers, and the host's small products here (grouping, separations) gain nothing from
         threads while a threaded call leaves OpenBLAS's threads spinning beside the workers, which
         then ran at half speed (10.3 against 5.7 ms a pass, 200k x 32, K=16, 2 cores)."""
+        self.d2 = None
         with blas_single_thread():
-            return self._assign(C, moves)
+            return self._assign(C, moves, distances)
 
-    def _assign(self, C, moves):
+    def _assign(self, C, moves, distances):
         rows = self.rows
         C = np.asarray(C, dtype=np.float64)
         Cd, c_norms = rows.centres(C)
@@ -730,9 +751,11 @@ class LloydState:
                        and self._changed_share <= BOUNDED_MAX_SHARE * CHANGED_PER_SCORED)
         CT, lane_norms = rows.search_centres(Cd)
         full_pass = _full_pass(rows.sparse, not rows.sparse and use_simd(CT))
+        d2 = _aligned(rows.n_rows if distances else 0, np.float64)
         _run(full_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, Cd, CT, c_norms, lane_norms, self.eps,
-             self.shrink, self.labels, self._fresh, self.upper, self.lower, self._sums, self._counts,
+             self.shrink, self.labels, self._fresh, d2, self.upper, self.lower, self._sums, self._counts,
              self._changed, self._scratch, n_workers=self._n_workers)
+        self.d2 = d2 if distances else None
         self._reduce()
         n_changed = int(self._changed.sum())
         return n_changed if first else self._note(n_changed)

@@ -52,16 +52,17 @@ class _InMemory:
     def start(self, n_clusters):
         self.state = LloydState(self.rows, self.weights, n_clusters)
 
-    def assign(self, C, moves):
-        n_changed = self.state.assign(C, moves)
+    def assign(self, C, moves, distances=False):
+        n_changed = self.state.assign(C, moves, distances)
         return self.state.sums, self.state.counts, n_changed
 
     @property
     def labels(self):
         return self.state.labels
 
-    def own_sq_distances(self, C):
-        return self.rows.own_sq_distances(C, self.labels)
+    def own_sq_distances(self, C):  # C: the last pass's centres, whose distances it may have kept
+        d2 = self.state.d2
+        return self.rows.own_sq_distances(C, self.labels) if d2 is None else d2
 
     def take(self, index):
         return self.rows.rows(index)
@@ -70,9 +71,9 @@ class _InMemory:
 def _chunk_pass(C, weights, offset, chunk):
     """A fresh assignment of one chunk: (sums, counts, labels, squared distance to own centre)."""
     rows = Rows(chunk)
-    state = LloydState(rows, weights[offset : offset + chunk.shape[0]], C.shape[0])
-    state.assign(C, np.zeros(C.shape[0]))
-    return state.sums, state.counts, state.labels, rows.own_sq_distances(C, state.labels)
+    state = LloydState(rows, weights[offset : offset + chunk.shape[0]], C.shape[0], bounds=False)
+    state.assign(C, np.zeros(C.shape[0]), distances=True)
+    return state.sums, state.counts, state.labels, state.d2
 
 
 class _Streamed:
@@ -87,7 +88,7 @@ class _Streamed:
         self.labels = np.full(self.source.n_rows, -1, dtype=np.int32)
         self._d2 = None
 
-    def assign(self, C, moves):
+    def assign(self, C, moves, distances=False):  # distances: always kept
         parts = list(self.source.map(partial(_centred_chunk_pass, C, self.weights, self.mean), CHUNK_ROWS))
         sums = sum(p[0] for p in parts)
         counts = sum(p[1] for p in parts)
@@ -125,7 +126,7 @@ class _OnGpu:
             return self.rows.chunks(self.chunk_rows)
         return ((a, self.rows[a : a + self.chunk_rows]) for a in range(0, self.rows.shape[0], self.chunk_rows))
 
-    def assign(self, C, moves):
+    def assign(self, C, moves, distances=False):  # distances: always kept
         parts = [self.engine.assign(chunk, C) for _, chunk in self._chunks()]
         labels = np.concatenate([p[2] for p in parts]).astype(np.int32)
         n_changed = int((labels != self.labels).sum())
@@ -193,8 +194,8 @@ def lloyd(data, weights, centres, max_iter, tol, verbose=0):
             if verbose:
                 print(f"Converged at iteration {i}: center shift {shift} within tolerance {tol}.")
             break
-    if not strict:
-        counts = data.assign(C, moves)[1]
+    if not strict:  # the inertia's distances from this pass, where it scores every row
+        counts = data.assign(C, moves, distances=True)[1]
     inertia = float(weights @ data.own_sq_distances(C))
     return LloydRun(C, data.labels, counts, inertia, i + 1, strict)
 
@@ -449,10 +450,9 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
             return engines.like_input(engines.to_device(data.labels.astype(np.int64)), X.input), float(data._d2.sum())
         rows = Rows(X)
         weights = _weights(sample_weight, X.shape[0], X.dtype)
-        state = LloydState(rows, weights, self.n_clusters)
-        C = np.asarray(self.cluster_centers_, dtype=np.float64)
-        state.assign(C, np.zeros(self.n_clusters))
-        return state.labels, float(weights @ rows.own_sq_distances(C, state.labels))
+        state = LloydState(rows, weights, self.n_clusters, bounds=False)
+        state.assign(C, np.zeros(self.n_clusters), distances=True)  # the first pass is a full one
+        return state.labels, float(weights @ state.d2)
 
     def predict(self, X):
         """Index of the nearest centre of every row."""
