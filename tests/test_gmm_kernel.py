@@ -133,6 +133,32 @@ def test_exp_of_the_responsibilities_against_numpy(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_log_of_the_row_sums_against_numpy(dtype):
+    # the sums of a row's exponentials lie in [1, K]; any positive normal number must give log (and
+    # the reciprocal, to the rounding of the division) to
+    # within an ulp of its precision (relative to max(|log|, 1)), exactly 0 at 1, on both sides of
+    # the sqrt(2) switch and at powers of two
+    import numba
+
+    @numba.njit
+    def log_in_place(a, inverse):
+        cpu._log_positive(a, a.shape[0], inverse)
+
+    rng = np.random.default_rng(1)
+    tiny = np.finfo(dtype).tiny
+    x = np.concatenate([rng.uniform(1.0, 64.0, 20000), np.exp(rng.uniform(-80.0, 80.0, 5000)),
+                        1.0 + rng.uniform(-1e-3, 1e-3, 2000), np.sqrt(2.0) * (1.0 + rng.uniform(-1e-6, 1e-6, 500)),
+                        2.0 ** np.arange(-20.0, 21.0), [tiny, 1.0]]).astype(dtype)
+    got, inverse = x.copy(), np.zeros_like(x)
+    log_in_place(got, inverse)
+    assert got.dtype == dtype
+    want = np.log(x.astype(np.float64))
+    assert np.max(np.abs(got - want) / np.maximum(np.abs(want), 1.0)) <= 2 * np.finfo(dtype).eps
+    assert got[-1] == 0.0
+    np.testing.assert_allclose(inverse[:-2], (1.0 / x.astype(np.float64))[:-2], rtol=np.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n, D", [(128, 32), (13, 7), (16, 9), (3, 40)])
 def test_centred_transposition_against_numpy(dtype, n, D):
     import numba

@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import TRANSPOSE_BYTES, claim, combine_rows, max_nonnan, pow2, row_dots, transpose_centred
+from .simd import TRANSPOSE_BYTES, claim, combine_rows, max_nonnan, pow2, row_dots, split_exponent, transpose_centred
 from .workers import on_workers
 
 FULL, TIED, DIAG, SPHERICAL = 0, 1, 2, 3
@@ -150,6 +150,76 @@ def _exp_float64(a, n):
         p = p * r + 1.0
         p = p * r + 1.0
         a[i] = p * pow2(m) if a[i] >= _EXP_MIN else 0.0
+
+
+def _log_positive(a, n, inverse):
+    """inverse[:n] = 1 / a[:n], then a[:n] = log(a[:n]), for positive normal a, in a's dtype, in a
+    loop that vectorises (libm's log, one call per row, and the divisions took 1.1 of the
+    normalisation's 2.6-3.1 ms for 200k rows): log(a) = e ln 2 + log(f), a = 2^e f with f
+    in [sqrt(1/2), sqrt(2)) (simd.split_exponent), log(f) = 2 atanh(s), s = (f - 1) / (f + 1),
+    |s| < 0.172, by its odd series: float64 to s^21 (remainder < 3e-17), float32 to s^11 (< 4e-9).
+    Compiled code only, like _exp_nonpositive."""
+    raise NotImplementedError("_log_positive runs in compiled code only")
+
+
+@overload(_log_positive, jit_options={"fastmath": _FASTMATH, "nogil": True})
+def _log_positive_typed(a, n, inverse):
+    series = _log_float32 if a.dtype == types.float32 else _log_float64
+    return lambda a, n, inverse: series(a, n, inverse)
+
+
+_SQRT2 = 1.4142135623730951
+_SQRT2_F32 = _F32(_SQRT2)
+_TWO_F32 = _F32(2.0)
+
+
+# NumPy's error model: Python's checks every division for a zero divisor, a branch that keeps the
+# loop from vectorising (f + 1 > 0 here).
+_divide = njit(fastmath=_FASTMATH, cache=True, nogil=True, no_cfunc_wrapper=True, no_cpython_wrapper=True,
+               error_model="numpy")
+
+
+@_divide
+def _log_float32(a, n, inverse):
+    for i in range(n):
+        inverse[i] = _ONE_F32 / a[i]
+        e, f = split_exponent(a[i])
+        big = f >= _SQRT2_F32
+        f = f * _HALF_F32 if big else f
+        e = e + _ONE_F32 if big else e
+        s = (f - _ONE_F32) / (f + _ONE_F32)
+        z = s * s
+        p = _F32(1 / 11)
+        p = p * z + _F32(1 / 9)
+        p = p * z + _F32(1 / 7)
+        p = p * z + _F32(1 / 5)
+        p = p * z + _F32(1 / 3)
+        p = p * z + _ONE_F32
+        a[i] = e * _LN2_HI_F32 + (_TWO_F32 * s * p + e * _LN2_LO_F32)
+
+
+@_divide
+def _log_float64(a, n, inverse):
+    for i in range(n):
+        inverse[i] = 1.0 / a[i]
+        e, f = split_exponent(a[i])
+        big = f >= _SQRT2
+        f = f * 0.5 if big else f
+        e = e + 1.0 if big else e
+        s = (f - 1.0) / (f + 1.0)
+        z = s * s
+        p = 1.0 / 21.0
+        p = p * z + 1.0 / 19.0
+        p = p * z + 1.0 / 17.0
+        p = p * z + 1.0 / 15.0
+        p = p * z + 1.0 / 13.0
+        p = p * z + 1.0 / 11.0
+        p = p * z + 1.0 / 9.0
+        p = p * z + 1.0 / 7.0
+        p = p * z + 1.0 / 5.0
+        p = p * z + 1.0 / 3.0
+        p = p * z + 1.0
+        a[i] = e * _LN2_HI + (2.0 * s * p + e * _LN2_LO)
 
 
 # ----------------------------------------------------------------------------- full and tied
@@ -507,9 +577,12 @@ def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, top, tot):
             _exp_nonpositive(rk, C)
             for i in range(C):
                 tot[i] += rk[i]
+        for i in range(C):  # row_ll the maxima, top then log(tot), tot its reciprocal
+            row_ll[i] = top[i]
+            top[i] = tot[i]
+        _log_positive(top, C, tot)
         for i in range(C):
-            row_ll[i] = np.float64(top[i]) + np.log(np.float64(tot[i]))
-            tot[i] = one / tot[i]
+            row_ll[i] += top[i]
         for k in range(K):
             for i in range(C):
                 r = resp[k, i] * tot[i]

@@ -47,6 +47,10 @@ products, added to out four at a time (eight horizontal sums and eight scalar up
 the exponent bits in m's own width (Numba would widen the integer arithmetic to 64 bits, and a
 view of a scratch array costs a compiled function of its own); it vectorises with the loop.
 
+`split_exponent(x)`: (e, f) with x = 2**e * f, f in [1, 2), e an integer-valued float, for a
+positive normal float x, read from and written to the bits in x's own width as pow2 does; it
+vectorises with the loop (libm's log does not).
+
 `max_nonnan(a, b)`: the larger of two floats known not to be NaN, as LLVM's maxnum (a vector max
 once vectorised); Numba's `max` is a compare and select, and a select stored back onto the array
 element it read becomes a conditional store, which vectorises as a masked store (microcoded on AMD).
@@ -274,6 +278,23 @@ def pow2(typingctx, m):
         return builder.bitcast(builder.shl(e, ir.Constant(ity, mantissa)), context.get_value_type(m))
 
     return m(m), codegen
+
+
+@intrinsic
+def split_exponent(typingctx, x):
+    if x not in (types.float32, types.float64):
+        return None
+    bits, bias = (32, 127) if x == types.float32 else (64, 1023)
+    mantissa = 23 if x == types.float32 else 52
+
+    def codegen(context, builder, sig, args):
+        ity, fty = ir.IntType(bits), context.get_value_type(x)
+        b = builder.bitcast(args[0], ity)
+        e = builder.sitofp(builder.sub(builder.lshr(b, ir.Constant(ity, mantissa)), ir.Constant(ity, bias)), fty)
+        f = builder.or_(builder.and_(b, ir.Constant(ity, (1 << mantissa) - 1)), ir.Constant(ity, bias << mantissa))
+        return context.make_tuple(builder, sig.return_type, [e, builder.bitcast(f, fty)])
+
+    return types.UniTuple(x, 2)(x), codegen
 
 
 @intrinsic
