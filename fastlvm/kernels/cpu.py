@@ -28,6 +28,7 @@ zero responsibility, so every product has the same shape.
 
 import contextlib
 import functools
+import math
 import threading
 
 import numpy as np
@@ -93,8 +94,21 @@ _EXP_MIN_F32 = _F32(-87.0)  # exp(-87) is near float32's smallest normal number
 _LOG2E_F32 = _F32(_LOG2E)
 _LN2_HI_F32, _LN2_LO_F32 = _F32(0.693359375), _F32(-2.12194440e-4)  # n * _LN2_HI_F32 exact for |n| < 2^15
 _ZERO_F32, _HALF_F32, _ONE_F32 = _F32(0.0), _F32(0.5), _F32(1.0)
-_C3_F32, _C4_F32, _C5_F32 = _F32(1 / 6), _F32(1 / 24), _F32(1 / 120)
-_C6_F32, _C7_F32 = _F32(1 / 720), _F32(1 / 5040)
+# Series coefficients, highest degree first (_horner): exp(r) = sum r^j / j!; atanh(s) / s = sum
+# s^(2j) / (2j + 1), in z = s^2.
+_EXP_SERIES = tuple(1.0 / math.factorial(j) for j in range(12, -1, -1))
+_EXP_SERIES_F32 = tuple(_F32(1.0 / math.factorial(j)) for j in range(7, -1, -1))
+_ATANH_SERIES = tuple(1.0 / (2 * j + 1) for j in range(10, -1, -1))
+_ATANH_SERIES_F32 = tuple(_F32(1.0 / (2 * j + 1)) for j in range(5, -1, -1))
+
+
+@_inline
+def _horner(x, coefficients):
+    """The polynomial with these coefficients (highest degree first) at x, in x's dtype."""
+    p = coefficients[0]
+    for c in coefficients[1:]:
+        p = p * x + c
+    return p
 
 
 def _exp_nonpositive(a, n):
@@ -119,15 +133,7 @@ def _exp_float32(a, n):
         t = max(a[i], _EXP_MIN_F32)
         m = np.floor(t * _LOG2E_F32 + _HALF_F32)
         r = (t - m * _LN2_HI_F32) - m * _LN2_LO_F32  # the first product is exact
-        p = _C7_F32
-        p = p * r + _C6_F32
-        p = p * r + _C5_F32
-        p = p * r + _C4_F32
-        p = p * r + _C3_F32
-        p = p * r + _HALF_F32
-        p = p * r + _ONE_F32
-        p = p * r + _ONE_F32
-        a[i] = p * pow2(m) if a[i] >= _EXP_MIN_F32 else _ZERO_F32
+        a[i] = _horner(r, _EXP_SERIES_F32) * pow2(m) if a[i] >= _EXP_MIN_F32 else _ZERO_F32
 
 
 @_helper
@@ -136,20 +142,7 @@ def _exp_float64(a, n):
         t = max(a[i], _EXP_MIN)
         m = np.floor(t * _LOG2E + 0.5)
         r = (t - m * _LN2_HI) - m * _LN2_LO
-        p = 1.0 / 479001600.0
-        p = p * r + 1.0 / 39916800.0
-        p = p * r + 1.0 / 3628800.0
-        p = p * r + 1.0 / 362880.0
-        p = p * r + 1.0 / 40320.0
-        p = p * r + 1.0 / 5040.0
-        p = p * r + 1.0 / 720.0
-        p = p * r + 1.0 / 120.0
-        p = p * r + 1.0 / 24.0
-        p = p * r + 1.0 / 6.0
-        p = p * r + 0.5
-        p = p * r + 1.0
-        p = p * r + 1.0
-        a[i] = p * pow2(m) if a[i] >= _EXP_MIN else 0.0
+        a[i] = _horner(r, _EXP_SERIES) * pow2(m) if a[i] >= _EXP_MIN else 0.0
 
 
 def _log_positive(a, n, inverse):
@@ -188,14 +181,7 @@ def _log_float32(a, n, inverse):
         f = f * _HALF_F32 if big else f
         e = e + _ONE_F32 if big else e
         s = (f - _ONE_F32) / (f + _ONE_F32)
-        z = s * s
-        p = _F32(1 / 11)
-        p = p * z + _F32(1 / 9)
-        p = p * z + _F32(1 / 7)
-        p = p * z + _F32(1 / 5)
-        p = p * z + _F32(1 / 3)
-        p = p * z + _ONE_F32
-        a[i] = e * _LN2_HI_F32 + (_TWO_F32 * s * p + e * _LN2_LO_F32)
+        a[i] = e * _LN2_HI_F32 + (_TWO_F32 * s * _horner(s * s, _ATANH_SERIES_F32) + e * _LN2_LO_F32)
 
 
 @_divide
@@ -207,19 +193,7 @@ def _log_float64(a, n, inverse):
         f = f * 0.5 if big else f
         e = e + 1.0 if big else e
         s = (f - 1.0) / (f + 1.0)
-        z = s * s
-        p = 1.0 / 21.0
-        p = p * z + 1.0 / 19.0
-        p = p * z + 1.0 / 17.0
-        p = p * z + 1.0 / 15.0
-        p = p * z + 1.0 / 13.0
-        p = p * z + 1.0 / 11.0
-        p = p * z + 1.0 / 9.0
-        p = p * z + 1.0 / 7.0
-        p = p * z + 1.0 / 5.0
-        p = p * z + 1.0 / 3.0
-        p = p * z + 1.0
-        a[i] = e * _LN2_HI + (2.0 * s * p + e * _LN2_LO)
+        a[i] = e * _LN2_HI + (2.0 * s * _horner(s * s, _ATANH_SERIES) + e * _LN2_LO)
 
 
 # ----------------------------------------------------------------------------- full and tied

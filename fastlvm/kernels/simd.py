@@ -265,12 +265,16 @@ def claim(typingctx, counter):
     return types.int64(counter), codegen
 
 
+def _float_layout(ty):
+    """(width, exponent bias, mantissa bits) of a Numba float type."""
+    return (32, 127, 23) if ty == types.float32 else (64, 1023, 52)
+
+
 @intrinsic
 def pow2(typingctx, m):
     if m not in (types.float32, types.float64):
         return None
-    bits, bias = (32, 127) if m == types.float32 else (64, 1023)
-    mantissa = 23 if m == types.float32 else 52
+    bits, bias, mantissa = _float_layout(m)
 
     def codegen(context, builder, sig, args):
         ity = ir.IntType(bits)
@@ -284,8 +288,7 @@ def pow2(typingctx, m):
 def split_exponent(typingctx, x):
     if x not in (types.float32, types.float64):
         return None
-    bits, bias = (32, 127) if x == types.float32 else (64, 1023)
-    mantissa = 23 if x == types.float32 else 52
+    bits, bias, mantissa = _float_layout(x)
 
     def codegen(context, builder, sig, args):
         ity, fty = ir.IntType(bits), context.get_value_type(x)
