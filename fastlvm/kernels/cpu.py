@@ -702,11 +702,13 @@ def _drivers(kind):
                     row_ll[:C] = 0.0
                 else:
                     _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, top, tot)
+                # in locals: the partials' elements were loaded and stored at every row
+                ll, worst, at = b_ll[blk], worst_ll[blk], worst_row[blk]
                 for i in range(C):
-                    b_ll[blk] += row_ll[i]
-                    if row_ll[i] < worst_ll[blk]:
-                        worst_ll[blk] = row_ll[i]
-                        worst_row[blk] = r0 + i
+                    ll += row_ll[i]
+                    if row_ll[i] < worst:
+                        worst, at = row_ll[i], r0 + i
+                b_ll[blk], worst_ll[blk], worst_row[blk] = ll, worst, at
                 _accumulate(kind, C, resp, onehot_rows, best, b_n[blk], b_s[blk], b_second[blk], d, Y, aa,
                             mom, Z, prod)
 
