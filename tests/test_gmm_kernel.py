@@ -162,6 +162,26 @@ def test_exp_of_the_responsibilities_against_numpy(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_powers_of_two_over_the_normal_exponents(dtype):
+    # simd.pow2 assembles 2**m in the exponent bits (float64 through a magic-number addition, AVX2
+    # having no packed double -> int64 conversion): exact for every normal exponent, in a loop
+    import numba
+
+    from fastlvm.kernels.simd import pow2
+
+    @numba.njit
+    def powers(m, out):
+        for i in range(m.shape[0]):
+            out[i] = pow2(m[i])
+
+    info = np.finfo(dtype)
+    m = np.arange(info.minexp, info.maxexp, dtype=dtype)
+    out = np.zeros_like(m)
+    powers(m, out)
+    np.testing.assert_array_equal(out, np.ldexp(np.ones_like(m), m.astype(np.int32)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_log_of_the_row_sums_against_numpy(dtype):
     # the sums of a row's exponentials lie in [1, K]; any positive normal number must give log (and
     # the reciprocal, to the rounding of the division) to

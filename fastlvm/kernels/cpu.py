@@ -94,12 +94,20 @@ _EXP_MIN_F32 = _F32(-87.0)  # exp(-87) is near float32's smallest normal number
 _LOG2E_F32 = _F32(_LOG2E)
 _LN2_HI_F32, _LN2_LO_F32 = _F32(0.693359375), _F32(-2.12194440e-4)  # n * _LN2_HI_F32 exact for |n| < 2^15
 _ZERO_F32, _HALF_F32, _ONE_F32 = _F32(0.0), _F32(0.5), _F32(1.0)
-# Series coefficients, highest degree first (_horner): exp(r) = sum r^j / j!; atanh(s) / s = sum
-# s^(2j) / (2j + 1), in z = s^2.
-_EXP_SERIES = tuple(1.0 / math.factorial(j) for j in range(12, -1, -1))
-_EXP_SERIES_F32 = tuple(_F32(1.0 / math.factorial(j)) for j in range(7, -1, -1))
-_ATANH_SERIES = tuple(1.0 / (2 * j + 1) for j in range(10, -1, -1))
-_ATANH_SERIES_F32 = tuple(_F32(1.0 / (2 * j + 1)) for j in range(5, -1, -1))
+
+
+def _by_parity(coefficients):
+    """A polynomial's coefficients (highest degree first) as those of its even and its odd powers,
+    for _polynomial: p(x) = E(x^2) + x O(x^2)."""
+    top = len(coefficients) - 1  # the degree
+    return coefficients[top % 2 :: 2], coefficients[1 - top % 2 :: 2]
+
+
+# Series: exp(r) = sum r^j / j!; atanh(s) / s = sum s^(2j) / (2j + 1), in z = s^2.
+_EXP_SERIES = _by_parity(tuple(1.0 / math.factorial(j) for j in range(12, -1, -1)))
+_EXP_SERIES_F32 = _by_parity(tuple(_F32(1.0 / math.factorial(j)) for j in range(7, -1, -1)))
+_ATANH_SERIES = _by_parity(tuple(1.0 / (2 * j + 1) for j in range(10, -1, -1)))
+_ATANH_SERIES_F32 = _by_parity(tuple(_F32(1.0 / (2 * j + 1)) for j in range(5, -1, -1)))
 
 
 @_inline
@@ -109,6 +117,14 @@ def _horner(x, coefficients):
     for c in coefficients[1:]:
         p = p * x + c
     return p
+
+
+@_inline
+def _polynomial(x, parts):
+    """The polynomial of _by_parity's parts at x: two Horner chains in x^2, each half as long as
+    one in x (13 dependent FMAs, 4 cycles each, bounded the float64 exp: 6.3 ms per 200k x 16)."""
+    y = x * x
+    return _horner(y, parts[0]) + x * _horner(y, parts[1])
 
 
 def _exp_nonpositive(a, n):
@@ -133,7 +149,7 @@ def _exp_float32(a, n):
         t = max(a[i], _EXP_MIN_F32)
         m = np.floor(t * _LOG2E_F32 + _HALF_F32)
         r = (t - m * _LN2_HI_F32) - m * _LN2_LO_F32  # the first product is exact
-        a[i] = _horner(r, _EXP_SERIES_F32) * pow2(m) if a[i] >= _EXP_MIN_F32 else _ZERO_F32
+        a[i] = _polynomial(r, _EXP_SERIES_F32) * pow2(m) if a[i] >= _EXP_MIN_F32 else _ZERO_F32
 
 
 @_helper
@@ -142,7 +158,7 @@ def _exp_float64(a, n):
         t = max(a[i], _EXP_MIN)
         m = np.floor(t * _LOG2E + 0.5)
         r = (t - m * _LN2_HI) - m * _LN2_LO
-        a[i] = _horner(r, _EXP_SERIES) * pow2(m) if a[i] >= _EXP_MIN else 0.0
+        a[i] = _polynomial(r, _EXP_SERIES) * pow2(m) if a[i] >= _EXP_MIN else 0.0
 
 
 def _log_positive(a, n, inverse):
@@ -181,7 +197,7 @@ def _log_float32(a, n, inverse):
         f = f * _HALF_F32 if big else f
         e = e + _ONE_F32 if big else e
         s = (f - _ONE_F32) / (f + _ONE_F32)
-        a[i] = e * _LN2_HI_F32 + (_TWO_F32 * s * _horner(s * s, _ATANH_SERIES_F32) + e * _LN2_LO_F32)
+        a[i] = e * _LN2_HI_F32 + (_TWO_F32 * s * _polynomial(s * s, _ATANH_SERIES_F32) + e * _LN2_LO_F32)
 
 
 @_divide
@@ -193,7 +209,7 @@ def _log_float64(a, n, inverse):
         f = f * 0.5 if big else f
         e = e + 1.0 if big else e
         s = (f - 1.0) / (f + 1.0)
-        a[i] = e * _LN2_HI + (2.0 * s * _horner(s * s, _ATANH_SERIES) + e * _LN2_LO)
+        a[i] = e * _LN2_HI + (2.0 * s * _polynomial(s * s, _ATANH_SERIES) + e * _LN2_LO)
 
 
 # ----------------------------------------------------------------------------- full and tied

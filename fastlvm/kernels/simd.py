@@ -45,7 +45,8 @@ products, added to out four at a time (eight horizontal sums and eight scalar up
 
 `pow2(m)`: 2**m for an integer-valued float m in its type's normal exponent range, assembled in
 the exponent bits in m's own width (Numba would widen the integer arithmetic to 64 bits, and a
-view of a scratch array costs a compiled function of its own); it vectorises with the loop.
+view of a scratch array costs a compiled function of its own); it vectorises with the loop
+(float64 without a float-to-integer conversion, which AVX2 has only as scalar instructions).
 
 `split_exponent(x)`: (e, f) with x = 2**e * f, f in [1, 2), e an integer-valued float, for a
 positive normal float x, read from and written to the bits in x's own width as pow2 does; it
@@ -277,9 +278,15 @@ def pow2(typingctx, m):
     bits, bias, mantissa = _float_layout(m)
 
     def codegen(context, builder, sig, args):
-        ity = ir.IntType(bits)
+        ity, fty = ir.IntType(bits), context.get_value_type(m)
+        if m == types.float64:
+            # AVX2 has no packed double -> int64 conversion (fptosi became four scalar ones): m + 2^52
+            # + bias holds m + bias in its low mantissa bits, which the shift moves into the exponent
+            # field (m + bias < 2^11, so the sign bit stays 0)
+            t = builder.fadd(args[0], ir.Constant(fty, 2.0**mantissa + bias))
+            return builder.bitcast(builder.shl(builder.bitcast(t, ity), ir.Constant(ity, mantissa)), fty)
         e = builder.add(builder.fptosi(args[0], ity), ir.Constant(ity, bias))
-        return builder.bitcast(builder.shl(e, ir.Constant(ity, mantissa)), context.get_value_type(m))
+        return builder.bitcast(builder.shl(e, ir.Constant(ity, mantissa)), fty)
 
     return m(m), codegen
 
