@@ -217,48 +217,67 @@ def test_centred_transposition_against_numpy(dtype, n, D):
     X = rng.normal(size=(n + 5, D)).astype(dtype)
     m = rng.normal(size=D).astype(dtype)
     out = np.full((D + 2, n + 3), 7.0, dtype=dtype)
-    numba.njit(lambda X, n, m, out: cpu._transpose_centred(X, 3, n, m, out))(X, n, m, out)
+    sq = np.full((D + 2, n + 3), 7.0, dtype=dtype)
+    transpose = numba.njit(lambda X, n, m, out, sq: cpu._transpose_centred(X, 3, n, m, out, sq))
+    transpose(X, n, m, out, sq)
     np.testing.assert_array_equal(out[:D, :n], (X[3 : 3 + n] - m).T)
+    np.testing.assert_array_equal(sq[:D, :n], ((X[3 : 3 + n] - m) ** 2).T)
+    assert (sq[D:] == 7.0).all() and (sq[:, n:] == 7.0).all()
+    again = np.full_like(out, 7.0)
+    transpose(X, n, m, again, sq[:0])  # no rows: no squares
+    np.testing.assert_array_equal(again, out)
     assert (out[D:] == 7.0).all() and (out[:, n:] == 7.0).all()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("P, K, n", [(64, 16, 256), (4, 1, 16), (36, 5, 32), (12, 7, 64)])
-def test_row_combinations_against_numpy(dtype, P, K, n):
-    """simd.combine_rows (the diag and spherical E-step): out[k] = base[k] + sum_p C[p, k] A[p], four
-    rows of out at a time then one by one; out's rows past K untouched."""
+@pytest.mark.parametrize("P, K, n", [(64, 16, 256), (4, 1, 16), (36, 5, 32), (12, 7, 64), (32, 32, 256), (8, 8, 16)])
+@pytest.mark.parametrize("upper", [False, True])
+def test_row_combinations_against_numpy(dtype, P, K, n, upper):
+    """simd.combine_rows (the diag and spherical E-step; with `upper`, the full type's whitening by
+    an upper-triangular C): out[k] = base[k] + sum_p C[p, k] A[p], four rows of out at a time then one
+    by one; A's columns past out's and out's rows past K untouched."""
     import numba
 
     from fastlvm.kernels.simd import combine_rows
 
     rng = np.random.default_rng(P * K + n)
-    C, A = rng.normal(size=(P, K)).astype(dtype), rng.normal(size=(P, n)).astype(dtype)
+    C, A = rng.normal(size=(P, K)).astype(dtype), rng.normal(size=(P, n + 16)).astype(dtype)
+    if upper:
+        C = np.triu(C)
     base = rng.normal(size=K) * 10
     out = np.full((K + 2, n), 7.0, dtype=dtype)
-    numba.njit(lambda C, A, base, out: combine_rows(C, A, base, out))(C, A, base, out)
-    want = base[:, None] + C.astype(np.float64).T @ A.astype(np.float64)
-    scale = np.abs(base)[:, None] + np.abs(C.astype(np.float64)).T @ np.abs(A.astype(np.float64))
+    numba.njit(lambda C, A, base, out, upper: combine_rows(C, A, base, out[:K], upper))(C, A, base, out, upper)
+    want = base[:, None] + C.astype(np.float64).T @ A[:, :n].astype(np.float64)
+    scale = np.abs(base)[:, None] + np.abs(C.astype(np.float64)).T @ np.abs(A[:, :n].astype(np.float64))
     assert np.all(np.abs(out[:K] - want) <= 4 * P * np.finfo(dtype).eps * np.abs(scale))
     assert (out[K:] == 7.0).all()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("Ka, Kb, n", [(16, 64, 256), (2, 4, 8), (6, 36, 32)])
-def test_row_dots_against_numpy(dtype, Ka, Kb, n):
-    """simd.row_dots (the diag and spherical M-step): out[a, b] += A[a] . B[b], out's other entries
-    untouched."""
+@pytest.mark.parametrize("Ka, Kb, n", [(16, 64, 256), (2, 4, 8), (6, 36, 32), (32, 32, 256), (12, 12, 8)])
+@pytest.mark.parametrize("upper", [False, True])
+@pytest.mark.parametrize("wide", [False, True])
+def test_row_dots_against_numpy(dtype, Ka, Kb, n, upper, wide):
+    """simd.row_dots (the M-step of the diag and spherical types; with `upper`, the full type's upper
+    triangle): out[a, b] += A[a] . B[b] over A's columns (B's rows may be longer), out in A's dtype or
+    (wide) float64; out's other entries untouched (with `upper`, those below the diagonal's blocks)."""
     import numba
 
     from fastlvm.kernels.simd import row_dots
 
     rng = np.random.default_rng(Ka * Kb + n)
-    A, B = rng.normal(size=(Ka, n)).astype(dtype), rng.normal(size=(Kb, n)).astype(dtype)
-    out = rng.normal(size=(Ka + 1, Kb + 3)).astype(dtype)
+    A, B = rng.normal(size=(Ka, n)).astype(dtype), rng.normal(size=(Kb, n + 8)).astype(dtype)
+    out = rng.normal(size=(Ka + 1, Kb + 3)).astype(np.float64 if wide else dtype)
     before = out.copy()
-    numba.njit(lambda A, B, out: row_dots(A, B, out))(A, B, out)
-    want = before[:Ka, :Kb] + A.astype(np.float64) @ B.astype(np.float64).T
-    scale = np.abs(before[:Ka, :Kb]) + np.abs(A.astype(np.float64)) @ np.abs(B.astype(np.float64)).T
-    assert np.all(np.abs(out[:Ka, :Kb] - want) <= 4 * n * np.finfo(dtype).eps * scale)
+    numba.njit(lambda A, B, out, upper: row_dots(A, B, out[:Ka], upper))(A, B, out, upper)
+    want = before[:Ka, :Kb] + A.astype(np.float64) @ B[:, :n].astype(np.float64).T
+    scale = np.abs(before[:Ka, :Kb]) + np.abs(A.astype(np.float64)) @ np.abs(B[:, :n].astype(np.float64)).T
+    a, b = np.indices((Ka, Kb))
+    done = b >= a if upper else np.ones((Ka, Kb), dtype=bool)
+    assert np.all(np.abs(out[:Ka, :Kb] - want)[done] <= 4 * n * np.finfo(dtype).eps * scale[done])
+    # with `upper`, blocks of 2 rows of A by 4 of B: the ones wholly below the diagonal are untouched
+    untouched = (a // 2 * 2 > b // 4 * 4 + 3) if upper else ~done
+    assert (out[:Ka, :Kb][untouched] == before[:Ka, :Kb][untouched]).all()
     assert (out[Ka:] == before[Ka:]).all() and (out[:, Kb:] == before[:, Kb:]).all()
 
 

@@ -18,7 +18,7 @@ compiled per type and dtype, see the drivers):
     second  full (K,D,D)                    tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
 Rows are processed in sub-chunks of SUB_ROWS. Inside one, log-probabilities and responsibilities
 are stored as (K, rows), so the log-sum-exp runs along contiguous rows and vectorises. The products
-of the full, diag and spherical types are our own (_axpy_rows, _dot_rows; simd.combine_rows, simd.row_dots); the tied
+of the full, diag and spherical types are our own (simd.combine_rows, simd.row_dots); the tied
 type's are single-threaded BLAS calls. Kernels are serial, one per thread over fixed blocks: the
 caller limits BLAS to one thread (see `blas_single_thread`), so there is one level of parallelism. Arithmetic is in the
 data's dtype, log-probabilities and responsibilities too (each row's log p(x) and the statistics
@@ -45,6 +45,11 @@ BLOCK_ROWS = 4096  # rows reduced serially into one partial; fixed, so results i
 # against 128 (EPYC Zen 3, one thread): diag pass 20.6 -> 17.9 ms; full float32 and float64 faster too.
 # A multiple of 16: simd.combine_rows and row_dots take a sub-chunk's rows 16 float32 (8 float64) at a time.
 SUB_ROWS = 256
+# The diag and spherical types' transposed rows aa (W, SUB_ROWS) are stored SUB_PITCH apart: rows
+# 1 KB (float32) apart fall in a quarter of the L1 cache's sets, so the 64 rows of D = 32 evicted
+# each other between the transposition and the products (diag pass, one thread, 200k x 32, K = 16:
+# float64 32.2 -> 29.9 ms, float32 15.7 -> 15.3 ms).
+SUB_PITCH = SUB_ROWS + 16
 
 # Reassociation lets reductions vectorise; NaN/inf semantics are kept (no 'nnan'/'ninf').
 _FASTMATH = {"reassoc", "contract", "arcp"}
@@ -220,104 +225,31 @@ def _log_float64(a, n, inverse):
 # b_k = P_k^T (mu_k - c): the rounding of y is then relative to |mu_k - c| / sigma_k rather than to
 # |x|, and the moments need no cancelling correction.
 #
-# The full type's two products are loops of our own rather than BLAS calls: at these shapes (a
-# sub-chunk of rows by D x D) BLAS spends as long packing its operands as multiplying, and it
-# cannot use the structure (P_k triangular, sum r y y^T symmetric), which halves the arithmetic.
-# Rows are stored transposed, dT (Dp, rows) and YT[k] (Dp, rows), so every inner loop runs along
-# contiguous rows and vectorises at any SIMD width; D is padded with zeros to Dp, a multiple of 4,
-# so the loops step through the triangle four columns at a time. Accumulators are scalars the
-# compiler keeps in registers: 4 (E-step) and 2 x 4 (M-step) of them stay well inside AVX2's 16
-# vector registers (and AVX-512's 32).
+# The full type's two products are our own register-blocked loops (simd.combine_rows and
+# simd.row_dots, shared with the diag type) rather than BLAS calls: at these shapes (a sub-chunk of
+# rows by D x D) BLAS spends as long packing its operands as multiplying, and it cannot use the
+# structure (P_k triangular, sum r y y^T symmetric), which halves the arithmetic. Rows are stored
+# transposed, dT (Dp, rows) and YT[k] (Dp, rows), so the products run along contiguous rows; D is
+# padded with zeros to Dp, a multiple of 4, so they step through the triangle four rows at a time.
+# Eight vector accumulators stay well inside AVX2's 16 vector registers (and AVX-512's 32).
 PAD = 4  # the full type's feature count is padded to a multiple of this
 
 
 @_helper
-def _transpose_centred(X, r0, C, m, dT):
-    """dT[p, i] = X[r0 + i, p] - m[p] for i < C, p < D (rows D.. of dT stay zero): whole tiles by
-    simd.transpose_centred, the edges here."""
+def _transpose_centred(X, r0, C, m, dT, sq):
+    """dT[p, i] = X[r0 + i, p] - m[p] and, when sq has rows, sq[p, i] = dT[p, i]^2, for i < C, p < D
+    (rows D.. of dT stay zero): whole tiles by simd.transpose_centred, the edges here."""
     D = X.shape[1]
     T = TRANSPOSE_BYTES // X.itemsize
     CT, DT = C - C % T, D - D % T
-    transpose_centred(X, r0, C, m, dT)
+    transpose_centred(X, r0, C, m, dT, sq)
     for i in range(C):
         xi = X[r0 + i]
         for p in range(DT if i < CT else 0, D):
-            dT[p, i] = xi[p] - m[p]
-
-
-@_helper
-def _axpy_rows(C, A, out):
-    """out[j] += sum_{p <= j} C[p, j] A[p] (C upper triangular, its zeros below the diagonal may be
-    added), four outputs by four rows of A at a time (A has a multiple of 4 rows): each load of a
-    row of A serves four outputs, and out's rows stay in cache."""
-    n, J = A.shape[1], out.shape[0]
-    j = 0
-    while j + 4 <= J:
-        y0, y1, y2, y3 = out[j], out[j + 1], out[j + 2], out[j + 3]
-        for p in range(0, j + 4, 4):
-            x0, x1, x2, x3 = A[p], A[p + 1], A[p + 2], A[p + 3]
-            a0, a1, a2, a3 = C[p, j], C[p + 1, j], C[p + 2, j], C[p + 3, j]
-            b0, b1, b2, b3 = C[p, j + 1], C[p + 1, j + 1], C[p + 2, j + 1], C[p + 3, j + 1]
-            c0, c1, c2, c3 = C[p, j + 2], C[p + 1, j + 2], C[p + 2, j + 2], C[p + 3, j + 2]
-            d0, d1, d2, d3 = C[p, j + 3], C[p + 1, j + 3], C[p + 2, j + 3], C[p + 3, j + 3]
-            for i in range(n):
-                u, v, w, z = x0[i], x1[i], x2[i], x3[i]
-                y0[i] += a0 * u + a1 * v + a2 * w + a3 * z
-                y1[i] += b0 * u + b1 * v + b2 * w + b3 * z
-                y2[i] += c0 * u + c1 * v + c2 * w + c3 * z
-                y3[i] += d0 * u + d1 * v + d2 * w + d3 * z
-        j += 4
-    for j in range(j, J):
-        y = out[j]
-        for p in range(0, j + 1, 4):
-            c0, c1, c2, c3 = C[p, j], C[p + 1, j], C[p + 2, j], C[p + 3, j]
-            x0, x1, x2, x3 = A[p], A[p + 1], A[p + 2], A[p + 3]
-            for i in range(n):
-                y[i] += c0 * x0[i] + c1 * x1[i] + c2 * x2[i] + c3 * x3[i]
-
-
-@_helper
-def _dot_rows(A, B, out):
-    """out[a, b] += sum_i A[a, i] B[b, i] for b >= a, in blocks of 2 rows of A by 4 of B (A has a
-    multiple of 2 rows, B of 4), eight accumulators in registers; only blocks that reach b >= a
-    (a block on the diagonal also adds a few entries below it)."""
-    n = A.shape[1]
-    for a in range(0, A.shape[0], 2):
-        u0, u1 = A[a], A[a + 1]
-        for b in range(a - a % 4, B.shape[0], 4):
-            v0, v1, v2, v3 = B[b], B[b + 1], B[b + 2], B[b + 3]
-            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = A.dtype.type(0.0)
-            for i in range(n):
-                a00 += u0[i] * v0[i]
-                a01 += u0[i] * v1[i]
-                a02 += u0[i] * v2[i]
-                a03 += u0[i] * v3[i]
-                a10 += u1[i] * v0[i]
-                a11 += u1[i] * v1[i]
-                a12 += u1[i] * v2[i]
-                a13 += u1[i] * v3[i]
-            out[a, b] += a00
-            out[a, b + 1] += a01
-            out[a, b + 2] += a02
-            out[a, b + 3] += a03
-            out[a + 1, b] += a10
-            out[a + 1, b + 1] += a11
-            out[a + 1, b + 2] += a12
-            out[a + 1, b + 3] += a13
-
-
-@_helper
-def _whiten(P, b, dT, YT, nrm):
-    """YT[j] = sum_{p <= j} P[p, j] dT[p] - b[j] (P upper triangular, Dp x Dp) and
-    nrm[i] = ||YT[:, i]||^2."""
-    for j in range(YT.shape[0]):
-        YT[j] = -b[j]
-    _axpy_rows(P, dT, YT)
-    nrm[:] = 0.0
-    for j in range(YT.shape[0]):
-        y = YT[j]
-        for i in range(YT.shape[1]):
-            nrm[i] += y[i] * y[i]
+            a = xi[p] - m[p]
+            dT[p, i] = a
+            if sq.shape[0]:
+                sq[p, i] = a * a
 
 
 @_helper
@@ -340,7 +272,7 @@ def _accumulate_whitened(YT, r, n, s, second, k, ZT):
             z[i] = v
             acc += v
         s[k, p] += acc
-    _dot_rows(ZT, YT, second[k])
+    row_dots(ZT, YT, second[k], True)
 
 
 @_helper
@@ -367,15 +299,16 @@ def _shifted_log_prob(Y, C, b, log_norm_k, logp_k):
 
 
 def _padded(kind, prec, b):
-    """The full type's precision factors and offsets padded with zeros to Dp features (see PAD)."""
+    """The full type's precision factors padded with zeros to Dp features (see PAD), and its offsets
+    -b_k padded and in float64: the whitening's starting values (simd.combine_rows's base)."""
     if kind != FULL:
         return prec, b
     K, D = b.shape
     Dp = -(-D // PAD) * PAD
     P = np.zeros((K, Dp, Dp), dtype=prec.dtype)
     P[:, :D, :D] = np.triu(prec)
-    bp = np.zeros((K, Dp), dtype=b.dtype)
-    bp[:, :D] = b
+    bp = np.zeros((K, Dp))
+    bp[:, :D] = -b.astype(np.float64)
     return P, bp
 
 
@@ -405,10 +338,8 @@ def _whitened_offsets(kind, means, prec, centre):
 # product gives the weighted sums of a and a^2 (moments about c). The spherical type needs only
 # ||a||^2 of the squares, so its rows are [||a||^2, a] (W = D + 1) where diag's are [a^2, a] (W = 2D).
 # The expansion is stored transposed, aaT (Wp, rows), W padded with zeros to Wp, a multiple of 4.
-# Both products are register-blocked SIMD loops (simd.combine_rows, simd.row_dots): the full type's
-# _axpy_rows, which reloads its outputs, took 1.3-1.4x as long as combine_rows on these shapes, and
-# its _dot_rows, which reads B's rows from L2 for every two rows of A, 1.06-1.24x as long as
-# row_dots. The two types share these compiled helpers, told apart by the run-time flag `diag`.
+# Both products are register-blocked SIMD loops (simd.combine_rows, simd.row_dots). The two types
+# share these compiled helpers, told apart by the run-time flag `diag`.
 def _vector_weights(kind, means, prec, centre, log_norm):
     """(WT (Wp, K), base (K,)) of the expansion above: WT -1/2 the weights, transposed and padded;
     base log_norm_k - offset_k / 2 in float64, where every row's log-probability starts."""
@@ -429,12 +360,8 @@ def _squares_and_rows(diag, X, r0, C, centre, aa):
     """aa[:, i] = [(x_i - c)^2, x_i - c] (diag) or [||x_i - c||^2, x_i - c] (spherical), i < C"""
     D = X.shape[1]
     sq = D if diag else 1  # leading rows of aa that hold squares
-    _transpose_centred(X, r0, C, centre, aa[sq:])
-    if diag:
-        for p in range(D):
-            for i in range(C):
-                aa[p, i] = aa[sq + p, i] * aa[sq + p, i]
-    else:
+    _transpose_centred(X, r0, C, centre, aa[sq:], aa[:D] if diag else aa[:0])
+    if not diag:
         aa[0] = 0.0
         for p in range(D):
             for i in range(C):
@@ -444,12 +371,18 @@ def _squares_and_rows(diag, X, r0, C, centre, aa):
 # ----------------------------------------------------------------------------- one sub-chunk, per type
 @_helper
 def _log_prob_full(X, r0, C, prec, log_norm, centre, b, dT, YT, dist, logp):
-    """logp[k, i] = log p(x_i, k), leaving dT = (x - c)^T and YT[k] = P_k^T (x - mu_k) (Dp, rows)."""
-    _transpose_centred(X, r0, C, centre, dT)
+    """logp[k, i] = log p(x_i, k), leaving dT = (x - c)^T and YT[k] = P_k^T (x - mu_k) (Dp, rows):
+    YT[k] = P_k^T dT + b[k] (b the negated offsets, see _padded) over P_k's upper triangle."""
+    _transpose_centred(X, r0, C, centre, dT, dT[:0])
     for k in range(prec.shape[0]):
-        _whiten(prec[k], b[k], dT, YT[k], dist[k])
+        YTk, nrm = YT[k], dist[k]
+        combine_rows(prec[k], dT, b[k], YTk, True)
+        nrm[:] = 0.0
+        for j in range(YTk.shape[0]):
+            for i in range(YTk.shape[1]):
+                nrm[i] += YTk[j, i] * YTk[j, i]
         for i in range(C):
-            logp[k, i] = log_norm[k] - 0.5 * dist[k, i]
+            logp[k, i] = log_norm[k] - 0.5 * nrm[i]
 
 
 @_helper
@@ -465,7 +398,7 @@ def _log_prob_tied(X, r0, C, prec, log_norm, centre, b, d, Y, logp):
 def _log_prob_vector(diag, X, r0, C, base, centre, Wt, aa, logp):
     """logp[k, i] = log p(x_i, k) in one product, leaving aa as _squares_and_rows makes it."""
     _squares_and_rows(diag, X, r0, C, centre, aa)
-    combine_rows(Wt, aa, base, logp)
+    combine_rows(Wt, aa, base, logp, False)
 
 
 @_helper
@@ -514,7 +447,7 @@ def _accumulate_vector(diag, C, resp, onehot, best, n, s, second, aa, mom):
                 mk[j] += aa[j, i]
     else:
         _add_counts(C, resp, n)
-        row_dots(resp, aa, mom)
+        row_dots(resp, aa, mom, False)
     sq = D if diag else 1
     for k in range(K):
         for p in range(D):
@@ -655,7 +588,7 @@ def _scratch(kind, dtype, K, D, Dp, W, n_workers):
 def _new_scratch(kind, dtype, K, D, Dp, W, n_workers):
     """Each worker's buffers for a driver, stacked on a leading worker axis: (d, Y, aa, dist) for
     _log_prob (d and Y are (Dp, sub) and (K, Dp, sub) for the full type, (sub, D) and (1, sub, D) for
-    tied, (sub, D) and nothing otherwise; aa (W, sub); dist (K, sub) for the full type only);
+    tied, (sub, D) and nothing otherwise; aa (W, SUB_PITCH); dist (K, sub) for the full type only);
     (logp, resp, row_ll, best, top, tot) for _normalise (resp (Kp, sub), its rows past K zero;
     row_ll float64, best int32); (Z, prod, mom) for _accumulate. Made here in NumPy: allocations
     inside the kernels compile NumPy's allocation code once per shape and dtype, about half a
@@ -666,7 +599,7 @@ def _new_scratch(kind, dtype, K, D, Dp, W, n_workers):
         d, Y = _aligned((n, Dp, sub), dtype, zero=True), _aligned((n, K, Dp, sub), dtype)
     else:
         d, Y = _aligned((n, sub, D), dtype, zero=True), _aligned((n, 1 if kind == TIED else 0, sub, D), dtype)
-    return (d, Y, _aligned((n, W, sub), dtype, zero=True), _aligned((n, K if kind == FULL else 0, sub), dtype),
+    return (d, Y, _aligned((n, W, SUB_PITCH), dtype, zero=True), _aligned((n, K if kind == FULL else 0, sub), dtype),
             _aligned((n, K, sub), dtype), _aligned((n, Kp, sub), dtype, zero=True), _aligned((n, sub), np.float64),
             _aligned((n, sub), np.int32), _aligned((n, sub), dtype), _aligned((n, sub), dtype),
             _aligned((n, Dp, sub), dtype), _aligned((n, D, D), dtype),

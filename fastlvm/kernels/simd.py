@@ -23,25 +23,33 @@ minimum, its centre and the next lowest score are vertical minima and selects ov
 order (ties keep the lowest index), with no per-row horizontal reduction: that had cost as long
 as the products at K = 16, D = 32.
 
-`transpose_centred(X, r0, n, m, out)`: out[p, i] = X[r0 + i, p] - m[p] on the whole tiles of
-T x T (T = 32 bytes of lanes: 8 float32 or 4 float64), i < n - n % T and p < D - D % T; the caller
-does the edges. Each tile is T vector loads along rows of X, log2(T) rounds of two-input shuffles
+`transpose_centred(X, r0, n, m, out, squares)`: out[p, i] = X[r0 + i, p] - m[p], and when squares
+has rows, squares[p, i] = out[p, i]^2 (from the registers: a second pass over out cost the diag
+type a third as long as the transposition), on the whole tiles of T x T (T = 32 bytes of lanes: 8
+float32 or 4 float64), i < n - n % T and p < D - D % T; the caller does the edges. Each tile is T vector loads along rows of X, log2(T) rounds of two-input shuffles
 (each round swaps the off-diagonal blocks of half the size of the last) and T vector stores along
 rows of out: Numba's element loop makes one scattered store per element. X is C-contiguous; out's
 rows have unit stride.
 
-`combine_rows(C, A, base, out)`: out[k, i] = base[k] + sum_p C[p, k] A[p, i] for k < K (C's columns)
-and i < n (A's columns, a multiple of 2V, V = 32 bytes of lanes): the diag and spherical types'
-E-step. Four rows of out by 2V columns are eight accumulators that stay in registers over every
-p (each load of A serves four rows, each broadcast of C two vectors); the loop over p with the
-outputs in memory (cpu._axpy_rows) reloaded and stored them at every group of four p and spilled
-its coefficients. The sum runs in order of p from base[k] (float64, rounded to A's dtype).
+`combine_rows(C, A, base, out, upper)`: out[k, i] = base[k] + sum_p C[p, k] A[p, i] for k < K (C's
+columns) and i < n (out's columns, a multiple of 2V, V = 32 bytes of lanes; A's rows may be
+longer): the E-step of the diag and spherical types (C their weights) and the full type's whitening
+(C = P_k, upper triangular: with `upper`, rows of four outputs stop at p < k + 4, the zeros below
+the diagonal beyond that not multiplied). Four rows of out by 2V columns are eight accumulators
+that stay in registers over every p (each load of A serves four rows, each broadcast of C two
+vectors); a loop over p with the outputs in memory reloaded and stored them at every group of four
+p and spilled its coefficients (1.3-1.4x as long on the diag type's shapes). The sum runs in order
+of p from base[k] (float64, rounded to A's dtype).
 
-`row_dots(A, B, out)`: out[a, b] += A[a] . B[b] for a < A's rows (a multiple of 2) and b < B's rows
-(a multiple of 4), the rows' length a multiple of V: the diag and spherical types' M-step. Two
-rows of A by four of B are eight vector accumulators along the rows; a T x T transposition (T =
-V) then puts each accumulator's lanes in one lane of T vectors, whose sum holds the eight dot
-products, added to out four at a time (eight horizontal sums and eight scalar updates before).
+`row_dots(A, B, out, upper)`: out[a, b] += A[a] . B[b] for a < A's rows (a multiple of 2) and b < B's
+rows (a multiple of 4), over A's columns, a multiple of V (B's rows may be longer); out in A's dtype
+or float64; with `upper`, only the blocks that reach b >= a (a block on the diagonal adds a few
+entries below it too): the M-step of the diag and spherical types (A the responsibilities) and of
+the full type (the upper triangle of a symmetric second moment). Two rows of A by four of B are
+eight vector accumulators along the rows; a T x T transposition (T = V) then puts each
+accumulator's lanes in one lane of T vectors, whose sum holds the eight dot products, added to out
+four at a time (eight horizontal sums and eight scalar updates before; a loop of eight scalar
+accumulators, which read B's rows from L2 for every two rows of A, took 1.06-1.24x as long).
 
 `pow2(m)`: 2**m for an integer-valued float m in its type's normal exponent range, assembled in
 the exponent bits in m's own width (Numba would widen the integer arithmetic to 64 bits, and a
@@ -321,17 +329,18 @@ def max_nonnan(typingctx, a, b):
 
 
 @intrinsic
-def combine_rows(typingctx, C, A, base, out):
+def combine_rows(typingctx, C, A, base, out, upper):
     """See the module docstring."""
     dt = getattr(A, "dtype", None)
     if not (dt in (types.float32, types.float64)
             and all(isinstance(a, types.Array) and a.ndim == 2 and a.dtype == dt and a.layout == "C" for a in (C, A, out))
             and isinstance(base, types.Array) and base.ndim == 1 and base.dtype == types.float64
-            and base.layout == "C"):
+            and base.layout == "C" and isinstance(upper, types.Boolean)):
         return None
 
     def codegen(context, builder, sig, args):
-        ca, aa, ba, oa = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args, args))
+        ca, aa, ba, oa = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:4], args[:4]))
+        triangle = args[4]
         ety = context.get_data_type(dt)
         size = context.get_abi_sizeof(ety)
         V = TRANSPOSE_BYTES // size
@@ -339,7 +348,7 @@ def combine_rows(typingctx, C, A, base, out):
         intp = context.get_value_type(types.intp)
         const = lambda v: ir.Constant(intp, v)  # noqa: E731
         P, K = cgutils.unpack_tuple(builder, ca.shape)
-        n = cgutils.unpack_tuple(builder, aa.shape)[1]
+        n = cgutils.unpack_tuple(builder, oa.shape)[1]
         fma = _vector_function(builder, "fma", vty, 3)
         accs = [[cgutils.alloca_once(builder, vty) for _ in range(2)] for _ in range(4)]
 
@@ -350,7 +359,9 @@ def combine_rows(typingctx, C, A, base, out):
                 start = _splat(builder, vty, b if dt == types.float64 else builder.fptrunc(b, ety))
                 for h in range(2):
                     builder.store(start, accs[r][h])
-            with cgutils.for_range(builder, P) as ps:
+            reach = builder.add(k0, const(R))  # with `upper`, rows p < k0 + R of C reach these outputs
+            stop = builder.select(builder.and_(triangle, builder.icmp_signed("<", reach, P)), reach, P)
+            with cgutils.for_range(builder, stop) as ps:
                 arow = builder.gep(_row_pointer(builder, aa, ps.index), [i0])
                 x = [builder.load(builder.bitcast(builder.gep(arow, [const(h * V)]), vty.as_pointer()), align=size)
                      for h in range(2)]
@@ -374,23 +385,26 @@ def combine_rows(typingctx, C, A, base, out):
                 block(i0, k, 1)
         return context.get_dummy_value()
 
-    return types.none(C, A, base, out), codegen
+    return types.none(C, A, base, out, upper), codegen
 
 
 @intrinsic
-def row_dots(typingctx, A, B, out):
+def row_dots(typingctx, A, B, out, upper):
     """See the module docstring."""
     dt = getattr(A, "dtype", None)
     if not (dt in (types.float32, types.float64)
-            and all(isinstance(a, types.Array) and a.ndim == 2 and a.dtype == dt and a.layout == "C" for a in (A, B, out))):
+            and all(isinstance(a, types.Array) and a.ndim == 2 and a.dtype == dt and a.layout == "C" for a in (A, B))
+            and isinstance(out, types.Array) and out.ndim == 2 and out.layout == "C"
+            and out.dtype in (dt, types.float64) and isinstance(upper, types.Boolean)):
         return None
 
     def codegen(context, builder, sig, args):
-        a_arr, b_arr, o_arr = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args, args))
-        ety = context.get_data_type(dt)
+        a_arr, b_arr, o_arr = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:3], args[:3]))
+        triangle = args[3]
+        ety, oty = context.get_data_type(dt), context.get_data_type(out.dtype)
         size = context.get_abi_sizeof(ety)
         V = TRANSPOSE_BYTES // size
-        vty, qty = ir.VectorType(ety, V), ir.VectorType(ety, 4)
+        vty, qty = ir.VectorType(ety, V), ir.VectorType(oty, 4)
         intp = context.get_value_type(types.intp)
         const = lambda v: ir.Constant(intp, v)  # noqa: E731
         n_a, n = cgutils.unpack_tuple(builder, a_arr.shape)
@@ -404,7 +418,9 @@ def row_dots(typingctx, A, B, out):
         # there too); with A's rows outer, B (the diag type's 64 rows x 256, twice L1) came from L2.
         with cgutils.for_range_slice(builder, const(0), n_b, const(4)) as (b0, _):
             rows_b = [_row_pointer(builder, b_arr, builder.add(b0, const(c))) for c in range(4)]
-            with cgutils.for_range_slice(builder, const(0), n_a, const(2)) as (a0, _):
+            reach = builder.add(b0, const(4))  # with `upper`, rows a < b0 + 4 of A reach b >= a
+            stop = builder.select(builder.and_(triangle, builder.icmp_signed("<", reach, n_a)), reach, n_a)
+            with cgutils.for_range_slice(builder, const(0), stop, const(2)) as (a0, _):
                 rows_a = [_row_pointer(builder, a_arr, builder.add(a0, const(r))) for r in range(2)]
                 for acc in accs:
                     builder.store(zero, acc)
@@ -425,25 +441,27 @@ def row_dots(typingctx, A, B, out):
                         total = builder.fadd(total, x)
                     sums.append(total)
                 quads = sums if V == 4 else [builder.shuffle_vector(sums[0], sums[0], h) for h in halves]
+                osize = context.get_abi_sizeof(oty)
                 for r in range(2):
                     dst = builder.bitcast(builder.gep(_row_pointer(builder, o_arr, builder.add(a0, const(r))), [b0]),
                                           qty.as_pointer())
-                    builder.store(builder.fadd(builder.load(dst, align=size), quads[r]), dst, align=size)
+                    total = builder.fadd(builder.load(dst, align=osize), _vector_cast(builder, quads[r], oty))
+                    builder.store(total, dst, align=osize)
         return context.get_dummy_value()
 
-    return types.none(A, B, out), codegen
+    return types.none(A, B, out, upper), codegen
 
 
 @intrinsic
-def transpose_centred(typingctx, X, r0, n, m, out):
+def transpose_centred(typingctx, X, r0, n, m, out, squares):
     """See the module docstring."""
     if not (isinstance(X, types.Array) and X.ndim == 2 and X.dtype in (types.float32, types.float64)
             and X.layout == "C" and isinstance(m, types.Array) and m.ndim == 1 and m.dtype == X.dtype
-            and isinstance(out, types.Array) and out.ndim == 2 and out.dtype == X.dtype):
+            and all(isinstance(a, types.Array) and a.ndim == 2 and a.dtype == X.dtype for a in (out, squares))):
         return None
 
     def codegen(context, builder, sig, args):
-        mv, outv = args[3:]
+        mv, outv, sqv = args[3:]
         ety = context.get_data_type(X.dtype)
         size = context.get_abi_sizeof(ety)
         T = TRANSPOSE_BYTES // size
@@ -453,6 +471,8 @@ def transpose_centred(typingctx, X, r0, n, m, out):
         xa, r0v, nv, D = _rows_args(context, builder, sig, args)
         ma = context.make_array(m)(context, builder, mv)
         oa = context.make_array(out)(context, builder, outv)
+        sa = context.make_array(squares)(context, builder, sqv)
+        with_squares = builder.icmp_signed(">", cgutils.unpack_tuple(builder, sa.shape)[0], const(0))
         whole = lambda v: builder.mul(builder.udiv(v, const(T)), const(T))  # noqa: E731
         masks = _transpose_masks(T)
         with cgutils.for_range_slice(builder, const(0), whole(nv), const(T)) as (i0, _):
@@ -463,8 +483,13 @@ def transpose_centred(typingctx, X, r0, n, m, out):
                 for j in range(T):
                     p = builder.add(p0, const(j))
                     centre = _splat(builder, vty, builder.load(builder.gep(ma.data, [p])))
+                    a = builder.fsub(v[j], centre)
                     dst = builder.gep(_row_pointer(builder, oa, p), [i0])
-                    builder.store(builder.fsub(v[j], centre), builder.bitcast(dst, vty.as_pointer()), align=size)
+                    builder.store(a, builder.bitcast(dst, vty.as_pointer()), align=size)
+                    with builder.if_then(with_squares):
+                        dst = builder.gep(_row_pointer(builder, sa, p), [i0])
+                        builder.store(builder.fmul(a, a), builder.bitcast(dst, vty.as_pointer()), align=size)
         return context.get_dummy_value()
 
-    return types.none(X, r0, n, m, out), codegen
+    return types.none(X, r0, n, m, out, squares), codegen
+
