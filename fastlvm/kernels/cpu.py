@@ -136,38 +136,33 @@ def _polynomial(x, parts):
     return _horner(y, parts[0]) + x * _horner(y, parts[1])
 
 
-def _exp_nonpositive(a, n):
-    """a[:n] = exp(a[:n]) for a <= 0, in a's dtype, in loops that vectorise (libm's exp does not):
-    exp(t) = 2^m exp(r), m = round(t / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series, 2^m
-    assembled in the exponent bits (simd.pow2). float64: to a few ulp (series to r^12, remainder
-    < 2e-16); float32 (responsibilities of float32 data), all in float32 arithmetic, twice the
-    lanes: to a few float32 ulp (series to r^7, remainder < 6e-9; t < -87 gives 0).
-    Compiled code only: the series is chosen from a's dtype while typing, so a fit compiles one."""
+def _exp_nonpositive(x):
+    """exp(x) for x <= 0, in x's dtype, in code that vectorises with its loop (libm's exp does
+    not): exp(t) = 2^m exp(r), m = round(t / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series,
+    2^m assembled in the exponent bits (simd.pow2). float64: to a few ulp (series to r^12,
+    remainder < 2e-16); float32 (responsibilities of float32 data), all in float32 arithmetic,
+    twice the lanes: to a few float32 ulp (series to r^7, remainder < 6e-9; t < -87 gives 0).
+    Compiled code only: the series is chosen from x's dtype while typing, and the code is inlined
+    into the caller's loop (a loop of its own had cost the normalisation a pass over the row)."""
     raise NotImplementedError("_exp_nonpositive runs in compiled code only")
 
 
 @overload(_exp_nonpositive, jit_options={"fastmath": _FASTMATH, "nogil": True}, inline="always")
-def _exp_nonpositive_typed(a, n):
-    series = _exp_float32 if a.dtype == types.float32 else _exp_float64
-    return lambda a, n: series(a, n)
+def _exp_nonpositive_typed(x):
+    if x == types.float32:
+        def exp_float32(x):
+            t = max(x, _EXP_MIN_F32)
+            m = np.floor(t * _LOG2E_F32 + _HALF_F32)
+            r = (t - m * _LN2_HI_F32) - m * _LN2_LO_F32  # the first product is exact
+            return _polynomial(r, _EXP_SERIES_F32) * pow2(m) if x >= _EXP_MIN_F32 else _ZERO_F32
+        return exp_float32
 
-
-@_helper
-def _exp_float32(a, n):
-    for i in range(n):
-        t = max(a[i], _EXP_MIN_F32)
-        m = np.floor(t * _LOG2E_F32 + _HALF_F32)
-        r = (t - m * _LN2_HI_F32) - m * _LN2_LO_F32  # the first product is exact
-        a[i] = _polynomial(r, _EXP_SERIES_F32) * pow2(m) if a[i] >= _EXP_MIN_F32 else _ZERO_F32
-
-
-@_helper
-def _exp_float64(a, n):
-    for i in range(n):
-        t = max(a[i], _EXP_MIN)
+    def exp_float64(x):
+        t = max(x, _EXP_MIN)
         m = np.floor(t * _LOG2E + 0.5)
         r = (t - m * _LN2_HI) - m * _LN2_LO
-        a[i] = _polynomial(r, _EXP_SERIES) * pow2(m) if a[i] >= _EXP_MIN else 0.0
+        return _polynomial(r, _EXP_SERIES) * pow2(m) if x >= _EXP_MIN else 0.0
+    return exp_float64
 
 
 def _log_positive(a, n, inverse):
@@ -498,12 +493,11 @@ def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, top, tot):
     else:
         tot[:C] = 0
         for k in range(K):
-            rk = resp[k]
+            rk, lk = resp[k], logp[k]
             for i in range(C):
-                rk[i] = logp[k, i] - top[i]
-            _exp_nonpositive(rk, C)
-            for i in range(C):
-                tot[i] += rk[i]
+                e = _exp_nonpositive(lk[i] - top[i])
+                rk[i] = e
+                tot[i] += e
         for i in range(C):  # row_ll the maxima, top then log(tot), tot its reciprocal
             row_ll[i] = top[i]
             top[i] = tot[i]
