@@ -58,10 +58,11 @@ _jit = njit(fastmath=_FASTMATH, cache=True, nogil=True, no_cfunc_wrapper=True)
 _helper = njit(fastmath=_FASTMATH, cache=True, nogil=True, no_cfunc_wrapper=True, no_cpython_wrapper=True)
 # Helpers that branch on the covariance type: inlined into each type's drivers, where `kind` is a
 # constant, so the other types' branches are pruned before Numba types (and compiles) them. Also
-# small helpers reached through one other helper (and the exp/log overloads' dtype dispatch): Numba
-# links a compiled helper's optimised IR into each caller and optimises and compiles it again there,
-# so every level of nesting repeats LLVM's work on what lies below it (first full float64 fit,
-# alternating fresh processes: 4.2-6.4 s against 4.9-7.1 s with these three levels as functions).
+# small helpers reached through one other helper: Numba links a compiled helper's optimised IR into
+# each caller and optimises and compiles it again there, so every level of nesting repeats LLVM's
+# work on what lies below it (first full float64 fit, alternating fresh processes: 4.2-6.4 s
+# against 4.9-7.1 s with these levels as functions). Not overloads: an overload inlined this way
+# is compiled whole first, to type it, and then again in its caller.
 _inline = njit(fastmath=_FASTMATH, inline="always")
 
 
@@ -142,12 +143,13 @@ def _exp_nonpositive(x):
     2^m assembled in the exponent bits (simd.pow2). float64: to a few ulp (series to r^12,
     remainder < 2e-16); float32 (responsibilities of float32 data), all in float32 arithmetic,
     twice the lanes: to a few float32 ulp (series to r^7, remainder < 6e-9; t < -87 gives 0).
-    Compiled code only: the series is chosen from x's dtype while typing, and the code is inlined
-    into the caller's loop (a loop of its own had cost the normalisation a pass over the row)."""
+    Compiled code only: the series is chosen from x's dtype while typing; LLVM inlines the call
+    into the caller's loop, which then vectorises (a loop of its own had cost the normalisation a
+    pass over the row)."""
     raise NotImplementedError("_exp_nonpositive runs in compiled code only")
 
 
-@overload(_exp_nonpositive, jit_options={"fastmath": _FASTMATH, "nogil": True}, inline="always")
+@overload(_exp_nonpositive, jit_options={"fastmath": _FASTMATH, "nogil": True})
 def _exp_nonpositive_typed(x):
     if x == types.float32:
         def exp_float32(x):
@@ -175,7 +177,7 @@ def _log_positive(a, n, inverse):
     raise NotImplementedError("_log_positive runs in compiled code only")
 
 
-@overload(_log_positive, jit_options={"fastmath": _FASTMATH, "nogil": True}, inline="always")
+@overload(_log_positive, jit_options={"fastmath": _FASTMATH, "nogil": True})
 def _log_positive_typed(a, n, inverse):
     series = _log_float32 if a.dtype == types.float32 else _log_float64
     return lambda a, n, inverse: series(a, n, inverse)
