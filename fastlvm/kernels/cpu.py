@@ -18,9 +18,9 @@ compiled per type and dtype, see the drivers):
     second  full (K,D,D)                    tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
 Rows are processed in sub-chunks of SUB_ROWS. Inside one, log-probabilities and responsibilities
 are stored as (K, rows), so the log-sum-exp runs along contiguous rows and vectorises. The products
-of the full, diag and spherical types are our own (simd.combine_rows, simd.row_dots); the tied
-type's are single-threaded BLAS calls. Kernels are serial, one per thread over fixed blocks: the
-caller limits BLAS to one thread (see `blas_single_thread`), so there is one level of parallelism. Arithmetic is in the
+of every type are our own register-blocked loops (simd.combine_rows, simd.row_dots), no BLAS.
+Kernels are serial, one per thread over fixed blocks, so there is one level of parallelism (the
+caller keeps the host's BLAS on one thread meanwhile, see `blas_single_thread`). Arithmetic is in the
 data's dtype, log-probabilities and responsibilities too (each row's log p(x) and the statistics
 accumulate in float64 across sub-chunks). The last sub-chunk of a block is padded with zero rows, which carry
 zero responsibility, so every product has the same shape.
@@ -72,8 +72,9 @@ _limited = threading.local()  # .active: this thread is inside blas_single_threa
 
 @contextlib.contextmanager
 def blas_single_thread():
-    """Context manager limiting every loaded BLAS to one thread, for the kernels below that call
-    BLAS from inside their parallel loop. Nested inside another it costs nothing (setting and
+    """Context manager limiting every loaded BLAS to one thread, for kernels that call BLAS from
+    their workers (the k-means BLAS-tile search) and around the workers' passes, where a threaded
+    host call left OpenBLAS's threads spinning beside them. Nested inside another it costs nothing (setting and
     restoring the limits took ~25 us, a k-means fit opens one a pass)."""
     global _controller
     if getattr(_limited, "active", False):
@@ -219,6 +220,8 @@ def _log_float64(a, n, inverse):
 
 
 # ----------------------------------------------------------------------------- full and tied
+# The tied type whitens once, y_i = P^T (x_i - c), and its E-step sums ||y_i - b_k||^2 over k; its
+# second moment about c is the rows' own (dT dT^T, the upper triangle) and does not depend on r.
 # The full type works in whitened coordinates y_i = P_k^T (x_i - mu_k): the E-step needs ||y_i||^2,
 # and the M-step sums r_ik y_i and r_ik y_i y_i^T, which map back to the moments about mu_k once per
 # pass (s_k = P_k^-T sum r y, S_k = P_k^-T (sum r y y^T) P_k^-1), so each row is multiplied by P_k
@@ -233,7 +236,7 @@ def _log_float64(a, n, inverse):
 # transposed, dT (Dp, rows) and YT[k] (Dp, rows), so the products run along contiguous rows; D is
 # padded with zeros to Dp, a multiple of 4, so they step through the triangle four rows at a time.
 # Eight vector accumulators stay well inside AVX2's 16 vector registers (and AVX-512's 32).
-PAD = 4  # the full type's feature count is padded to a multiple of this
+PAD = 4  # the full and tied types' feature count is padded to a multiple of this
 
 
 @_inline
@@ -276,41 +279,24 @@ def _accumulate_whitened(YT, r, n, s, second, k, ZT):
     row_dots(ZT, YT, second[k], True)
 
 
-@_helper
-def _centre_rows(X, r0, C, m, d):
-    """d[:C] = X[r0:r0+C] - m"""
-    D = X.shape[1]
-    for i in range(C):
-        xi = X[r0 + i]
-        di = d[i]
-        for p in range(D):
-            di[p] = xi[p] - m[p]
-
-
-@_helper
-def _shifted_log_prob(Y, C, b, log_norm_k, logp_k):
-    """logp_k[i] = log_norm_k - ||Y[i] - b||^2 / 2 for i < C (tied: Y = P^T (x - c))."""
-    for i in range(C):
-        yi = Y[i]
-        acc = Y.dtype.type(0.0)
-        for p in range(Y.shape[1]):
-            v = yi[p] - b[p]
-            acc += v * v
-        logp_k[i] = log_norm_k - 0.5 * acc
-
-
 def _padded(kind, prec, b):
-    """The full type's precision factors padded with zeros to Dp features (see PAD), and its offsets
-    -b_k padded and in float64: the whitening's starting values (simd.combine_rows's base)."""
-    if kind != FULL:
+    """The full and tied types' precision factors padded with zeros to Dp features (see PAD), and
+    their offsets -b_k padded and in float64 (the full type's whitening starts from them,
+    simd.combine_rows's base)."""
+    if kind != FULL and kind != TIED:
         return prec, b
     K, D = b.shape
     Dp = -(-D // PAD) * PAD
-    P = np.zeros((K, Dp, Dp), dtype=prec.dtype)
+    P = np.zeros((prec.shape[0], Dp, Dp), dtype=prec.dtype)
     P[:, :D, :D] = np.triu(prec)
     bp = np.zeros((K, Dp))
     bp[:, :D] = -b.astype(np.float64)
     return P, bp
+
+
+def _symmetric(upper):
+    """The symmetric matrices (stacked) whose upper triangles these are."""
+    return np.triu(upper) + np.swapaxes(np.triu(upper, 1), -1, -2)
 
 
 def _unwhiten(prec, s, upper):
@@ -318,8 +304,7 @@ def _unwhiten(prec, s, upper):
     triangle of the symmetric S_k."""
     D = s.shape[1]
     A = np.linalg.solve(np.triu(prec).astype(np.float64), np.eye(D))  # P_k A_k = I
-    second = np.triu(upper) + np.swapaxes(np.triu(upper, 1), 1, 2)
-    return np.einsum("kp,kpj->kj", s, A), np.swapaxes(A, 1, 2) @ second @ A
+    return np.einsum("kp,kpj->kj", s, A), np.swapaxes(A, 1, 2) @ _symmetric(upper) @ A
 
 
 def _whitened_offsets(kind, means, prec, centre):
@@ -387,12 +372,23 @@ def _log_prob_full(X, r0, C, prec, log_norm, centre, b, dT, YT, dist, logp):
 
 
 @_helper
-def _log_prob_tied(X, r0, C, prec, log_norm, centre, b, d, Y, logp):
-    """logp[k, i] = log p(x_i, k), leaving d = x - c (rows, D) and Y[0] = P^T (x - c)."""
-    _centre_rows(X, r0, C, centre, d)
-    np.dot(d, prec[0], Y[0])
+def _log_prob_tied(X, r0, C, prec, log_norm, centre, b, dT, YT, logp):
+    """logp[k, i] = log p(x_i, k) = log_norm_k - ||y_i + b[k]||^2 / 2 (b the negated offsets, see
+    _padded), leaving dT = (x - c)^T and YT[0] = P^T (x - c) (Dp, rows): one whitening for all k."""
+    _transpose_centred(X, r0, C, centre, dT, dT[:0])
+    Y = YT[0]
+    combine_rows(prec[0], dT, log_norm[:0], Y, True)
     for k in range(b.shape[0]):
-        _shifted_log_prob(Y[0], C, b[k], log_norm[k], logp[k])
+        lk = logp[k]
+        for i in range(C):
+            lk[i] = 0.0
+        for j in range(Y.shape[0]):
+            bj, yj = Y.dtype.type(b[k, j]), Y[j]
+            for i in range(C):
+                t = yj[i] + bj
+                lk[i] += t * t
+        for i in range(C):
+            lk[i] = log_norm[k] - 0.5 * lk[i]
 
 
 @_helper
@@ -420,17 +416,15 @@ def _accumulate_full(resp, n, s, second, YT, ZT):
 
 
 @_helper
-def _accumulate_tied(C, resp, n, s, second, d, mom, prod):
-    """n, s about c and the second moment about c (which does not depend on r)."""
-    K, D = s.shape
+def _accumulate_tied(C, resp, n, s, second, dT, mom):
+    """n, s about c and the upper triangle of the second moment about c (which does not depend on
+    r), from the transposed rows dT (Dp, rows; zero past C)."""
     _add_counts(C, resp, n)
-    np.dot(d.T, d, prod)
-    for p in range(D):
-        for j in range(D):
-            second[0, p, j] += prod[p, j]
-    np.dot(resp, d, mom)
-    for k in range(K):
-        for p in range(D):
+    row_dots(dT, dT, second[0], True)
+    mom[:] = 0.0
+    row_dots(resp, dT, mom, False)
+    for k in range(s.shape[0]):
+        for p in range(s.shape[1]):
             s[k, p] += mom[k, p]
 
 
@@ -531,13 +525,13 @@ def _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, base, d, Y, aa, dis
 
 
 @_inline
-def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, mom, Z, prod):
+def _accumulate(kind, C, resp, onehot, best, n, s, second, d, Y, aa, mom, Z):
     """Adds the sub-chunk's statistics under responsibilities resp (K, rows), or, when onehot (hard
     mode, diag and spherical), under the one-hot best[i]."""
     if kind == FULL:
         _accumulate_full(resp, n, s, second, Y, Z)
     elif kind == TIED:
-        _accumulate_tied(C, resp, n, s, second, d, mom, prod)
+        _accumulate_tied(C, resp, n, s, second, d, mom)
     else:
         _accumulate_vector(kind == DIAG, C, resp, onehot, best, n, s, second, aa, mom)
 
@@ -587,36 +581,35 @@ def _scratch(kind, dtype, K, D, Dp, W, n_workers):
 
 def _new_scratch(kind, dtype, K, D, Dp, W, n_workers):
     """Each worker's buffers for a driver, stacked on a leading worker axis: (d, Y, aa, dist) for
-    _log_prob (d and Y are (Dp, sub) and (K, Dp, sub) for the full type, (sub, D) and (1, sub, D) for
-    tied, (sub, D) and nothing otherwise; aa (W, SUB_PITCH); dist (K, sub) for the full type only);
+    _log_prob (d and Y are (Dp, sub) and (K, Dp, sub) for the full type, (Dp, sub) and (1, Dp, sub)
+    for tied, nothing otherwise; aa (W, SUB_PITCH); dist (K, sub) for the full type only);
     (logp, resp, row_ll, best, top, tot) for _normalise (resp (Kp, sub), its rows past K zero;
-    row_ll float64, best int32); (Z, prod, mom) for _accumulate. Made here in NumPy: allocations
+    row_ll float64, best int32); (Z, mom) for _accumulate (Z (Dp, sub) for the full type; mom
+    (Kp, Dp) for tied, (Kp, W) otherwise). Made here in NumPy: allocations
     inside the kernels compile NumPy's allocation code once per shape and dtype, about half a
     second of a first fit."""
     n, sub = n_workers, SUB_ROWS
-    Kp = K + K % 2 if kind == DIAG or kind == SPHERICAL else K  # row_dots takes rows in pairs
-    if kind == FULL:
-        d, Y = _aligned((n, Dp, sub), dtype, zero=True), _aligned((n, K, Dp, sub), dtype)
-    else:
-        d, Y = _aligned((n, sub, D), dtype, zero=True), _aligned((n, 1 if kind == TIED else 0, sub, D), dtype)
+    Kp = K + K % 2 if kind != FULL else K  # row_dots takes the responsibilities' rows in pairs
+    whitened = kind == FULL or kind == TIED
+    d = _aligned((n, Dp, sub) if whitened else (n, 0, sub), dtype, zero=True)
+    Y = _aligned((n, (K if kind == FULL else 1) if whitened else 0, Dp, sub), dtype)
     return (d, Y, _aligned((n, W, SUB_PITCH), dtype, zero=True), _aligned((n, K if kind == FULL else 0, sub), dtype),
             _aligned((n, K, sub), dtype), _aligned((n, Kp, sub), dtype, zero=True), _aligned((n, sub), np.float64),
             _aligned((n, sub), np.int32), _aligned((n, sub), dtype), _aligned((n, sub), dtype),
-            _aligned((n, Dp, sub), dtype), _aligned((n, D, D), dtype),
-            _aligned((n, Kp, D if kind == TIED else W), dtype))
+            _aligned((n, Dp if kind == FULL else 0, sub), dtype), _aligned((n, Kp, Dp if kind == TIED else W), dtype))
 
 
 @_inline
 def _worker(scratch, w):
     """Worker w's buffers from _scratch's stacks."""
-    d, Y, aa, dist, logp, resp, row_ll, best, top, tot, Z, prod, mom = scratch
-    return d[w], Y[w], aa[w], dist[w], logp[w], resp[w], row_ll[w], best[w], top[w], tot[w], Z[w], prod[w], mom[w]
+    d, Y, aa, dist, logp, resp, row_ll, best, top, tot, Z, mom = scratch
+    return d[w], Y[w], aa[w], dist[w], logp[w], resp[w], row_ll[w], best[w], top[w], tot[w], Z[w], mom[w]
 
 
 @_inline
 def _zero_padding(kind, C, d, aa):
-    """Zero the rows past C of a short last sub-chunk (columns of the full type's d)."""
-    if kind == FULL:
+    """Zero the rows past C of a short last sub-chunk (columns of the full and tied types' d)."""
+    if kind == FULL or kind == TIED:
         d[:, C:] = 0
     else:
         d[C:] = 0
@@ -650,7 +643,7 @@ def _drivers(kind):
         given = resp_in.shape[0] == N
         onehot_rows = hard and not given and (kind == DIAG or kind == SPHERICAL)
         tiny = _FLOAT32_TINY if X.itemsize == 4 else _FLOAT64_TINY
-        d, Y, aa, dist, logp, resp, row_ll, best, top, tot, Z, prod, mom = _worker(scratch, worker)
+        d, Y, aa, dist, logp, resp, row_ll, best, top, tot, Z, mom = _worker(scratch, worker)
         while True:
             blk = claim(counter)
             if blk >= b_ll.shape[0]:
@@ -677,7 +670,7 @@ def _drivers(kind):
                         worst, at = row_ll[i], r0 + i
                 b_ll[blk], worst_ll[blk], worst_row[blk] = ll, worst, at
                 _accumulate(kind, C, resp, onehot_rows, best, b_n[blk], b_s[blk], b_second[blk], d, Y, aa,
-                            mom, Z, prod)
+                            mom, Z)
 
 
     @_jit
@@ -689,7 +682,7 @@ def _drivers(kind):
         K = means.shape[0]
         sub = SUB_ROWS
         want_logp = out_logp.shape[0] == N
-        d, Y, aa, dist, logp, resp, row_ll, best, top, tot, _, _, _ = _worker(scratch, worker)
+        d, Y, aa, dist, logp, resp, row_ll, best, top, tot, _, _ = _worker(scratch, worker)
         while True:
             c = claim(counter)
             if c >= (N + sub - 1) // sub:
@@ -727,7 +720,7 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, n_workers,
     n_blocks = (N + block_rows - 1) // block_rows
     kprec, b = _padded(kind, prec, _whitened_offsets(kind, means, prec, centre))
     b_n = np.zeros((n_blocks, K))
-    b_s = np.zeros((n_blocks, K, kprec.shape[2] if kind == FULL else D))
+    b_s = np.zeros((n_blocks, K, kprec.shape[2] if kind == FULL or kind == TIED else D))
     b_second = np.zeros((n_blocks,) + kprec.shape)
     b_ll = np.zeros(n_blocks)
     worst_ll = np.full(n_blocks, np.inf)
@@ -741,6 +734,8 @@ def suff_stats(kind, X, means, prec, log_norm, centre, hard, resp_in, n_workers,
     n, s, second, ll = b_n.sum(axis=0), b_s.sum(axis=0), b_second.sum(axis=0), float(b_ll.sum())
     if kind == FULL:
         s, second = _unwhiten(prec, s[:, :D], second[:, :D, :D])
+    elif kind == TIED:
+        s, second = s[:, :D], _symmetric(second[:, :D, :D])
     return n, s, second, ll, worst_ll, worst_row
 
 

@@ -39,7 +39,7 @@ the diagonal beyond that not multiplied). Four rows of out by 2V columns are eig
 that stay in registers over every p (each load of A serves four rows, each broadcast of C two
 vectors); a loop over p with the outputs in memory reloaded and stored them at every group of four
 p and spilled its coefficients (1.3-1.4x as long on the diag type's shapes). The sum runs in order
-of p from base[k] (float64, rounded to A's dtype).
+of p from base[k] (float64, rounded to A's dtype; from zero when base is empty).
 
 `row_dots(A, B, out, upper)`: out[a, b] += A[a] . B[b] for a < A's rows (a multiple of 2) and b < B's
 rows (a multiple of 4), over A's columns, a multiple of V (B's rows may be longer); out in A's dtype
@@ -352,10 +352,14 @@ def combine_rows(typingctx, C, A, base, out, upper):
         fma = _vector_function(builder, "fma", vty, 3)
         accs = [[cgutils.alloca_once(builder, vty) for _ in range(2)] for _ in range(4)]
 
+        # An empty base starts every output at zero: its loads read a zero of our own instead.
+        zero64 = cgutils.alloca_once_value(builder, ir.Constant(ir.DoubleType(), 0.0))
+        has_base = builder.icmp_signed(">", cgutils.unpack_tuple(builder, ba.shape)[0], const(0))
+
         def block(i0, k0, R):
             """out[k0 : k0 + R, i0 : i0 + 2V]."""
             for r in range(R):
-                b = builder.load(builder.gep(ba.data, [builder.add(k0, const(r))]))
+                b = builder.load(builder.select(has_base, builder.gep(ba.data, [builder.add(k0, const(r))]), zero64))
                 start = _splat(builder, vty, b if dt == types.float64 else builder.fptrunc(b, ety))
                 for h in range(2):
                     builder.store(start, accs[r][h])
