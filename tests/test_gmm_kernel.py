@@ -233,10 +233,12 @@ def test_centred_transposition_against_numpy(dtype, n, D):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("P, K, n", [(64, 16, 256), (4, 1, 16), (36, 5, 32), (12, 7, 64), (32, 32, 256), (8, 8, 16)])
 @pytest.mark.parametrize("upper", [False, True])
-def test_row_combinations_against_numpy(dtype, P, K, n, upper):
-    """simd.combine_rows (the diag and spherical E-step; with `upper`, the full type's whitening by
-    an upper-triangular C): out[k] = base[k] + sum_p C[p, k] A[p], four rows of out at a time then one
-    by one; A's columns past out's and out's rows past K untouched."""
+@pytest.mark.parametrize("no_base", [False, True])
+def test_row_combinations_against_numpy(dtype, P, K, n, upper, no_base):
+    """simd.combine_rows (the diag and spherical E-step; with `upper`, the full and tied types'
+    whitening by an upper-triangular C): out[k] = base[k] + sum_p C[p, k] A[p] (an empty base: from
+    zero), four rows of out at a time then one by one; A's columns past out's and out's rows past K
+    untouched."""
     import numba
 
     from fastlvm.kernels.simd import combine_rows
@@ -245,9 +247,10 @@ def test_row_combinations_against_numpy(dtype, P, K, n, upper):
     C, A = rng.normal(size=(P, K)).astype(dtype), rng.normal(size=(P, n + 16)).astype(dtype)
     if upper:
         C = np.triu(C)
-    base = rng.normal(size=K) * 10
+    base = np.zeros(K) if no_base else rng.normal(size=K) * 10
     out = np.full((K + 2, n), 7.0, dtype=dtype)
-    numba.njit(lambda C, A, base, out, upper: combine_rows(C, A, base, out[:K], upper))(C, A, base, out, upper)
+    numba.njit(lambda C, A, base, out, upper: combine_rows(C, A, base, out[:K], upper))(
+        C, A, base[:0] if no_base else base, out, upper)
     want = base[:, None] + C.astype(np.float64).T @ A[:, :n].astype(np.float64)
     scale = np.abs(base)[:, None] + np.abs(C.astype(np.float64)).T @ np.abs(A[:, :n].astype(np.float64))
     assert np.all(np.abs(out[:K] - want) <= 4 * P * np.finfo(dtype).eps * np.abs(scale))
