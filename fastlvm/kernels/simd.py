@@ -26,16 +26,17 @@ as the products at K = 16, D = 32.
 `transpose_centred(X, r0, n, m, out, squares)`: out[p, i] = X[r0 + i, p] - m[p], and when squares
 has rows, squares[p, i] = out[p, i]^2 (from the registers: a second pass over out cost the diag
 type a third as long as the transposition), on the whole tiles of T x T (T = 32 bytes of lanes: 8
-float32 or 4 float64), i < n - n % T and p < D - D % T; the caller does the edges. Each tile is T vector loads along rows of X, log2(T) rounds of two-input shuffles
-(each round swaps the off-diagonal blocks of half the size of the last) and T vector stores along
-rows of out: Numba's element loop makes one scattered store per element. X is C-contiguous; out's
-rows have unit stride.
+float32 or 4 float64), i < n - n % T and p < D - D % T; the caller does the edges. Each tile is T
+vector loads along rows of X, log2(T) rounds of two-input shuffles (each round swaps the
+off-diagonal blocks of half the size of the last) and T vector stores along rows of out: Numba's
+element loop makes one scattered store per element. X is C-contiguous; out's rows have unit
+stride.
 
 `combine_rows(C, A, base, out, upper)`: out[k, i] = base[k] + sum_p C[p, k] A[p, i] for k < K (C's
 columns) and i < n (out's columns, a multiple of 2V, V = 32 bytes of lanes; A's rows may be
-longer): the E-step of the diag and spherical types (C their weights) and the full type's whitening
-(C = P_k, upper triangular: with `upper`, rows of four outputs stop at p < k + 4, the zeros below
-the diagonal beyond that not multiplied). Four rows of out by 2V columns are eight accumulators
+longer): the E-step of the diag and spherical types (C their weights) and the full and tied types'
+whitening (C = P_k, upper triangular: with `upper`, rows of four outputs stop at p < k + 4, the
+zeros below the diagonal beyond that not multiplied). Four rows of out by 2V columns are eight accumulators
 that stay in registers over every p (each load of A serves four rows, each broadcast of C two
 vectors); a loop over p with the outputs in memory reloaded and stored them at every group of four
 p and spilled its coefficients (1.3-1.4x as long on the diag type's shapes). The sum runs in order
@@ -44,8 +45,8 @@ of p from base[k] (float64, rounded to A's dtype; from zero when base is empty).
 `row_dots(A, B, out, upper)`: out[a, b] += A[a] . B[b] for a < A's rows (a multiple of 2) and b < B's
 rows (a multiple of 4), over A's columns, a multiple of V (B's rows may be longer); out in A's dtype
 or float64; with `upper`, only the blocks that reach b >= a (a block on the diagonal adds a few
-entries below it too): the M-step of the diag and spherical types (A the responsibilities) and of
-the full type (the upper triangle of a symmetric second moment). Two rows of A by four of B are
+entries below it too): the M-step of every type (A the responsibilities; with `upper`, the upper
+triangle of the full and tied types' symmetric second moments). Two rows of A by four of B are
 eight vector accumulators along the rows; a T x T transposition (T = V) then puts each
 accumulator's lanes in one lane of T vectors, whose sum holds the eight dot products, added to out
 four at a time (eight horizontal sums and eight scalar updates before; a loop of eight scalar
