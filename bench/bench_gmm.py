@@ -81,17 +81,15 @@ def quick_case(c: Case) -> Case:
 
 
 def numba_isa() -> str:
-    """The instruction set Numba compiles the kernels for: NUMBA_CPU_NAME / NUMBA_CPU_FEATURES when
-    set (bench/run.py sets them to time each path), else the host's."""
+    """The CPU Numba compiles the kernels for (NUMBA_CPU_NAME when set: bench/run.py sets it and
+    NUMBA_CPU_FEATURES to time each path, else the host's) and whether their vectors are AVX-512's
+    (the features decide that: NUMBA_CPU_NAME=haswell alone leaves an AVX-512 host's features on)."""
     import llvmlite.binding as ll
 
+    from fastlvm.kernels.simd import target_has_avx512
+
     name = os.environ.get("NUMBA_CPU_NAME") or ll.get_host_cpu_name()
-    features = os.environ.get("NUMBA_CPU_FEATURES")
-    if features is None:
-        avx512 = "avx512" in name if os.environ.get("NUMBA_CPU_NAME") else bool(ll.get_host_cpu_features().get("avx512f"))
-    else:
-        avx512 = "+avx512f" in features
-    return f"{name} ({'AVX-512' if avx512 else 'AVX2 or older'})"
+    return f"{name} ({'AVX-512' if target_has_avx512() else 'AVX2 or older'})"
 
 
 def target_of(case: Case, isa: str) -> float:

@@ -55,15 +55,16 @@ def _numba():
         import llvmlite.binding as llvm
     except ImportError as err:
         return {"error": str(err)}
-    from fastlvm.kernels import kmeans
+    from fastlvm.kernels import kmeans, simd
 
-    search = (f"SIMD up to {kmeans.SIMD_MAX_BYTES // 1024} KB of centres, BLAS tiles beyond (AVX-512 host)"
-              if kmeans._HOST_AVX512 else "SIMD for any number of centres")
+    search = (f"SIMD up to {kmeans.SIMD_MAX_BYTES // 1024} KB of centres, BLAS tiles beyond (AVX-512 target)"
+              if kmeans._TARGET_AVX512 else "SIMD for any number of centres")
     return {"version": numba.__version__,
             "target_cpu": numba.config.CPU_NAME or llvm.get_host_cpu_name(),
             "cpu_features": numba.config.CPU_FEATURES or "host",
             "cache_dir": numba.config.CACHE_DIR or "(beside each module, in __pycache__)",
             "threads": numba.config.NUMBA_NUM_THREADS,
+            "vector_bits": 8 * simd.VECTOR_BYTES,  # of the GMM and k-means kernels' products
             "kmeans_search": search}
 
 
@@ -113,7 +114,7 @@ def format_config(cfg):
     nb = cfg["numba"]
     lines.append("numba: " + (nb["error"] if "error" in nb else
                               f"{nb['version']}, target CPU {nb['target_cpu']} (features: "
-                              f"{nb['cpu_features']}), {nb['threads']} threads, "
+                              f"{nb['cpu_features']}), {nb['vector_bits']}-bit vectors, {nb['threads']} threads, "
                               f"cache {nb['cache_dir']}; k-means search: {nb['kmeans_search']}"))
     for p in cfg["threadpools"]:
         if "error" in p:

@@ -8,6 +8,7 @@ import sys
 
 import fastlvm
 from fastlvm import _C
+from fastlvm.kernels import simd
 
 
 def test_show_config_returns_the_dict_without_printing(capsys):
@@ -22,10 +23,29 @@ def test_show_config_returns_the_dict_without_printing(capsys):
     if not cfg["cpu"]["features"]["avx512f"]:
         assert "avx512" not in cfg["cpp_kernels"]["supported"]
     assert cfg["numba"]["target_cpu"]
-    # the k-means search keeps BLAS tiles for many centres only where the host has AVX-512
-    assert ("BLAS" in cfg["numba"]["kmeans_search"]) == bool(cfg["cpu"]["features"]["avx512f"])
+    # the kernels' vectors are 512 bits wide, and the k-means search keeps BLAS tiles for many
+    # centres, only where Numba's target has AVX-512 (the host's, unless NUMBA_CPU_FEATURES says)
+    from numba.core import config
+
+    avx512 = simd.target_has_avx512()
+    if config.CPU_FEATURES is None:
+        assert avx512 == bool(cfg["cpu"]["features"]["avx512f"])
+    assert cfg["numba"]["vector_bits"] == (512 if avx512 else 256)
+    assert ("BLAS" in cfg["numba"]["kmeans_search"]) == avx512
     assert any(p.get("api") == "blas" for p in cfg["threadpools"])
     json.dumps(cfg)  # plain data, for bench/machine.py's JSON
+
+
+def test_vector_width_follows_numba_target_features(monkeypatch):
+    """NUMBA_CPU_FEATURES decides (as it does for Numba's target machine), also against the host's."""
+    from numba.core import config
+
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+fma,-avx512f")
+    assert not simd.target_has_avx512()
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+fma,+avx512f,+avx512vl")
+    assert simd.target_has_avx512()
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx512vl")  # no AVX-512F: not AVX-512 vectors
+    assert not simd.target_has_avx512()
 
 
 def test_show_config_prints_the_isa_path_in_use(capsys):

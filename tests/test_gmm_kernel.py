@@ -234,15 +234,20 @@ def test_centred_transposition_against_numpy(dtype, n, D):
 @pytest.mark.parametrize("P, K, n", [(64, 16, 256), (4, 1, 16), (36, 5, 32), (12, 7, 64), (32, 32, 256), (8, 8, 16)])
 @pytest.mark.parametrize("upper", [False, True])
 @pytest.mark.parametrize("no_base", [False, True])
-def test_row_combinations_against_numpy(dtype, P, K, n, upper, no_base):
+@pytest.mark.parametrize("vector_bytes", [32, 64])
+def test_row_combinations_against_numpy(dtype, P, K, n, upper, no_base, vector_bytes, monkeypatch):
     """simd.combine_rows (the diag and spherical E-step; with `upper`, the full and tied types'
     whitening by an upper-triangular C): out[k] = base[k] + sum_p C[p, k] A[p] (an empty base: from
     zero), four rows of out at a time then one by one; A's columns past out's and out's rows past K
-    untouched."""
+    untouched. With the AVX2 hosts' 256-bit accumulators and the AVX-512 hosts' 512-bit ones (LLVM
+    splits these on AVX2 hardware: the same arithmetic)."""
     import numba
 
+    from fastlvm.kernels import simd
     from fastlvm.kernels.simd import combine_rows
 
+    monkeypatch.setattr(simd, "VECTOR_BYTES", vector_bytes)
+    n = n * vector_bytes // 32  # a multiple of two vectors
     rng = np.random.default_rng(P * K + n)
     C, A = rng.normal(size=(P, K)).astype(dtype), rng.normal(size=(P, n + 16)).astype(dtype)
     if upper:
@@ -261,14 +266,19 @@ def test_row_combinations_against_numpy(dtype, P, K, n, upper, no_base):
 @pytest.mark.parametrize("Ka, Kb, n", [(16, 64, 256), (2, 4, 8), (6, 36, 32), (32, 32, 256), (12, 12, 8)])
 @pytest.mark.parametrize("upper", [False, True])
 @pytest.mark.parametrize("wide", [False, True])
-def test_row_dots_against_numpy(dtype, Ka, Kb, n, upper, wide):
+@pytest.mark.parametrize("vector_bytes", [32, 64])
+def test_row_dots_against_numpy(dtype, Ka, Kb, n, upper, wide, vector_bytes, monkeypatch):
     """simd.row_dots (the M-step of the diag and spherical types; with `upper`, the full type's upper
     triangle): out[a, b] += A[a] . B[b] over A's columns (B's rows may be longer), out in A's dtype or
-    (wide) float64; out's other entries untouched (with `upper`, those below the diagonal's blocks)."""
+    (wide) float64; out's other entries untouched (with `upper`, those below the diagonal's blocks).
+    With 256-bit and 512-bit accumulators (see test_row_combinations_against_numpy)."""
     import numba
 
+    from fastlvm.kernels import simd
     from fastlvm.kernels.simd import row_dots
 
+    monkeypatch.setattr(simd, "VECTOR_BYTES", vector_bytes)
+    n = n * vector_bytes // 32  # a multiple of one vector
     rng = np.random.default_rng(Ka * Kb + n)
     A, B = rng.normal(size=(Ka, n)).astype(dtype), rng.normal(size=(Kb, n + 8)).astype(dtype)
     out = rng.normal(size=(Ka + 1, Kb + 3)).astype(np.float64 if wide else dtype)

@@ -184,14 +184,18 @@ def test_a_full_pass_keeps_the_distances_it_is_asked_for(sparse, dtype, monkeypa
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n, d, k", [(5, 3, 1), (9, 1, 2), (203, 7, 17), (64, 33, 70)])
-def test_simd_search_gives_argmin_and_the_two_lowest_scores(dtype, n, d, k):
-    """fastlvm.kernels.simd.nearest_tile (tiles of rows, four at a time, then one by one) against
-    NumPy: the label with ties to the lowest index, also when the tie is across lanes and the
-    later centre sits in a lower lane of a later block; the lowest and next lowest score
-    ||c||^2 - 2 x.c."""
+@pytest.mark.parametrize("vector_bytes", [32, 64])
+def test_simd_search_gives_argmin_and_the_two_lowest_scores(dtype, n, d, k, vector_bytes, monkeypatch):
+    """fastlvm.kernels.simd.nearest_tile (tiles of rows, four at a time with 256-bit vectors and
+    eight with 512-bit ones, then one by one) against NumPy: the label with ties to the lowest
+    index, also when the tie is across lanes and the later centre sits in a lower lane of a later
+    block; the lowest and next lowest score ||c||^2 - 2 x.c."""
     from numba import njit
 
+    from fastlvm.kernels import simd
     from fastlvm.kernels.simd import TILE_ROWS, lanes, nearest_tile
+
+    monkeypatch.setattr(simd, "VECTOR_BYTES", vector_bytes)
 
     @njit
     def search(X, CT, lane_norms, best, s1, s2):
@@ -249,7 +253,7 @@ def test_search_choice_follows_the_host(monkeypatch):
     kernels) only while the panels fit SIMD_MAX_BYTES."""
     small, _ = kernels.centres_in_lanes(np.zeros((16, 32), dtype=np.float32))
     large, _ = kernels.centres_in_lanes(np.zeros((1024, 64), dtype=np.float32))
-    monkeypatch.setattr(kernels, "_HOST_AVX512", False)
+    monkeypatch.setattr(kernels, "_TARGET_AVX512", False)
     assert kernels.use_simd(small) and kernels.use_simd(large)
-    monkeypatch.setattr(kernels, "_HOST_AVX512", True)
+    monkeypatch.setattr(kernels, "_TARGET_AVX512", True)
     assert kernels.use_simd(small) and not kernels.use_simd(large)

@@ -43,7 +43,8 @@ BLOCK_ROWS = 4096  # rows reduced serially into one partial; fixed, so results i
 # Rows per sub-chunk: long enough that the products' per-row-block costs (horizontal sums, reloaded
 # outputs) amortise, short enough that a sub-chunk's rows stay in cache from E-step to M-step. 256
 # against 128 (EPYC Zen 3, one thread): diag pass 20.6 -> 17.9 ms; full float32 and float64 faster too.
-# A multiple of 16: simd.combine_rows and row_dots take a sub-chunk's rows 16 float32 (8 float64) at a time.
+# A multiple of 32: simd.combine_rows takes a sub-chunk's rows 32 float32 (16 float64) at a time on
+# AVX-512 targets, 16 (8) on others.
 SUB_ROWS = 256
 # The diag and spherical types' transposed rows aa (W, SUB_ROWS) are stored SUB_PITCH apart: rows
 # 1 KB (float32) apart fall in a quarter of the L1 cache's sets, so the 64 rows of D = 32 evicted
@@ -235,7 +236,7 @@ def _log_float64(a, n, inverse):
 # structure (P_k triangular, sum r y y^T symmetric), which halves the arithmetic. Rows are stored
 # transposed, dT (Dp, rows) and YT[k] (Dp, rows), so the products run along contiguous rows; D is
 # padded with zeros to Dp, a multiple of 4, so they step through the triangle four rows at a time.
-# Eight vector accumulators stay well inside AVX2's 16 vector registers (and AVX-512's 32).
+# Eight vector accumulators, 256 bits wide on AVX2 (16 registers) and 512 on AVX-512 (32).
 PAD = 4  # the full and tied types' feature count is padded to a multiple of this
 
 

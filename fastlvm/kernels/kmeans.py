@@ -20,7 +20,7 @@ the result does not depend on the number of threads. The kernels are serial and 
 than Numba's parallel loops, which compile several times slower. Dense rows are scored by the
 register-blocked SIMD search of `fastlvm.kernels.simd` (four rows against a panel of centres,
 reading X as stored: BLAS on a tile of rows by a few centres spent longer packing the tile than
-multiplying it), or, on AVX-512 hosts for centres beyond half an L1 cache (`use_simd`), by
+multiplying it), or, on AVX-512 targets for centres beyond half an L1 cache (`use_simd`), by
 single-threaded BLAS calls on tiles of SUB_ROWS rows (BLAS limited to one thread meanwhile), the
 tile of products staying in cache beside the argmin that reads it; CSR rows by an axpy per
 non-zero along the transposed centres.
@@ -36,7 +36,7 @@ from numba import njit
 from numba.extending import register_jitable
 
 from fastlvm.kernels.cpu import _aligned, blas_single_thread
-from fastlvm.kernels.simd import TILE_ROWS, claim, lanes, nearest_tile
+from fastlvm.kernels.simd import TILE_ROWS, claim, lanes, nearest_tile, target_has_avx512
 from fastlvm.kernels.workers import on_workers
 
 _FASTMATH = {"reassoc", "contract", "arcp"}
@@ -46,7 +46,7 @@ _helper = njit(fastmath=_FASTMATH, cache=True, nogil=True, no_cfunc_wrapper=True
 
 BLOCK_ROWS = 2048  # rows per block; fixed, so results ignore the thread count
 SUB_ROWS = 256  # rows per tile of products inside a block
-SIMD_MAX_BYTES = 16 * 1024  # on AVX-512 hosts, the centres (panels) the SIMD search takes: half an L1
+SIMD_MAX_BYTES = 16 * 1024  # on AVX-512 targets, the centres (panels) the SIMD search takes: half an L1
 # A bounded pass scores a row (its own centre, then the groups its bounds cannot rule out) several
 # times slower than a full pass of tiled products does; it pays only while it scores few rows. A
 # sample of every SAMPLE_STRIDE-th row predicts the share it would score. After a miss, full passes
@@ -223,23 +223,17 @@ def _nearest_dense(X, r0, n, C, CT, c_norms, lane_norms, G, best, s1, s2, simd):
     _nearest_block(P, n, c_norms, best, s1, s2)
 
 
-def _host_has_avx512():
-    import llvmlite.binding as ll
-
-    return bool(ll.get_host_cpu_features().get("avx512f", False))
-
-
 def use_simd(CT):
     """Whether the SIMD search scores rows against these centres (the panels of centres_in_lanes)
     rather than BLAS tiles. On an AVX2 host it beat them at every shape measured (1.05-1.44x, K = 16
-    to 1024, D = 8 to 128; most at few centres, where BLAS spends longest packing): always. It runs
-    on 256-bit vectors (LLVM splits wider ones on AVX-512 hosts too), while an AVX-512 host's BLAS
-    kernels are 512 bits wide, so there only centres that fit half an L1 cache take it, where the
-    packing dominates (not measured on AVX-512: the conservative choice)."""
-    return not _HOST_AVX512 or CT.nbytes <= SIMD_MAX_BYTES
+    to 1024, D = 8 to 128; most at few centres, where BLAS spends longest packing): always. On an
+    AVX-512 target it runs on 512-bit vectors as BLAS does there, but it has not been timed on one:
+    there only centres that fit half an L1 cache take it, where the packing dominates most (the
+    conservative choice)."""
+    return not _TARGET_AVX512 or CT.nbytes <= SIMD_MAX_BYTES
 
 
-_HOST_AVX512 = _host_has_avx512()
+_TARGET_AVX512 = target_has_avx512()
 
 
 @_inline

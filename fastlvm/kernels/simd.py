@@ -10,13 +10,14 @@ best[j] = argmin (ties to the lowest k), s1[j] its score and s2[j] the next lowe
 K = 1), for j < n, scores computed in X's dtype.
 
 The products x . c_k for W consecutive centres (a block) are W lanes of one vector: per feature
-d, one vector load of the block's panel row CT[b, d], one broadcast of x_d per row and one FMA per row, for
-four rows at a time whose accumulators stay in registers (W = 64 bytes of lanes: 8 AVX2 registers
-or 4 AVX-512 ones). X is read as stored: BLAS on a tile of rows by K = 16 centres, D = 32, spent
-longer packing the tile than multiplying it. Blocks are the outer loop and the tile's rows the
-inner one, so a block of centres (a contiguous D x 64-byte panel: rows of a (D, K) transpose lie
-K apart, and at K = 1024 float32 every one fell in the same L1 set) stays in L1 while every row
-of the tile meets it.
+d, one vector load of the block's panel row CT[b, d], one broadcast of x_d per row and one FMA per
+row, for R rows at a time whose accumulators stay in registers (W = 64 bytes of lanes: two AVX2
+registers a row, R = 4; one AVX-512 register a row, R = 8; eight accumulators either way, the FMAs
+in flight that two FMA units of four cycles' latency take; see VECTOR_BYTES). X is read as stored:
+BLAS on a tile of rows by K = 16 centres, D = 32, spent longer packing the tile than multiplying it.
+Blocks are the outer loop and the tile's rows the inner one, so a block of centres (a contiguous
+D x 64-byte panel: rows of a (D, K) transpose lie K apart, and at K = 1024 float32 every one fell
+in the same L1 set) stays in L1 while every row of the tile meets it.
 A block's scores go to a small buffer, a W-lane vector per row; read back T rows by T centres
 (T = 32 bytes of lanes) and transposed in registers, they put the rows in lanes, so the running
 minimum, its centre and the next lowest score are vertical minima and selects over the centres in
@@ -33,24 +34,26 @@ element loop makes one scattered store per element. X is C-contiguous; out's row
 stride.
 
 `combine_rows(C, A, base, out, upper)`: out[k, i] = base[k] + sum_p C[p, k] A[p, i] for k < K (C's
-columns) and i < n (out's columns, a multiple of 2V, V = 32 bytes of lanes; A's rows may be
-longer): the E-step of the diag and spherical types (C their weights) and the full and tied types'
-whitening (C = P_k, upper triangular: with `upper`, rows of four outputs stop at p < k + 4, the
-zeros below the diagonal beyond that not multiplied). Four rows of out by 2V columns are eight accumulators
-that stay in registers over every p (each load of A serves four rows, each broadcast of C two
-vectors); a loop over p with the outputs in memory reloaded and stored them at every group of four
-p and spilled its coefficients (1.3-1.4x as long on the diag type's shapes). The sum runs in order
-of p from base[k] (float64, rounded to A's dtype; from zero when base is empty).
+columns) and i < n (out's columns, a multiple of 2V, V = VECTOR_BYTES of lanes: 32 bytes, or 64 on
+AVX-512 targets; A's rows may be longer): the E-step of the diag and spherical types (C their
+weights) and the full and tied types' whitening (C = P_k, upper triangular: with `upper`, rows of
+four outputs stop at p < k + 4, the zeros below the diagonal beyond that not multiplied). Four rows
+of out by 2V columns are eight accumulators that stay in registers over every p (each load of A
+serves four rows, each broadcast of C two vectors); a loop over p with the outputs in memory
+reloaded and stored them at every group of four p and spilled its coefficients (1.3-1.4x as long on
+the diag type's shapes). The sum runs in order of p from base[k] (float64, rounded to A's dtype;
+from zero when base is empty).
 
-`row_dots(A, B, out, upper)`: out[a, b] += A[a] . B[b] for a < A's rows (a multiple of 2) and b < B's
-rows (a multiple of 4), over A's columns, a multiple of V (B's rows may be longer); out in A's dtype
-or float64; with `upper`, only the blocks that reach b >= a (a block on the diagonal adds a few
-entries below it too): the M-step of every type (A the responsibilities; with `upper`, the upper
-triangle of the full and tied types' symmetric second moments). Two rows of A by four of B are
-eight vector accumulators along the rows; a T x T transposition (T = V) then puts each
-accumulator's lanes in one lane of T vectors, whose sum holds the eight dot products, added to out
-four at a time (eight horizontal sums and eight scalar updates before; a loop of eight scalar
-accumulators, which read B's rows from L2 for every two rows of A, took 1.06-1.24x as long).
+`row_dots(A, B, out, upper)`: out[a, b] += A[a] . B[b] for a < A's rows (a multiple of 2) and b <
+B's rows (a multiple of 4), over A's columns, a multiple of V (as in combine_rows; B's rows may be
+longer); out in A's dtype or float64; with `upper`, only the blocks that reach b >= a (a block on
+the diagonal adds a few entries below it too): the M-step of every type (A the responsibilities;
+with `upper`, the upper triangle of the full and tied types' symmetric second moments). Two rows of
+A by four of B are eight vector accumulators along the rows; each folded to T lanes (T = 32 bytes),
+a T x T transposition then puts each accumulator's lanes in one lane of T vectors, whose sum holds
+the eight dot products, added to out four at a time (eight horizontal sums and eight scalar updates
+before; a loop of eight scalar accumulators, which read B's rows from L2 for every two rows of A,
+took 1.06-1.24x as long).
 
 `pow2(m)`: 2**m for an integer-valued float m in its type's normal exponent range, assembled in
 the exponent bits in m's own width (Numba would widen the integer arithmetic to 64 bits, and a
@@ -74,13 +77,30 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-VECTOR_BYTES = 64  # lanes per block: 16 float32 or 8 float64
+PANEL_BYTES = 64  # nearest_tile's block of centres: 16 float32 or 8 float64 lanes
 _NO_NAN = ("nnan",)  # scores are never NaN (rows are checked finite): minima as plain vector minima
+
+
+def target_has_avx512():
+    """Whether Numba compiles for AVX-512F: NUMBA_CPU_FEATURES when set, else the host's features
+    (what Numba's own target machine is given)."""
+    from numba.core import config
+    from numba.core.codegen import get_host_cpu_features
+
+    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
+    return "+avx512f" in features.split(",")
+
+
+# The registers the products accumulate in: 512 bits where the target has AVX-512 (32 of them), else
+# 256 bits (AVX2's 16). Read when an intrinsic is compiled, so a kernel's width follows the target
+# its cache entry is keyed on. With 256-bit vectors on an AVX-512 host the loops would run at half
+# the FMA width BLAS has there; with 512-bit ones on AVX2 their accumulators would spill.
+VECTOR_BYTES = 64 if target_has_avx512() else 32
 
 
 def lanes(dtype):
     """W, the centres per block (CT's padding multiple) for rows of this NumPy dtype."""
-    return VECTOR_BYTES // dtype.itemsize
+    return PANEL_BYTES // dtype.itemsize
 
 
 def _splat(builder, vty, x):
@@ -138,6 +158,16 @@ def _transpose(builder, v, masks):
     return v
 
 
+def _fold_halves(builder, v, T):
+    """v's lanes summed down to T lanes: its upper half added to its lower half until T are left."""
+    while v.type.count > T:
+        half = v.type.count // 2
+        lanes_from = lambda h: ir.Constant(ir.VectorType(ir.IntType(32), half), list(range(h, h + half)))  # noqa: E731
+        lo, hi = (builder.shuffle_vector(v, v, lanes_from(h)) for h in (0, half))
+        v = builder.fadd(lo, hi)
+    return v
+
+
 def _vector_cast(builder, v, to):
     """Vector v with its elements converted to the scalar LLVM type `to` (widened or narrowed)."""
     vto = ir.VectorType(to, v.type.count)
@@ -163,7 +193,8 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
         xty, _, _, cty, nty, bty, s1ty, s2ty = sig.args
         ety = context.get_data_type(xty.dtype)
         size = context.get_abi_sizeof(ety)
-        W, T = VECTOR_BYTES // size, TRANSPOSE_BYTES // size
+        W, T = PANEL_BYTES // size, TRANSPOSE_BYTES // size
+        R = 8 * VECTOR_BYTES // PANEL_BYTES  # rows per block of products: 8 accumulators
         vty, tty = ir.VectorType(ety, W), ir.VectorType(ety, T)
         i32 = ir.IntType(32)
         ity = ir.VectorType(i32, T)
@@ -185,7 +216,7 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
         min1 = cgutils.alloca_once(builder, tty, size=TILE_ROWS // T)
         min2 = cgutils.alloca_once(builder, tty, size=TILE_ROWS // T)
         at = cgutils.alloca_once(builder, ity, size=TILE_ROWS // T)
-        accs = [cgutils.alloca_once(builder, vty) for _ in range(4)]
+        accs = [cgutils.alloca_once(builder, vty) for _ in range(R)]
         n_row_groups = builder.udiv(builder.add(nv, const(T - 1)), const(T))
         infs = _splat(builder, tty, ir.Constant(ety, float("inf")))
         with cgutils.for_range(builder, n_row_groups) as groups:
@@ -228,14 +259,14 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
             for buf, value in ((min1, m1), (min2, m2), (at, a)):
                 builder.store(value, builder.gep(buf, [g]))
 
-        n_quads = builder.udiv(nv, const(4))
+        n_runs = builder.udiv(nv, const(R))
         with cgutils.for_range(builder, n_blocks) as blocks:
             k0 = builder.mul(blocks.index, const(W))
             cbase = builder.gep(ca.data, [builder.mul(k0, D)])
             norms = builder.load(builder.bitcast(builder.gep(na.data, [k0]), vty.as_pointer()), align=1)
-            with cgutils.for_range(builder, n_quads) as quads:
-                products(builder.mul(quads.index, const(4)), 4, cbase, norms)
-            with cgutils.for_range_slice(builder, builder.mul(n_quads, const(4)), nv, const(1)) as (row, _):
+            with cgutils.for_range(builder, n_runs) as runs:
+                products(builder.mul(runs.index, const(R)), R, cbase, norms)
+            with cgutils.for_range_slice(builder, builder.mul(n_runs, const(R)), nv, const(1)) as (row, _):
                 products(row, 1, cbase, norms)
             with cgutils.for_range(builder, n_row_groups) as groups:
                 fold(groups.index, k0)
@@ -344,7 +375,7 @@ def combine_rows(typingctx, C, A, base, out, upper):
         triangle = args[4]
         ety = context.get_data_type(dt)
         size = context.get_abi_sizeof(ety)
-        V = TRANSPOSE_BYTES // size
+        V = VECTOR_BYTES // size
         vty = ir.VectorType(ety, V)
         intp = context.get_value_type(types.intp)
         const = lambda v: ir.Constant(intp, v)  # noqa: E731
@@ -408,7 +439,7 @@ def row_dots(typingctx, A, B, out, upper):
         triangle = args[3]
         ety, oty = context.get_data_type(dt), context.get_data_type(out.dtype)
         size = context.get_abi_sizeof(ety)
-        V = TRANSPOSE_BYTES // size
+        V, T = VECTOR_BYTES // size, TRANSPOSE_BYTES // size
         vty, qty = ir.VectorType(ety, V), ir.VectorType(oty, 4)
         intp = context.get_value_type(types.intp)
         const = lambda v: ir.Constant(intp, v)  # noqa: E731
@@ -416,7 +447,7 @@ def row_dots(typingctx, A, B, out, upper):
         n_b = cgutils.unpack_tuple(builder, b_arr.shape)[0]
         fma = _vector_function(builder, "fma", vty, 3)
         zero = ir.Constant(vty, [ir.Constant(ety, 0.0)] * V)
-        masks = _transpose_masks(V)
+        masks = _transpose_masks(T)
         accs = [cgutils.alloca_once(builder, vty) for _ in range(8)]  # a * 4 + b
         halves = [ir.Constant(ir.VectorType(ir.IntType(32), 4), list(range(h * 4, h * 4 + 4))) for h in range(2)]
         # B's four rows outer: they stay in L1 while every row of A meets them (A, a few rows, stays
@@ -436,16 +467,18 @@ def row_dots(typingctx, A, B, out, upper):
                         for c in range(4):
                             acc = accs[r * 4 + c]
                             builder.store(builder.call(fma, [u[r], v[c], builder.load(acc)]), acc)
-                # Sums of the accumulators, V at a time: after the transposition, lane j of the
-                # vectors' sum is the sum of accumulator j's lanes.
+                # Sums of the accumulators, each first folded to T lanes (its halves added), T at a
+                # time: after the transposition, lane j of the vectors' sum is the sum of
+                # accumulator j's lanes.
+                folded = [_fold_halves(builder, builder.load(acc), T) for acc in accs]
                 sums = []
-                for g in range(0, 8, V):
-                    t = _transpose(builder, [builder.load(acc) for acc in accs[g : g + V]], masks)
+                for g in range(0, 8, T):
+                    t = _transpose(builder, folded[g : g + T], masks)
                     total = t[0]
                     for x in t[1:]:
                         total = builder.fadd(total, x)
                     sums.append(total)
-                quads = sums if V == 4 else [builder.shuffle_vector(sums[0], sums[0], h) for h in halves]
+                quads = sums if T == 4 else [builder.shuffle_vector(sums[0], sums[0], h) for h in halves]
                 osize = context.get_abi_sizeof(oty)
                 for r in range(2):
                     dst = builder.bitcast(builder.gep(_row_pointer(builder, o_arr, builder.add(a0, const(r))), [b0]),
