@@ -38,7 +38,7 @@ def main():
 
     @njit(nogil=True, fastmath=cpu._FASTMATH)
     def parts(X, centre, Wt, base, upto, scratch):
-        _, _, aa, _, logp, resp, row_ll, best, top, tot, _, _, mom = cpu._worker(scratch, 0)
+        _, _, aa, _, logp, resp, row_ll, best, top, tot, _, mom = cpu._worker(scratch, 0)
         n, s, second = np.zeros(K), np.zeros((K, D)), np.zeros((K, 1, D))
         for r0 in range(0, X.shape[0] - sub + 1, sub):
             if upto == 1:
