@@ -5,7 +5,9 @@ Every library gets the same data and initial centres and tol=0, so each runs max
 iterations on data whose labels keep changing (overlapping clusters; sparse rows without
 structure); each fit's n_iter_ is printed. Time per iteration is a fit's wall time over its
 n_iter_, the median over rounds; libraries take turns within a round, under the same background
-load. The GEMM fraction counts 2*N*K*D FLOPs per iteration, skipped distances counted as done.
+load. The GEMM fraction counts 2*N*K*D FLOPs per iteration, skipped distances counted as done;
+the read-bandwidth fraction, the rows' N*D values read once per iteration (a pass over rows
+larger than the L3 cache cannot run faster than that).
 A peer that is not installed or fails is left out.
 
     python bench/bench_kmeans.py [--quick] [--cases dense-f32,sparse] [--rounds 3] [--threads 1] [--machine m.json]
@@ -197,12 +199,14 @@ def main(argv=None):
 
         machine = measure(quick=args.quick)
     gemm = machine["gemm_gflops"]
+    read_gbs = machine.get("read_gbs")  # absent from machine files written before it was measured
     cases = [c for c in CASES if not args.cases or c.name in args.cases.split(",")]
     cases = [quick(c) for c in cases] if args.quick else cases
     libs = args.libs.split(",")
     out = {"machine": machine, "cases": [], "results": []}
     lines = [f"k-means (Lloyd), time per iteration from the same initial centres, tol=0; "
-             f"GEMM {gemm['float32']:.0f} / {gemm['float64']:.0f} GFLOP/s f32 / f64 on this machine ({os.cpu_count()} CPUs)"]
+             f"GEMM {gemm['float32']:.0f} / {gemm['float64']:.0f} GFLOP/s f32 / f64"
+             + (f", memory read {read_gbs:.1f} GB/s" if read_gbs else "") + f" on this machine ({os.cpu_count()} CPUs)"]
     for c in cases:
         kind = f"CSR density {c.density:g}" if c.sparse else "dense"
         first = len(lines)
@@ -221,6 +225,9 @@ def main(argv=None):
             r = res[lib]
             flop = 2.0 * c.n * c.k * c.d
             gemm_part = "" if c.sparse else f"  {flop / r['s_per_iter'] / 1e9 / gemm[c.dtype]:6.1%} of GEMM"
+            if not c.sparse and read_gbs:  # the rows read once an iteration, against the measured read rate
+                row_bytes = c.n * c.d * np.dtype(c.dtype).itemsize
+                gemm_part += f"  {row_bytes / r['s_per_iter'] / 1e9 / read_gbs:6.1%} of read bandwidth"
             vs = f"  fastlvm speed-up {r['s_per_iter'] / fast['s_per_iter']:5.2f}x" if fast and lib != "fastlvm" else ""
             ratio = f"  {ref['s_per_iter'] / r['s_per_iter']:5.2f}x sklearn-lloyd" if ref else ""
             lines.append(f"  {lib:<14}{fmt_ms(r['s_per_iter'])}/iter  n_iter_={r['n_iter']:<4}{ratio}{gemm_part}{vs}")

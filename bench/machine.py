@@ -74,6 +74,29 @@ def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
     return 2.0 * n * 8 / best / 1e9
 
 
+def read_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Best GB/s of a parallel (numba prange) sum, counting the bytes read: the limit of a pass that
+    streams its rows from memory (k-means on rows larger than the L3 cache)."""
+    import numba
+    import numpy as np
+
+    @numba.njit(parallel=True, cache=False, fastmath=True)
+    def total(src):
+        acc = 0.0
+        for i in numba.prange(src.size):
+            acc += src[i]
+        return acc
+
+    src = np.ones(nbytes // 8, dtype=np.float64)
+    total(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        total(src)
+        best = min(best, time.perf_counter() - t0)
+    return src.nbytes / best / 1e9
+
+
 def measure(quick: bool = False) -> dict:
     n = 1024 if quick else 4096
     mib = 64 if quick else 512
@@ -82,6 +105,7 @@ def measure(quick: bool = False) -> dict:
     out["gemm_gflops"] = {dt: gemm_gflops(dt, n=n) for dt in ("float32", "float64")}
     out["copy_mib"] = mib
     out["copy_gbs"] = copy_bandwidth(mib * 2**20)
+    out["read_gbs"] = read_bandwidth(mib * 2**20)
     out["cpus"] = os.cpu_count()
     from fastlvm._config import config, format_config
 
@@ -99,6 +123,7 @@ def describe(m: dict) -> str:
         f"OPENBLAS vars: {env})\n"
         f"GEMM {m['gemm_n']}^3: {g['float32']:.0f} GFLOP/s float32, {g['float64']:.0f} GFLOP/s float64; "
         f"parallel copy of {m['copy_mib']} MiB: {m['copy_gbs']:.1f} GB/s (read + write)"
+        + (f"; parallel read: {m['read_gbs']:.1f} GB/s" if "read_gbs" in m else "")
     )
 
 
