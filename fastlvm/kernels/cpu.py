@@ -460,8 +460,8 @@ def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, top, tot):
     """resp[k, i] (soft: exp(logp - logsumexp), below the dtype's smallest normal number set to zero:
     as float32 subnormals they would add nothing but slow every product they enter; hard: one-hot
     argmax, left unset when onehot_rows says the caller adds rows by best alone), each row's
-    log p(x) row_ll[i] (float64; hard: max_k log p(x, k)) and argmax best[i] (int32), for i < C;
-    resp is zero on padding rows. logp, resp, top and tot (scratch, (rows,)) are in the data's
+    log p(x) row_ll[i] (float64; hard: max_k log p(x, k)) and argmax best[i] (int32; not when best
+    is empty, which hard mode may not pass), for i < C; resp is zero on padding rows. logp, resp, top and tot (scratch, (rows,)) are in the data's
     dtype: for float32 data the exp and the sums run on twice the lanes, and the M-step's products
     take resp as it is. resp may have more rows than logp (left as they are)."""
     K, rows = logp.shape
@@ -474,12 +474,13 @@ def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, top, tot):
     for k in range(1, K):
         for i in range(C):
             top[i] = max_nonnan(top[i], logp[k, i])
-    last = np.int32(K - 1)
-    best[:C] = last
-    for k in range(K - 1):
-        k32 = np.int32(k)  # int32: as many lanes as float32 logp's
-        for i in range(C):
-            best[i] = min(best[i], k32 if logp[k, i] == top[i] else last)
+    if best.shape[0]:  # hard mode and per-row labels need the argmax; a soft fit does not
+        last = np.int32(K - 1)
+        best[:C] = last
+        for k in range(K - 1):
+            k32 = np.int32(k)  # int32: as many lanes as float32 logp's
+            for i in range(C):
+                best[i] = min(best[i], k32 if logp[k, i] == top[i] else last)
     if hard:
         for i in range(C):
             row_ll[i] = top[i]
@@ -662,7 +663,7 @@ def _drivers(kind):
                             resp[k, i] = v if v >= tiny else 0.0  # as _normalise flushes
                     row_ll[:C] = 0.0
                 else:
-                    _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, top, tot)
+                    _normalise(logp, C, hard, onehot_rows, resp, row_ll, best if hard else best[:0], top, tot)
                 # in locals: the partials' elements were loaded and stored at every row
                 ll, worst, at = b_ll[blk], worst_ll[blk], worst_row[blk]
                 for i in range(C):
