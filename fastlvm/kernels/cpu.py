@@ -457,13 +457,14 @@ def _accumulate_vector(diag, C, resp, onehot, best, n, s, second, aa, mom):
 
 @_helper
 def _normalise(logp, C, hard, onehot_rows, resp, row_ll, best, top, tot):
-    """resp[k, i] (soft: exp(logp - logsumexp), below the dtype's smallest normal number set to zero:
-    as float32 subnormals they would add nothing but slow every product they enter; hard: one-hot
-    argmax, left unset when onehot_rows says the caller adds rows by best alone), each row's
+    """resp[k, i] (soft: exp(logp - logsumexp), below the dtype's smallest normal number set to
+    zero: as float32 subnormals they would add nothing but slow every product they enter; hard:
+    one-hot argmax, left unset when onehot_rows says the caller adds rows by best alone), each row's
     log p(x) row_ll[i] (float64; hard: max_k log p(x, k)) and argmax best[i] (int32; not when best
-    is empty, which hard mode may not pass), for i < C; resp is zero on padding rows. logp, resp, top and tot (scratch, (rows,)) are in the data's
-    dtype: for float32 data the exp and the sums run on twice the lanes, and the M-step's products
-    take resp as it is. resp may have more rows than logp (left as they are)."""
+    is empty, which hard mode may not pass), for i < C; resp is zero on padding rows. logp, resp,
+    top and tot (scratch, (rows,)) are in the data's dtype: for float32 data the exp and the sums
+    run on twice the lanes, and the M-step's products take resp as it is. resp may have more rows
+    than logp (left as they are)."""
     K, rows = logp.shape
     one = resp.dtype.type(1.0)
     tiny = resp.dtype.type(_FLOAT32_TINY if resp.itemsize == 4 else _FLOAT64_TINY)

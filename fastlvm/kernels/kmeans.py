@@ -16,14 +16,14 @@ changes touch the sums, so a skipped row costs its three bound words.
 
 A pass runs over fixed blocks of rows, each with its own partial sums, reduced in block order:
 the result does not depend on the number of threads. The kernels are serial and release the GIL;
-`_run` calls one per thread (workers.on_workers), each claiming blocks until none is left: plain threads rather
-than Numba's parallel loops, which compile several times slower. Dense rows are scored by the
-register-blocked SIMD search of `fastlvm.kernels.simd` (four rows against a panel of centres,
-reading X as stored: BLAS on a tile of rows by a few centres spent longer packing the tile than
-multiplying it), or, on AVX-512 targets for centres beyond half an L1 cache (`use_simd`), by
-single-threaded BLAS calls on tiles of SUB_ROWS rows (BLAS limited to one thread meanwhile), the
-tile of products staying in cache beside the argmin that reads it; CSR rows by an axpy per
-non-zero along the transposed centres.
+`_run` calls one per thread (workers.on_workers), each claiming blocks until none is left: plain
+threads rather than Numba's parallel loops, which compile several times slower. Dense rows are
+scored by the register-blocked SIMD search of `fastlvm.kernels.simd` (four rows, eight on AVX-512
+targets, against a panel of centres, reading X as stored: BLAS on a tile of rows by a few centres
+spent longer packing the tile than multiplying it), or, on AVX-512 targets for centres beyond half
+an L1 cache (`use_simd`), by single-threaded BLAS calls on tiles of SUB_ROWS rows (BLAS limited to
+one thread meanwhile), the tile of products staying in cache beside the argmin that reads it; CSR
+rows by an axpy per non-zero along the transposed centres.
 The kernels over Rows are made per data layout (`_kernels`): a dense fit compiles no CSR code.
 """
 
