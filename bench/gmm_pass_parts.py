@@ -24,8 +24,9 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
-    N, D, K, sub = args.n, args.d, args.k, cpu.SUB_ROWS
+    N, D, K = args.n, args.d, args.k
     dt = np.dtype(args.dtype)
+    sub = cpu.sub_rows(dt.itemsize)
     rng = np.random.default_rng(0)
     X = rng.normal(size=(N, D)).astype(dt)
     centre = X.mean(axis=0).astype(dt)

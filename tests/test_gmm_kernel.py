@@ -106,10 +106,10 @@ def test_kept_scratch_gives_what_fresh_scratch_gives(cov):
     (a partial last sub-chunk, hard mode, given responsibilities, row scores), statistics and row
     scores equal those made with fresh buffers, bit for bit."""
     D, K = 7, 3
-    X, weights, means, prec_chol, sk = _problem(cov, 2 * cpu.SUB_ROWS, D, K, np.float32, seed=3)
+    X, weights, means, prec_chol, sk = _problem(cov, 2 * cpu.sub_rows(4), D, K, np.float32, seed=3)
     kp = kernel_parameters(get_covariance_type(cov), weights, means, prec_chol, np.float32)
     kind = cpu.__dict__[cov.upper()]
-    other = np.random.default_rng(4).normal(size=(cpu.SUB_ROWS + 37, D)).astype(np.float32) * 50
+    other = np.random.default_rng(4).normal(size=(cpu.sub_rows(4) + 37, D)).astype(np.float32) * 50
     resp = np.random.default_rng(5).dirichlet(np.ones(K), size=len(other))
 
     def outputs():

@@ -16,7 +16,7 @@ Every covariance type shares one layout, so the drivers' code is written once fo
 compiled per type and dtype, see the drivers):
     prec    full (K,D,D) upper-triangular   tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
     second  full (K,D,D)                    tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
-Rows are processed in sub-chunks of SUB_ROWS. Inside one, log-probabilities and responsibilities
+Rows are processed in sub-chunks (`sub_rows`: 1 KB of each buffer row). Inside one, log-probabilities and responsibilities
 are stored as (K, rows), so the log-sum-exp runs along contiguous rows and vectorises. The products
 of every type are our own register-blocked loops (simd.combine_rows, simd.row_dots), no BLAS.
 Kernels are serial, one per thread over fixed blocks, so there is one level of parallelism (the
@@ -33,24 +33,34 @@ import threading
 
 import numpy as np
 from numba import njit, types
-from numba.extending import overload
+from numba.extending import overload, register_jitable
 
 from .simd import TRANSPOSE_BYTES, claim, combine_rows, max_nonnan, pow2, row_dots, split_exponent, transpose_centred
 from .workers import on_workers
 
 FULL, TIED, DIAG, SPHERICAL = 0, 1, 2, 3
 BLOCK_ROWS = 4096  # rows reduced serially into one partial; fixed, so results ignore threads
-# Rows per sub-chunk: long enough that the products' per-row-block costs (horizontal sums, reloaded
-# outputs) amortise, short enough that a sub-chunk's rows stay in cache from E-step to M-step. 256
-# against 128 (EPYC Zen 3, one thread): diag pass 20.6 -> 17.9 ms; full float32 and float64 faster too.
-# A multiple of 32: simd.combine_rows takes a sub-chunk's rows 32 float32 (16 float64) at a time on
-# AVX-512 targets, 16 (8) on others.
-SUB_ROWS = 256
-# The diag and spherical types' transposed rows aa (W, SUB_ROWS) are stored SUB_PITCH apart: rows
-# 1 KB (float32) apart fall in a quarter of the L1 cache's sets, so the 64 rows of D = 32 evicted
-# each other between the transposition and the products (diag pass, one thread, 200k x 32, K = 16:
-# float64 32.2 -> 29.9 ms, float32 15.7 -> 15.3 ms).
-SUB_PITCH = SUB_ROWS + 16
+# Bytes of a sub-chunk's buffer rows (each row holds one value per data row): long enough that the
+# products' per-row-block costs (horizontal sums, reloaded outputs) amortise, short enough that a
+# sub-chunk's buffers stay in cache from E-step to M-step. So 256 float32 rows but 128 float64: the
+# full type's K whitened copies of the rows are then 512 KB in both (EPYC Zen 3, 512 KB L2, 200k x 32,
+# K=16: float64 full fits with 128 rows against 256, two threads, interleaved: medians 3-12% faster
+# over four runs, one thread 237 against 248 ms a pass; float32 full with 128 rows 97.8 against
+# 87.7 ms; diag and tied float64 within noise; 256 against 128 float32 rows: diag pass 20.6 -> 17.9 ms).
+# Rows a multiple of 32: simd.combine_rows takes them 32 float32 (16 float64) at a time on AVX-512
+# targets, 16 (8) on others.
+SUB_BYTES = 1024
+# The diag and spherical types' transposed rows aa (W, sub) are stored sub + SUB_SKEW apart: rows
+# 1 KB apart fall in a quarter of the L1 cache's sets, so the 64 rows of D = 32 evicted each other
+# between the transposition and the products (diag pass, one thread, 200k x 32, K = 16: float64 32.2
+# -> 29.9 ms, float32 15.7 -> 15.3 ms).
+SUB_SKEW = 16
+
+
+@register_jitable
+def sub_rows(itemsize):
+    """Rows per sub-chunk for data of this item size (bytes): SUB_BYTES of each buffer row."""
+    return SUB_BYTES // itemsize
 
 # Reassociation lets reductions vectorise; NaN/inf semantics are kept (no 'nnan'/'ninf').
 _FASTMATH = {"reassoc", "contract", "arcp"}
@@ -585,18 +595,18 @@ def _scratch(kind, dtype, K, D, Dp, W, n_workers):
 def _new_scratch(kind, dtype, K, D, Dp, W, n_workers):
     """Each worker's buffers for a driver, stacked on a leading worker axis: (d, Y, aa, dist) for
     _log_prob (d and Y are (Dp, sub) and (K, Dp, sub) for the full type, (Dp, sub) and (1, Dp, sub)
-    for tied, nothing otherwise; aa (W, SUB_PITCH); dist (K, sub) for the full type only);
+    for tied, nothing otherwise; aa (W, sub + SUB_SKEW); dist (K, sub) for the full type only);
     (logp, resp, row_ll, best, top, tot) for _normalise (resp (Kp, sub), its rows past K zero;
     row_ll float64, best int32); (Z, mom) for _accumulate (Z (Dp, sub) for the full type; mom
     (Kp, Dp) for tied, (Kp, W) otherwise). Made here in NumPy: allocations
     inside the kernels compile NumPy's allocation code once per shape and dtype, about half a
     second of a first fit."""
-    n, sub = n_workers, SUB_ROWS
+    n, sub = n_workers, sub_rows(np.dtype(dtype).itemsize)
     Kp = K + K % 2 if kind != FULL else K  # row_dots takes the responsibilities' rows in pairs
     whitened = kind == FULL or kind == TIED
     d = _aligned((n, Dp, sub) if whitened else (n, 0, sub), dtype, zero=True)
     Y = _aligned((n, (K if kind == FULL else 1) if whitened else 0, Dp, sub), dtype)
-    return (d, Y, _aligned((n, W, SUB_PITCH), dtype, zero=True), _aligned((n, K if kind == FULL else 0, sub), dtype),
+    return (d, Y, _aligned((n, W, sub + SUB_SKEW), dtype, zero=True), _aligned((n, K if kind == FULL else 0, sub), dtype),
             _aligned((n, K, sub), dtype), _aligned((n, Kp, sub), dtype, zero=True), _aligned((n, sub), np.float64),
             _aligned((n, sub), np.int32), _aligned((n, sub), dtype), _aligned((n, sub), dtype),
             _aligned((n, Dp if kind == FULL else 0, sub), dtype), _aligned((n, Kp, Dp if kind == TIED else W), dtype))
@@ -642,7 +652,7 @@ def _drivers(kind):
         the b_* / worst_* partials (see suff_stats), with the worker's buffers (_scratch)."""
         N, D = X.shape
         K = means.shape[0]
-        sub = SUB_ROWS
+        sub = sub_rows(X.itemsize)
         given = resp_in.shape[0] == N
         onehot_rows = hard and not given and (kind == DIAG or kind == SPHERICAL)
         tiny = _FLOAT32_TINY if X.itemsize == 4 else _FLOAT64_TINY
@@ -679,11 +689,11 @@ def _drivers(kind):
     @_jit
     def row_scores_subs(X, means, prec, log_norm, centre, b, Wt, base, hard, out_ll, out_label, out_logp, scratch,
                         worker, counter):
-        """row_scores on the sub-chunks of SUB_ROWS rows this worker claims, with its buffers
+        """row_scores on the sub-chunks of sub_rows rows this worker claims, with its buffers
         (_scratch)."""
         N, D = X.shape
         K = means.shape[0]
-        sub = SUB_ROWS
+        sub = sub_rows(X.itemsize)
         want_logp = out_logp.shape[0] == N
         d, Y, aa, dist, logp, resp, row_ll, best, top, tot, _, _ = _worker(scratch, worker)
         while True:
@@ -747,7 +757,8 @@ def row_scores(kind, X, means, prec, log_norm, centre, hard, out_ll, out_label, 
     out_ll[i] = log p(x_i) (hard: max_k log p(x_i, k)), and, when out_logp has N rows,
     out_logp[i, k] = log p(x_i, k)."""
     X = np.ascontiguousarray(X)
-    n_sub = (X.shape[0] + SUB_ROWS - 1) // SUB_ROWS
+    sub = sub_rows(X.itemsize)
+    n_sub = (X.shape[0] + sub - 1) // sub
     kprec, b = _padded(kind, prec, _whitened_offsets(kind, means, prec, centre))
     Wt, base = _vector_weights(kind, means, prec, centre, log_norm)
     n_workers = max(1, min(n_workers, n_sub))
