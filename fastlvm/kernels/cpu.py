@@ -16,14 +16,15 @@ Every covariance type shares one layout, so the drivers' code is written once fo
 compiled per type and dtype, see the drivers):
     prec    full (K,D,D) upper-triangular   tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
     second  full (K,D,D)                    tied (1,D,D)   diag (K,1,D)   spherical (K,1,1)
-Rows are processed in sub-chunks (`sub_rows`: 1 KB of each buffer row). Inside one, log-probabilities and responsibilities
-are stored as (K, rows), so the log-sum-exp runs along contiguous rows and vectorises. The products
-of every type are our own register-blocked loops (simd.combine_rows, simd.row_dots), no BLAS.
-Kernels are serial, one per thread over fixed blocks, so there is one level of parallelism (the
-caller keeps the host's BLAS on one thread meanwhile, see `blas_single_thread`). Arithmetic is in the
-data's dtype, log-probabilities and responsibilities too (each row's log p(x) and the statistics
-accumulate in float64 across sub-chunks). The last sub-chunk of a block is padded with zero rows, which carry
-zero responsibility, so every product has the same shape.
+Rows are processed in sub-chunks (`sub_rows`: 1 KB of each buffer row). Inside one,
+log-probabilities and responsibilities are stored as (K, rows), so the log-sum-exp runs along
+contiguous rows and vectorises. The products of every type are our own register-blocked loops
+(simd.combine_rows, simd.row_dots), no BLAS. Kernels are serial, one per thread over fixed blocks,
+so there is one level of parallelism (the caller keeps the host's BLAS on one thread meanwhile, see
+`blas_single_thread`). Arithmetic is in the data's dtype, log-probabilities and responsibilities too
+(each row's log p(x) and the statistics accumulate in float64 across sub-chunks). The last sub-chunk
+of a block is padded with zero rows, which carry zero responsibility, so every product has the same
+shape.
 """
 
 import contextlib
@@ -597,10 +598,9 @@ def _new_scratch(kind, dtype, K, D, Dp, W, n_workers):
     _log_prob (d and Y are (Dp, sub) and (K, Dp, sub) for the full type, (Dp, sub) and (1, Dp, sub)
     for tied, nothing otherwise; aa (W, sub + SUB_SKEW); dist (K, sub) for the full type only);
     (logp, resp, row_ll, best, top, tot) for _normalise (resp (Kp, sub), its rows past K zero;
-    row_ll float64, best int32); (Z, mom) for _accumulate (Z (Dp, sub) for the full type; mom
-    (Kp, Dp) for tied, (Kp, W) otherwise). Made here in NumPy: allocations
-    inside the kernels compile NumPy's allocation code once per shape and dtype, about half a
-    second of a first fit."""
+    row_ll float64, best int32); (Z, mom) for _accumulate (Z (Dp, sub) for the full type; mom (Kp,
+    Dp) for tied, (Kp, W) otherwise). Made here in NumPy: allocations inside the kernels compile
+    NumPy's allocation code once per shape and dtype, about half a second of a first fit."""
     n, sub = n_workers, sub_rows(np.dtype(dtype).itemsize)
     Kp = K + K % 2 if kind != FULL else K  # row_dots takes the responsibilities' rows in pairs
     whitened = kind == FULL or kind == TIED
