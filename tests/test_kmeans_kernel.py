@@ -111,19 +111,29 @@ def test_lloyd_passes_give_the_nearest_centre_whichever_pass_runs(share, dtype, 
         moves, C = np.sqrt(((new - C) ** 2).sum(axis=1)), new
 
 
-def test_passes_ignore_the_thread_count():
-    """Fixed blocks summed in order: one thread and every thread give the same bits."""
+@pytest.mark.parametrize("sparse", [False, True])
+def test_passes_ignore_the_thread_count(sparse):
+    """Moves added up in row order (dense: fixed blocks summed in order; CSR: every cluster's rows
+    in order, whichever thread takes the cluster): one thread and every thread give the same bits,
+    over passes whose moves leave clusters as well as join them."""
     numba = pytest.importorskip("numba")
+    sp = pytest.importorskip("scipy.sparse")
     rng = np.random.default_rng(6)
     X = rng.normal(size=(5 * BLOCK_ROWS + 11, 3))
-    C = X[:7].copy()
+    X[rng.random(X.shape) < 0.3] = 0.0
+    w = rng.uniform(0.5, 2.0, size=len(X))
     results = []
     for threads in (1, numba.config.NUMBA_NUM_THREADS):
         numba.set_num_threads(threads)
         try:
-            state = kernels.LloydState(kernels.Rows(X), np.ones(len(X)), 7)
-            state.assign(C, np.zeros(7))
-            results.append((state.labels.copy(), state.sums.copy(), cluster_sums(X, state.labels, 7)[1]))
+            state = kernels.LloydState(kernels.Rows(sp.csr_matrix(X) if sparse else X), w, 7)
+            C = X[:7].copy()
+            for _ in range(3):
+                state.assign(C, np.zeros(7))
+                C = state.sums / np.maximum(state.counts, 1e-12)[:, None]
+            results.append((state.labels.copy(), state.sums.copy(), state.counts.copy()))
+            if not sparse:
+                results[-1] += (cluster_sums(X, state.labels, 7)[1],)
         finally:
             numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     for a, b in zip(*results):

@@ -1,8 +1,8 @@
 """Numba CPU kernels for k-means (Lloyd's algorithm), dense and CSR.
 
 One pass assigns every row to its nearest centre and folds the changes into the per-cluster
-weighted sums (a block's changed rows, after its labels), without an N x K array (products come
-in tiles of rows):
+weighted sums (the rows whose label changed), without an N x K array (products come in tiles of
+rows):
 
     label_i = argmin_k ||c_k||^2 - 2 x_i . c_k          (ties to the lowest k, as Lloyd's)
     S_k += w_i x_i,  W_k += w_i   for the new label;   S_k -= w_i x_i, W_k -= w_i for the old one
@@ -14,20 +14,24 @@ c_a to its nearest other centre. Bounds are widened by a rounding margin, so a s
 label is the label the full computation gives: the result is Lloyd's. Only rows whose label
 changes touch the sums, so a skipped row costs its three bound words.
 
-A pass runs over fixed blocks of rows, each with its own partial sums, reduced in block order:
-the result does not depend on the number of threads. The kernels are serial and release the GIL;
-`_run` calls one per thread (workers.on_workers), each claiming blocks until none is left: plain
-threads rather than Numba's parallel loops, which compile several times slower. Dense rows are
-scored by the register-blocked SIMD search of `fastlvm.kernels.simd` (four rows, eight on AVX-512
-targets, against a panel of centres, reading X as stored: BLAS on a tile of rows by a few centres
-spent longer packing the tile than multiplying it), or, on AVX-512 targets for centres beyond half
-an L1 cache (`use_simd`), by single-threaded BLAS calls on tiles of SUB_ROWS rows (BLAS limited to
-one thread meanwhile), the tile of products staying in cache beside the argmin that reads it; CSR
-rows by an axpy per non-zero along the transposed centres.
+A pass runs over fixed blocks of rows and notes each block's moves. Dense rows add them up into the
+block's own partial sums while the tile is in cache (reduced in block order after the pass: K D
+words a block, at most the block's own size up to K = 1024 float32); CSR rows, whose partial sums
+would be K times their width a block, leave them to apply_moves, which adds every cluster's rows in
+row order. Either way the result does not depend on the number of threads. The kernels are serial
+and release the GIL; `_run` calls one per thread (workers.on_workers), each claiming blocks until
+none is left: plain threads rather than Numba's parallel loops, which compile several times slower.
+Dense rows are scored by the register-blocked SIMD search of `fastlvm.kernels.simd` (four rows,
+eight on AVX-512 targets, against a panel of centres, reading X as stored: BLAS on a tile of rows
+by a few centres spent longer packing the tile than multiplying it), or, on AVX-512 targets for
+centres beyond half an L1 cache (`use_simd`), by single-threaded BLAS calls on tiles of SUB_ROWS
+rows (BLAS limited to one thread meanwhile), the tile of products staying in cache beside the
+argmin that reads it; CSR rows by an axpy per non-zero along the transposed centres.
 The kernels over Rows are made per data layout (`_kernels`): a dense fit compiles no CSR code.
 """
 
 import functools
+import math
 from types import SimpleNamespace
 
 import numba
@@ -69,6 +73,10 @@ def n_groups(n_clusters):
     return max(1, -(-n_clusters // (4 if n_clusters <= 64 else 10)))
 
 
+def _round_up(n, m):
+    return -(-n // m) * m
+
+
 @register_jitable  # plain Python when called from Python: no compile of its own
 def n_blocks(n_rows):
     """Blocks of BLOCK_ROWS rows (at least one)."""
@@ -83,18 +91,18 @@ def _workers(n_items):
 def _tile_scratch(K, dtype, n_workers):
     """Each worker's buffers for a pass over tiles of rows, stacked on a leading worker axis:
     products G (K, SUB_ROWS) and acc (K,) in dtype, per row the nearest centre (int64) and the
-    lowest two scores (float64), and a tile's moved rows and their old labels (int64). Made here in
-    NumPy: allocations inside the kernels compile NumPy's allocation code once per shape and dtype."""
+    lowest two scores (float64). Made here in NumPy: allocations inside the kernels compile NumPy's
+    allocation code once per shape and dtype."""
     n = n_workers
     return (_aligned((n, K, SUB_ROWS), dtype), _aligned((n, K), dtype), _aligned((n, SUB_ROWS), np.int64),
-            _aligned((n, 2, SUB_ROWS), np.float64), _aligned((n, 2, SUB_ROWS), np.int64))
+            _aligned((n, 2, SUB_ROWS), np.float64))
 
 
 @_inline
 def _tile_worker(scratch, w):
-    """Worker w's buffers from _tile_scratch's stacks: G, acc, best, s1, s2, moved, old."""
-    G, acc, best, s, moved = scratch
-    return G[w], acc[w], best[w], s[w, 0], s[w, 1], moved[w, 0], moved[w, 1]
+    """Worker w's buffers from _tile_scratch's stacks: G, acc, best, s1, s2."""
+    G, acc, best, s = scratch
+    return G[w], acc[w], best[w], s[w, 0], s[w, 1]
 
 
 def _run(kernel, n_items, *args, blas=False, n_workers=None):
@@ -136,7 +144,7 @@ def _sq_distance(sparse, X, data, indices, indptr, i, C, k, x_norms, c_norms):
 
 @_inline
 def _relabel(labels, i, new, moved, old, n_changed):
-    """Row i takes the label `new`, a change, noted as the block's n_changed-th move for _move_sums
+    """Row i takes the label `new`, a change, noted as the block's n_changed-th move for apply_moves
     (callers test for the change first, so an unchanged row costs one comparison); returns the new
     count of moves."""
     moved[n_changed] = i
@@ -279,7 +287,7 @@ def _nearest_rows(simd):
         """labels[i] and d2[i] = ||x_i - c||^2 (in d2's dtype, >= 0) of the nearest centre c, for
         the blocks of dense rows the worker claims, with its buffers (_tile_scratch)."""
         N = X.shape[0]
-        G, _, best, s1, s2, _, _ = _tile_worker(scratch, worker)
+        G, _, best, s1, s2 = _tile_worker(scratch, worker)
         while True:
             b = claim(counter)
             if b >= n_blocks(N):
@@ -376,24 +384,17 @@ def cluster_sums(X, labels, n_clusters):
 
 
 @_inline
-def _move_sums(sparse, X, data, indices, indptr, weights, labels, moved, old, n, sums, counts):
-    """The changes of the weighted sums (added to sums, counts): the rows moved[:n], in order, leave
-    cluster old[j] (none when < 0) for labels[moved[j]]. Once a tile or block, after its labels: a
-    helper called per row cost ~100 ns (its arrays' reference counts), several times a dense row's
-    move. Inlined: as a kernel of its own it compiled 0.3 s longer."""
-    for j in range(n):
+def _move_sums(X, weights, labels, moved, old, start, stop, sums, counts):
+    """The moves moved[start:stop] of dense rows (old labels in `old`, < 0 for none), in order, into
+    a block's sums (K, D) and counts (K,): once a tile, after its labels, while its rows are in L1
+    (added up after the pass, which read the rows again, they made a 200k x 32 float32 fit 1.2x as
+    long)."""
+    for j in range(start, stop):
         i, k, o = moved[j], labels[moved[j]], old[j]
         w = weights[i]
         counts[k] += w
         if o >= 0:
             counts[o] -= w
-        if sparse:
-            for p in range(indptr[i], indptr[i + 1]):
-                v = w * data[p]
-                sums[k, indices[p]] += v
-                if o >= 0:
-                    sums[o, indices[p]] -= v
-        elif o >= 0:
             for d in range(X.shape[1]):
                 v = w * X[i, d]
                 sums[k, d] += v
@@ -412,8 +413,10 @@ def _kernels(sparse):
 
     @_jit
     def yinyang_pass(X, data, indices, indptr, weights, x_norms, C, c_norms, half_sep, members, group_start,
-                     group_of, moves, group_moves, eps, shrink, labels, upper, lower, sums, counts, changed, worker, counter):
-        """One assignment pass with Yinyang bounds (Ding et al., 2015) over rows that have a label.
+                     group_of, moves, group_moves, eps, shrink, labels, upper, lower, moved, old, changed, sums, counts,
+                     worker, counter):
+        """One assignment pass with Yinyang bounds (Ding et al., 2015) over rows that have a label;
+        the moves noted, and for dense rows added up, per block as full_pass does.
 
         The centres form G groups (members[group_start[g]:group_start[g+1]]); lower[i, g] bounds the
         distance from x_i to every centre of group g but its own. After the centres move,
@@ -428,13 +431,13 @@ def _kernels(sparse):
         G = group_start.shape[0] - 1
         c_max = _largest(c_norms)
         scored = np.zeros(G, dtype=np.bool_)
-        moved, old = np.empty(BLOCK_ROWS, dtype=np.int64), np.empty(BLOCK_ROWS, dtype=np.int64)
         scores = np.empty(K)
         while True:
             b = claim(counter)
-            if b >= sums.shape[0]:
+            if b >= changed.shape[0]:
                 break
-            n_changed = np.int64(0)  # not the literal 0: _move_sums would compile for both
+            n_changed = 0
+            block_moved, block_old = moved[b * BLOCK_ROWS :], old[b * BLOCK_ROWS :]
             for i in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS)):
                 a = labels[i]
                 u = upper[i] + moves[a]
@@ -486,11 +489,12 @@ def _kernels(sparse):
                         lower[i, ga] = min(lower[i, ga], _low(x_norms[i] + s_a, margin, shrink))
                 upper[i] = np.sqrt(max(x_norms[i] + s_best, 0.0) + eps * (x_norms[i] + c_norms[best]))
                 if best != a:
-                    n_changed = _relabel(labels, i, best, moved, old, n_changed)
-            sums[b] = 0.0
-            counts[b] = 0.0
-            _move_sums(sparse, X, data, indices, indptr, weights, labels, moved, old, n_changed, sums[b], counts[b])
+                    n_changed = _relabel(labels, i, best, block_moved, block_old, n_changed)
             changed[b] = n_changed
+            if not sparse:
+                sums[b] = 0.0
+                counts[b] = 0.0
+                _move_sums(X, weights, labels, block_moved, block_old, 0, n_changed, sums[b], counts[b])
 
     @_jit
     def bounded_hits(X, data, indices, indptr, x_norms, C, c_norms, half_sep, moves, group_moves, eps, shrink,
@@ -513,6 +517,30 @@ def _kernels(sparse):
                     continue
                 s_a = c_norms[a] - 2.0 * _product(X, data, indices, indptr, sparse, i, C, a)
                 hits[r] = np.sqrt(max(x_norms[i] + s_a, 0.0) + eps * (x_norms[i] + c_norms[a])) >= gmin
+
+    @_jit
+    def apply_moves(X, data, indices, indptr, weights, labels, moved, old, changed, part_start, sums, worker,
+                    counter):
+        """The moves of CSR rows that a pass noted into the weighted sums and counts (sums (K, > D),
+        a cluster's count in its last column): each row leaves its old cluster (none when < 0) for
+        its label. Part p takes the clusters [part_start[p], part_start[p + 1]); every sum receives
+        its rows in row order, whatever the parts and threads. One (K, D) array where sums per block
+        (dense rows') would take B K D words: 0.5 GB for 100k rows of 20k features, K = 64, zeroed
+        and added up at every pass."""
+        count = sums.shape[1] - 1
+        while True:
+            p = claim(counter)
+            if p >= part_start.shape[0] - 1:
+                break
+            lo, hi = part_start[p], part_start[p + 1]
+            for b in range(changed.shape[0]):
+                for j in range(b * BLOCK_ROWS, b * BLOCK_ROWS + changed[b]):
+                    i, o = moved[j], old[j]
+                    for k, w in ((labels[i], weights[i]), (o, -weights[i])):
+                        if lo <= k < hi:  # o < 0: a first label, no cluster to leave
+                            sums[k, count] += w
+                            for q in range(indptr[i], indptr[i + 1]):
+                                sums[k, indices[q]] += w * data[q]
 
     @_jit
     def sq_distances(X, data, indices, indptr, x_norms, C, c_norms, labels, out, worker, counter):
@@ -547,7 +575,7 @@ def _kernels(sparse):
                         acc += np.float64(X[i, d]) * X[i, d]
                 out[i] = acc
 
-    return SimpleNamespace(yinyang_pass=yinyang_pass, bounded_hits=bounded_hits,
+    return SimpleNamespace(yinyang_pass=yinyang_pass, bounded_hits=bounded_hits, apply_moves=apply_moves,
                            sq_distances=sq_distances, row_sq_norms=row_sq_norms)
 
 
@@ -558,23 +586,26 @@ def _full_pass(sparse, simd):
 
     @_jit
     def full_pass(X, data, indices, indptr, weights, x_norms, C, CT, c_norms, lane_norms, eps, shrink, labels,
-                  bounds, d2, upper, lower, sums, counts, changed, scratch, worker, counter):
+                  bounds, d2, upper, lower, moved, old, changed, sums, counts, scratch, worker, counter):
         """Labels of every row of the blocks the worker claims, from tiles of products
-        (_nearest_dense; CSR: _sparse_tile_products, _nearest_block), if `bounds` their bounds (distance to the nearest centre, and
-        to the next nearest as every group's lower bound, widened by the rounding margin), if d2 is
-        not empty (N,) each row's squared distance to its centre (summed directly, while the tile is
-        in L1: a pass of its own read X again), and per block the changes of the weighted sums (sums
-        (B, K, D), counts (B, K), changed (B,)); the worker's buffers from _tile_scratch."""
+        (_nearest_dense; CSR: _sparse_tile_products, _nearest_block), if `bounds` their bounds
+        (distance to the nearest centre, and to the next nearest as every group's lower bound,
+        widened by the rounding margin), if d2 is not empty (N,) each row's squared distance to its
+        centre (summed directly, while the tile is in L1: a pass of its own read X again), and per
+        block b its changed[b] moves, in row order, from moved[b * BLOCK_ROWS] on (rows; their old
+        labels in `old`): for dense rows added up into the block's sums[b] (K, D) and counts[b]
+        (K,), for CSR rows left to apply_moves; the worker's buffers from _tile_scratch."""
         N = labels.shape[0]
-        G, acc, best, s1, s2, moved, old = _tile_worker(scratch, worker)
+        G, acc, best, s1, s2 = _tile_worker(scratch, worker)
         c_max = _largest(c_norms)
         while True:
             b = claim(counter)
-            if b >= sums.shape[0]:
+            if b >= changed.shape[0]:
                 break
-            n_changed = 0
-            sums[b] = 0.0
-            counts[b] = 0.0
+            n_changed = b * BLOCK_ROWS  # where the block's next move is noted
+            if not sparse:
+                sums[b] = 0.0
+                counts[b] = 0.0
             for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
                 n = min(SUB_ROWS, N - r0)
                 if sparse:
@@ -585,20 +616,20 @@ def _full_pass(sparse, simd):
                 if bounds:
                     _set_bounds(x_norms, r0, n, s1, s2, eps * c_max, eps, shrink, upper, lower)
                 # Every row noted, kept as a move if its label changed: no branch (mispredicted at
-                # every change), and the tile's moved rows are still in L1 for their sums.
-                n_moved = np.int64(0)  # not the literal 0: _move_sums would compile for both
+                # every change).
+                first = n_changed
                 for r in range(n):
                     i = r0 + r
-                    moved[n_moved] = i
-                    old[n_moved] = labels[i]
+                    moved[n_changed] = i
+                    old[n_changed] = labels[i]
                     labels[i] = best[r]
-                    n_moved += best[r] != old[n_moved]
-                _move_sums(sparse, X, data, indices, indptr, weights, labels, moved, old, n_moved, sums[b], counts[b])
-                n_changed += n_moved
+                    n_changed += best[r] != old[n_changed]
+                if not sparse:
+                    _move_sums(X, weights, labels, moved, old, first, n_changed, sums[b], counts[b])
                 if d2.shape[0]:
                     for r in range(n):
                         d2[r0 + r] = _sq_distance(sparse, X, data, indices, indptr, r0 + r, C, best[r], x_norms, c_norms)
-            changed[b] = n_changed
+            changed[b] = n_changed - b * BLOCK_ROWS
 
     return full_pass
 
@@ -683,14 +714,23 @@ class LloydState:
         self.bounded = bounds and N >= BOUNDED_MIN_ROWS  # bounds=False: one pass, whose bounds would go unread
         self.upper = _aligned(N if self.bounded else 0, np.float64, zero=True)
         self.lower = _aligned((N if self.bounded else 0, self.n_groups), np.float32, zero=True)
-        self.sums = np.zeros((K, D))
-        self.counts = np.zeros(K)
+        # A cluster's sums and count (its last column) on whole cache lines of their own: apply_moves'
+        # threads write clusters side by side. The kernel takes the array whole (C-contiguous).
+        self._sums_counts = _aligned((K, _round_up(D + 1, 8)), np.float64, zero=True)
+        self.sums, self.counts = self._sums_counts[:, :D], self._sums_counts[:, -1]
         B = n_blocks(N)
         self._n_workers = _workers(B)
         self._scratch = _tile_scratch(K, rows.dtype, self._n_workers)  # the full pass's, made once
-        self._sums = np.empty((B, K, D))
-        self._counts = np.empty((B, K))
+        self._moved = _aligned(N, np.int64)  # a pass's moves, noted per block
+        self._old = _aligned(N, np.int32)
         self._changed = np.empty(B, dtype=np.int64)
+        # Dense rows: each block's changes of the sums and counts, on cache lines of their own
+        # (padding rows): blocks side by side go to different threads. CSR rows: none (apply_moves).
+        Kp = 0 if rows.sparse else K
+        self._block_sums = _aligned((B if Kp else 0, _round_up(Kp, 8 // math.gcd(D, 8)), D), np.float64)
+        self._block_counts = _aligned((B if Kp else 0, _round_up(Kp, 8)), np.float64)
+        parts = min(K, self._n_workers)  # apply_moves' parts, ranges of clusters
+        self._part_start = np.array([p * K // parts for p in range(parts + 1)], dtype=np.int64)
         self.eps = 8.0 * np.finfo(rows.dtype).eps * np.sqrt(D)
         self.shrink = 1.0 - 2.0**-20
         self.groups = None
@@ -746,12 +786,11 @@ class LloydState:
         CT, lane_norms = rows.search_centres(Cd)
         full_pass = _full_pass(rows.sparse, not rows.sparse and use_simd(CT))
         d2 = _aligned(rows.n_rows if distances else 0, np.float64)
-        _run(full_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, Cd, CT, c_norms, lane_norms, self.eps,
-             self.shrink, self.labels, self._fresh, d2, self.upper, self.lower, self._sums, self._counts,
-             self._changed, self._scratch, n_workers=self._n_workers)
+        _run(full_pass, self._changed.shape[0], *rows.args(), self.weights, rows.norms, Cd, CT, c_norms, lane_norms,
+             self.eps, self.shrink, self.labels, self._fresh, d2, self.upper, self.lower, self._moved, self._old,
+             self._changed, self._block_sums, self._block_counts, self._scratch, n_workers=self._n_workers)
         self.d2 = d2 if distances else None
-        self._reduce()
-        n_changed = int(self._changed.sum())
+        n_changed = self._apply_moves()
         return n_changed if first else self._note(n_changed)
 
     def _note(self, n_changed):
@@ -775,17 +814,24 @@ class LloydState:
             self._backoff = min(2 * self._backoff, MAX_WAIT)
             return -1
         self._backoff = 1
-        _run(rows.kernels.yinyang_pass, self._sums.shape[0], *rows.args(), self.weights, rows.norms, Cd, c_norms, half_sep, members,
-             group_start, group_of, moves, group_moves, self.eps, self.shrink, self.labels, self.upper, self.lower,
-             self._sums, self._counts, self._changed)
-        self._reduce()
-        return int(self._changed.sum())
+        _run(rows.kernels.yinyang_pass, self._changed.shape[0], *rows.args(), self.weights, rows.norms, Cd, c_norms,
+             half_sep, members, group_start, group_of, moves, group_moves, self.eps, self.shrink, self.labels,
+             self.upper, self.lower, self._moved, self._old, self._changed, self._block_sums, self._block_counts)
+        return self._apply_moves()
 
-    def _reduce(self):
-        # Blocks in order (NumPy adds along a leading axis one block at a time): the same sums for
-        # any thread count, in one call where a loop over the blocks took 0.35 ms a pass (98 blocks).
-        self.sums += self._sums.sum(axis=0)
-        self.counts += self._counts.sum(axis=0)
+    def _apply_moves(self):
+        """The last pass's moves into the sums and counts; returns their number."""
+        n_changed = int(self._changed.sum())
+        if not n_changed:
+            return 0
+        if self.rows.sparse:
+            _run(self.rows.kernels.apply_moves, self._part_start.shape[0] - 1, *self.rows.args(), self.weights,
+                 self.labels, self._moved, self._old, self._changed, self._part_start, self._sums_counts)
+        else:  # blocks in order (NumPy adds along a leading axis one block at a time): any thread count
+            K = self.counts.shape[0]
+            self.sums += self._block_sums.sum(axis=0)[:K]
+            self.counts += self._block_counts.sum(axis=0)[:K]
+        return n_changed
 
 
 def _half_separations(C, eps):
@@ -805,17 +851,18 @@ def _centre(X, shift, out, write, norms, sums, sq_sums, worker, counter):
         b = claim(counter)
         if b >= sq_sums.shape[0]:
             break
+        s, q = sums[b], sq_sums[b]
         for i in range(b * BLOCK_ROWS, min(X.shape[0], (b + 1) * BLOCK_ROWS)):
             acc = 0.0
             for d in range(X.shape[1]):
-                v = X[i, d] - shift[d]
-                if write:
-                    out[i, d] = v
-                v = np.float64(v)
+                v = np.float64(X[i, d] - shift[d])
                 acc += v * v
-                sums[b, d] += v
-                sq_sums[b, d] += v * v
+                s[d] += v
+                q[d] += v * v
             norms[i] = acc
+            if write:  # a loop of its own: out may be X, which kept the loop above from vectorising
+                for d in range(X.shape[1]):
+                    out[i, d] = X[i, d] - shift[d]
 
 
 def centre(X, shift, out):
@@ -824,8 +871,10 @@ def centre(X, shift, out):
     column's sum and sum of squares (D,) after the shift, in float64 (blocks summed in order). One
     pass over X where a copy, a NumPy subtraction, the column sums and the row norms took four."""
     norms = _aligned(X.shape[0], np.float64)
-    sums = np.zeros((n_blocks(X.shape[0]), X.shape[1]))
-    sq_sums = np.zeros_like(sums)
+    # Each block's sums on cache lines of their own: blocks side by side go to different threads,
+    # and a line that two of them wrote at every row held the pass to half its one-thread speed.
+    width = -(-X.shape[1] // 8) * 8
+    sums, sq_sums = _aligned((2, n_blocks(X.shape[0]), width), np.float64, zero=True)[:, :, : X.shape[1]]
     _run(_centre, sq_sums.shape[0], X, np.asarray(shift, dtype=X.dtype), X if out is None else out,
          out is not None, norms, sums, sq_sums)
     return norms, sums.sum(axis=0), sq_sums.sum(axis=0)
