@@ -259,17 +259,28 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
             for buf, value in ((min1, m1), (min2, m2), (at, a)):
                 builder.store(value, builder.gep(buf, [g]))
 
-        n_runs = builder.udiv(nv, const(R))
         with cgutils.for_range(builder, n_blocks) as blocks:
             k0 = builder.mul(blocks.index, const(W))
             cbase = builder.gep(ca.data, [builder.mul(k0, D)])
             norms = builder.load(builder.bitcast(builder.gep(na.data, [k0]), vty.as_pointer()), align=1)
-            with cgutils.for_range(builder, n_runs) as runs:
-                products(builder.mul(runs.index, const(R)), R, cbase, norms)
-            with cgutils.for_range_slice(builder, builder.mul(n_runs, const(R)), nv, const(1)) as (row, _):
-                products(row, 1, cbase, norms)
-            with cgutils.for_range(builder, n_row_groups) as groups:
-                fold(groups.index, k0)
+            # With several runs a group (T > R), a group's products, then its fold: the fold's
+            # shuffles and selects overlap the next group's FMAs (1.1-1.2x as fast at K = 16, D = 32
+            # float32 on AVX2). With one run a group, every run's products, then every fold: a
+            # fold after every run was 1.03-1.07x as slow (float64 on AVX2).
+            U = T if T > R else TILE_ROWS  # rows whose products come before their folds
+            with cgutils.for_range(builder, builder.udiv(builder.add(nv, const(U - 1)), const(U))) as units:
+                u0 = builder.mul(units.index, const(U))
+                left = builder.sub(nv, u0)
+                rows = builder.select(builder.icmp_unsigned("<", left, const(U)), left, const(U))
+                n_runs = builder.udiv(rows, const(R))
+                with cgutils.for_range(builder, n_runs) as runs:
+                    products(builder.add(u0, builder.mul(runs.index, const(R))), R, cbase, norms)
+                with cgutils.for_range_slice(builder, builder.add(u0, builder.mul(n_runs, const(R))),
+                                             builder.add(u0, rows), const(1)) as (row, _):
+                    products(row, 1, cbase, norms)
+                g0 = builder.udiv(u0, const(T))
+                with cgutils.for_range(builder, builder.udiv(builder.add(rows, const(T - 1)), const(T))) as groups:
+                    fold(builder.add(g0, groups.index), k0)
         outs = [(context.make_array(t)(context, builder, v), context.get_data_type(t.dtype))
                 for t, v in ((bty, bestv), (s1ty, s1v), (s2ty, s2v))]
         whole = builder.udiv(nv, const(T))
