@@ -28,8 +28,8 @@ as the products at K = 16, D = 32.
 has rows, squares[p, i] = out[p, i]^2 (from the registers: a second pass over out cost the diag
 type a third as long as the transposition), on the whole tiles of T x T (T = 32 bytes of lanes: 8
 float32 or 4 float64), i < n - n % T and p < D - D % T; the caller does the edges. Each tile is T
-vector loads along rows of X, log2(T) rounds of two-input shuffles (each round swaps the
-off-diagonal blocks of half the size of the last) and T vector stores along rows of out: Numba's
+vector loads along rows of X, log2(T) rounds of two-input shuffles (single AVX instructions: see
+_transpose_masks) and T vector stores along rows of out: Numba's
 element loop makes one scattered store per element. X is C-contiguous; out's rows have unit
 stride.
 
@@ -135,27 +135,34 @@ TRANSPOSE_BYTES = 32  # a transposed tile's row is one AVX2 register
 
 
 def _transpose_masks(T):
-    """Per round d (T/2, T/4, .., 1) of a T x T transposition: the shuffles that give rows j and
-    j + d from rows j and j + d (j & d == 0)."""
-    masks = []
-    d = T // 2
-    while d >= 1:
-        lo = [c if c & d == 0 else T + c - d for c in range(T)]
-        hi = [c + d if c & d == 0 else T + c for c in range(T)]
-        masks.append((d, *(ir.Constant(ir.VectorType(ir.IntType(32), T), k) for k in (lo, hi))))
-        d //= 2
-    return masks
+    """The rounds (d, lo, hi) of a T x T transposition (T = 4 or 8), d = 1, 2, .., T / 2, and the
+    order its outputs come in. Each shuffle is one AVX instruction: unpack within 128-bit lanes,
+    then (T = 8) pairs of elements, then the lanes across rows (24 shuffles for 8 x 8 where
+    swapping lanes first took 32)."""
+    mask = lambda k: ir.Constant(ir.VectorType(ir.IntType(32), T), k)  # noqa: E731
+    if T == 4:  # unpack, lanes
+        rounds = [(1, [0, 4, 2, 6], [1, 5, 3, 7]), (2, [0, 1, 4, 5], [2, 3, 6, 7])]
+        order = [0, 1, 2, 3]
+    elif T == 8:  # unpack, pairs, lanes
+        rounds = [(1, [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]),
+                  (2, [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]),
+                  (4, [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])]
+        order = [0, 2, 1, 3, 4, 6, 5, 7]
+    else:
+        raise ValueError(f"no transposition of {T} x {T}")
+    return [(d, mask(lo), mask(hi)) for d, lo, hi in rounds], order
 
 
 def _transpose(builder, v, masks):
-    """The T vectors v (rows of a T x T tile) transposed: log2(T) rounds of two-input shuffles, each
-    swapping the off-diagonal blocks of half the size of the last."""
+    """The T vectors v (rows of a T x T tile) transposed by the rounds of _transpose_masks: round d
+    shuffles rows j and j + d (j & d == 0) into two new ones."""
+    rounds, order = masks
     v = list(v)
-    for d, lo, hi in masks:
+    for d, lo, hi in rounds:
         for j in range(len(v)):
             if j & d == 0:
                 v[j], v[j + d] = builder.shuffle_vector(v[j], v[j + d], lo), builder.shuffle_vector(v[j], v[j + d], hi)
-    return v
+    return [v[o] for o in order]
 
 
 def _fold_halves(builder, v, T):
