@@ -871,10 +871,11 @@ def centre(X, shift, out):
     column's sum and sum of squares (D,) after the shift, in float64 (blocks summed in order). One
     pass over X where a copy, a NumPy subtraction, the column sums and the row norms took four."""
     norms = _aligned(X.shape[0], np.float64)
-    # Each block's sums on cache lines of their own: blocks side by side go to different threads,
-    # and a line that two of them wrote at every row held the pass to half its one-thread speed.
-    width = -(-X.shape[1] // 8) * 8
-    sums, sq_sums = _aligned((2, n_blocks(X.shape[0]), width), np.float64, zero=True)[:, :, : X.shape[1]]
+    # Each block's sums on cache lines of their own (rows padded; the kernel reads D of them):
+    # blocks side by side go to different threads, and a line that two of them wrote at every row
+    # held the pass to half its one-thread speed.
+    D = X.shape[1]
+    sums, sq_sums = _aligned((2, n_blocks(X.shape[0]), _round_up(D, 8)), np.float64, zero=True)
     _run(_centre, sq_sums.shape[0], X, np.asarray(shift, dtype=X.dtype), X if out is None else out,
          out is not None, norms, sums, sq_sums)
-    return norms, sums.sum(axis=0), sq_sums.sum(axis=0)
+    return norms, sums.sum(axis=0)[:D], sq_sums.sum(axis=0)[:D]
