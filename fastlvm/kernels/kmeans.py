@@ -306,10 +306,11 @@ def _nearest_rows(simd):
     return nearest_rows
 
 
-def centres_in_lanes(C):
+def centres_in_lanes(C, norms=None):
     """The centres as the SIMD search takes them: panels (KP / W, D, W) of W (the lane count)
     centres transposed, zero past the last centre, and their squared norms (KP,) padded with +inf
-    (a padding centre never wins), both in C's dtype."""
+    (a padding centre never wins), both in C's dtype; `norms`: the squared norms in float64 where
+    the caller has them."""
     K, D = C.shape
     W = lanes(C.dtype)
     KP = -(-K // W) * W
@@ -317,7 +318,7 @@ def centres_in_lanes(C):
     padded[:K] = C
     panels = np.ascontiguousarray(padded.reshape(KP // W, W, D).transpose(0, 2, 1))
     lane_norms = np.full(KP, np.inf, dtype=C.dtype)
-    lane_norms[:K] = (np.asarray(C, dtype=np.float64) ** 2).sum(axis=1)
+    lane_norms[:K] = (np.asarray(C, dtype=np.float64) ** 2).sum(axis=1) if norms is None else norms
     return panels, lane_norms
 
 
@@ -342,8 +343,8 @@ def nearest_centres(X, C):
                          f"{C.shape} {C.dtype}")
     labels = np.empty(X.shape[0], dtype=np.int64)
     d2 = np.empty(X.shape[0], dtype=X.dtype)
-    CT, lane_norms = centres_in_lanes(C)
     c_norms = (C.astype(np.float64) ** 2).sum(axis=1)
+    CT, lane_norms = centres_in_lanes(C, c_norms)
     scratch = _tile_scratch(C.shape[0], X.dtype, _workers(n_blocks(X.shape[0])))
     _run(_nearest_rows(use_simd(CT)), n_blocks(X.shape[0]), X, C, CT, c_norms, lane_norms, labels, d2, scratch,
          blas=True)
@@ -669,12 +670,13 @@ class Rows:
         Cd = np.ascontiguousarray(C, dtype=self.dtype)
         return Cd, (np.asarray(Cd, dtype=np.float64) ** 2).sum(axis=1)
 
-    def search_centres(self, Cd):
-        """The centres as the full pass searches them, (CT, lane norms): for dense rows the panels
-        and lane norms of centres_in_lanes; for CSR rows C transposed (D, K) and no lane norms."""
+    def search_centres(self, Cd, c_norms):
+        """The centres as the full pass searches them, (CT, lane norms), from Rows.centres' pair:
+        for dense rows the panels and lane norms of centres_in_lanes; for CSR rows C transposed (D,
+        K) and no lane norms."""
         if self.sparse:
             return np.ascontiguousarray(Cd.T), np.empty(0, dtype=self.dtype)
-        return centres_in_lanes(Cd)
+        return centres_in_lanes(Cd, c_norms)
 
     def sq_distances(self, C):
         """(N, K) squared distances to the centres C."""
@@ -783,7 +785,7 @@ class LloydState:
         first = self.labels[0] < 0
         self._fresh = (self.bounded and self._wait == 0
                        and self._changed_share <= BOUNDED_MAX_SHARE * CHANGED_PER_SCORED)
-        CT, lane_norms = rows.search_centres(Cd)
+        CT, lane_norms = rows.search_centres(Cd, c_norms)
         full_pass = _full_pass(rows.sparse, not rows.sparse and use_simd(CT))
         d2 = _aligned(rows.n_rows if distances else 0, np.float64)
         _run(full_pass, self._changed.shape[0], *rows.args(), self.weights, rows.norms, Cd, CT, c_norms, lane_norms,
