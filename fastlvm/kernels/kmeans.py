@@ -313,7 +313,7 @@ def centres_in_lanes(C, norms=None):
     the caller has them."""
     K, D = C.shape
     W = lanes(C.dtype)
-    KP = -(-K // W) * W
+    KP = _round_up(K, W)
     padded = np.zeros((KP, D), dtype=C.dtype)
     padded[:K] = C
     panels = np.ascontiguousarray(padded.reshape(KP // W, W, D).transpose(0, 2, 1))
