@@ -40,7 +40,7 @@ from numba import njit
 from numba.extending import register_jitable
 
 from fastlvm.kernels.cpu import _aligned, blas_single_thread
-from fastlvm.kernels.simd import TILE_ROWS, claim, lanes, nearest_tile, target_has_avx512
+from fastlvm.kernels.simd import TILE_ROWS, claim, lanes, nearest_tile, prefetch, target_has_avx512
 from fastlvm.kernels.workers import on_workers
 
 _FASTMATH = {"reassoc", "contract", "arcp"}
@@ -609,6 +609,10 @@ def _full_pass(sparse, simd):
                 counts[b] = 0.0
             for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
                 n = min(SUB_ROWS, N - r0)
+                # The moves read the tile's weights, one cache line a move: cold (1.6 MB at 200k rows)
+                # and out of the prefetcher's sight, they cost ~0.5 ms of a 3.5 ms pass that moved 6%
+                # of the rows. Requested now, they arrive while the tile is scored.
+                prefetch(weights, r0, r0 + n)
                 if sparse:
                     _sparse_tile_products(data, indices, indptr, r0, n, CT, G, acc)
                     _nearest_block(G, n, c_norms, best, s1, s2)

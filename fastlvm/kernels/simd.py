@@ -55,6 +55,9 @@ the eight dot products, added to out four at a time (eight horizontal sums and e
 before; a loop of eight scalar accumulators, which read B's rows from L2 for every two rows of A,
 took 1.06-1.24x as long).
 
+`prefetch(a, start, stop)`: a hint to load the cache lines of a[start:stop] (1-D; none for a negative
+stride), one prefetch instruction per 64 bytes; no effect on results.
+
 `pow2(m)`: 2**m for an integer-valued float m in its type's normal exponent range, assembled in
 the exponent bits in m's own width (Numba would widen the integer arithmetic to 64 bits, and a
 view of a scratch array costs a compiled function of its own); it vectorises with the loop
@@ -306,6 +309,29 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
         return context.get_dummy_value()
 
     return types.void(X, r0, n, CT, cn, best, s1, s2), codegen
+
+
+@intrinsic
+def prefetch(typingctx, a, start, stop):
+    """See the module docstring."""
+    if not (isinstance(a, types.Array) and a.ndim == 1):
+        return None
+
+    def codegen(context, builder, sig, args):
+        arr = context.make_array(a)(context, builder, args[0])
+        lo, hi = (context.cast(builder, args[j], sig.args[j], types.intp) for j in (1, 2))
+        intp, i8p, i32 = context.get_value_type(types.intp), ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        stride = cgutils.unpack_tuple(builder, arr.strides)[0]
+        base = builder.bitcast(arr.data, i8p)
+        with cgutils.for_range_slice(builder, builder.mul(lo, stride), builder.mul(hi, stride),
+                                     ir.Constant(intp, 64)) as (offset, _):
+            # read, keep in every cache level, data
+            builder.call(fn, [builder.gep(base, [offset]), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(a, start, stop), codegen
 
 
 @intrinsic
