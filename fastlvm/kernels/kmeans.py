@@ -743,7 +743,10 @@ class LloydState:
         self._fresh = False  # whether the bounds hold for the labels and the centres of the last pass
         self._wait = 0  # full passes before the bounds are set again
         self._backoff = 1
-        self._changed_share = 0.0  # of the last pass's labels (0 before the first pass's)
+        # Of the last pass's labels: 1 before the first pass, which gives every row its first label
+        # and so sets no bounds (on overlapping or separated clusters alike, bounds from the first
+        # pass made fits 1.00-1.17x as long, 200k x 32, K=16).
+        self._changed_share = 1.0
         self.d2 = None
 
     def _group(self, C):
@@ -778,15 +781,12 @@ class LloydState:
         rows = self.rows
         C = np.asarray(C, dtype=np.float64)
         Cd, c_norms = rows.centres(C)
-        if self.bounded and self.groups is None:
-            self._group(C)
         if self._fresh:
             n_changed = self._bounded_pass(C, Cd, c_norms, np.asarray(moves, dtype=np.float64))
             if n_changed >= 0:
                 return self._note(n_changed)
         elif self._wait:
             self._wait -= 1
-        first = self.labels[0] < 0
         self._fresh = (self.bounded and self._wait == 0
                        and self._changed_share <= BOUNDED_MAX_SHARE * CHANGED_PER_SCORED)
         CT, lane_norms = rows.search_centres(Cd, c_norms)
@@ -796,8 +796,7 @@ class LloydState:
              self.eps, self.shrink, self.labels, self._fresh, d2, self.upper, self.lower, self._moved, self._old,
              self._changed, self._block_sums, self._block_counts, self._scratch, n_workers=self._n_workers)
         self.d2 = d2 if distances else None
-        n_changed = self._apply_moves()
-        return n_changed if first else self._note(n_changed)
+        return self._note(self._apply_moves())
 
     def _note(self, n_changed):
         self._changed_share = n_changed / self.rows.n_rows
@@ -807,6 +806,8 @@ class LloydState:
         """A yinyang_pass, if the sample predicts it scores few rows (then the number of changed
         labels); else -1, and full passes for a while."""
         rows = self.rows
+        if self.groups is None:  # any grouping: the full pass set every group's bound alike
+            self._group(C)
         members, group_start, group_of = self.groups
         group_moves = np.array([moves[members[group_start[g] : group_start[g + 1]]].max()
                                 for g in range(self.n_groups)])
