@@ -718,8 +718,9 @@ class LloydState:
         self.labels.fill(-1)
         self.n_groups = n_groups(K)
         self.bounded = bounds and N >= BOUNDED_MIN_ROWS  # bounds=False: one pass, whose bounds would go unread
-        self.upper = _aligned(N if self.bounded else 0, np.float64, zero=True)
-        self.lower = _aligned((N if self.bounded else 0, self.n_groups), np.float32, zero=True)
+        # The bounds, made by the first full pass that sets them (many fits never do).
+        self.upper = _aligned(0, np.float64)
+        self.lower = _aligned((0, self.n_groups), np.float32)
         # A cluster's sums and count (its last column) on whole cache lines of their own: apply_moves'
         # threads write clusters side by side. The kernel takes the array whole (C-contiguous).
         self._sums_counts = _aligned((K, _round_up(D + 1, 8)), np.float64, zero=True)
@@ -789,6 +790,9 @@ class LloydState:
             self._wait -= 1
         self._fresh = (self.bounded and self._wait == 0
                        and self._changed_share <= BOUNDED_MAX_SHARE * CHANGED_PER_SCORED)
+        if self._fresh and not self.upper.shape[0]:
+            self.upper = _aligned(rows.n_rows, np.float64)
+            self.lower = _aligned((rows.n_rows, self.n_groups), np.float32)
         CT, lane_norms = rows.search_centres(Cd, c_norms)
         full_pass = _full_pass(rows.sparse, not rows.sparse and use_simd(CT))
         d2 = _aligned(rows.n_rows if distances else 0, np.float64)
