@@ -78,3 +78,62 @@ def test_a_forked_child_runs_passes_of_its_own():
     """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def _claim_kernel():
+    from numba import njit
+
+    from fastlvm.kernels.simd import claim
+
+    @njit(nogil=True)
+    def take(counts, fail_on, worker, counter):
+        while True:
+            i = claim(counter)
+            if i >= counts.shape[0]:
+                break
+            counts[i] += 1
+        if worker == fail_on:
+            raise ValueError("worker failed")
+
+    return take
+
+
+def test_pool_serves_passes_of_any_width_back_to_back():
+    """Passes on 2, 4, 3, 2 workers in a row (the pool grown to the widest, its extra threads left
+    out of the narrower passes), each block claimed once, then a worker's error raised in the caller
+    and the pool still serving passes after it."""
+    take = _claim_kernel()
+    for n_workers in (2, 4, 3, 2, 4, 4, 2):
+        counts = np.zeros(3000, dtype=np.int64)
+        workers.on_workers(take, n_workers, counts, -1)
+        np.testing.assert_array_equal(counts, 1)
+    with pytest.raises(ValueError, match="worker failed"):
+        workers.on_workers(take, 3, np.zeros(3000, dtype=np.int64), 2)
+    counts = np.zeros(3000, dtype=np.int64)
+    workers.on_workers(take, 3, counts, -1)
+    np.testing.assert_array_equal(counts, 1)
+
+
+def test_callers_on_several_threads_share_the_pool():
+    """Passes from four Python threads at once: the pool serves one at a time, the others run on
+    their caller's thread alone; every pass claims each of its blocks once."""
+    import threading
+
+    take = _claim_kernel()
+    results, errors = [], []
+
+    def calls():
+        try:
+            for _ in range(50):
+                counts = np.zeros(2000, dtype=np.int64)
+                workers.on_workers(take, 2, counts, -1)
+                results.append(bool((counts == 1).all()))
+        except Exception as error:  # noqa: BLE001
+            errors.append(error)
+
+    threads = [threading.Thread(target=calls) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(results) == 200 and all(results)
