@@ -11,27 +11,38 @@ import pytest
 from fastlvm.kernels import workers
 
 
-@pytest.mark.parametrize("n_workers", [1, 3])
-def test_workers_claim_every_block_exactly_once(n_workers):
-    """workers.on_workers with simd.claim: each of n items is taken by exactly one worker, whichever
-    thread is slower, and every worker's index reaches the kernel."""
+def _claim_kernel():
+    """A kernel over blocks: counts[i] += 1 and owner[i] = worker for every block i it claims; the
+    worker numbered fail_on raises after its blocks."""
     from numba import njit
 
     from fastlvm.kernels.simd import claim
 
     @njit(nogil=True)
-    def take(counts, owner, worker, counter):
+    def take(counts, owner, fail_on, worker, counter):
         while True:
             i = claim(counter)
             if i >= counts.shape[0]:
                 break
             counts[i] += 1
             owner[i] = worker
+        if worker == fail_on:
+            raise ValueError("worker failed")
 
-    n = 5000
-    counts, owner = np.zeros(n, dtype=np.int64), np.full(n, -1, dtype=np.int64)
-    workers.on_workers(take, n_workers, counts, owner)
-    np.testing.assert_array_equal(counts, np.ones(n, dtype=np.int64))
+    return take
+
+
+def _blocks(n):
+    return np.zeros(n, dtype=np.int64), np.full(n, -1, dtype=np.int64)
+
+
+@pytest.mark.parametrize("n_workers", [1, 3])
+def test_workers_claim_every_block_exactly_once(n_workers):
+    """workers.on_workers with simd.claim: each of n items is taken by exactly one worker, whichever
+    thread is slower, and every worker's index reaches the kernel."""
+    counts, owner = _blocks(5000)
+    workers.on_workers(_claim_kernel(), n_workers, counts, owner, -1)
+    np.testing.assert_array_equal(counts, np.ones(5000, dtype=np.int64))
     assert set(np.unique(owner)) <= set(range(n_workers)) and owner.min() >= 0
 
 
@@ -80,37 +91,20 @@ def test_a_forked_child_runs_passes_of_its_own():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def _claim_kernel():
-    from numba import njit
-
-    from fastlvm.kernels.simd import claim
-
-    @njit(nogil=True)
-    def take(counts, fail_on, worker, counter):
-        while True:
-            i = claim(counter)
-            if i >= counts.shape[0]:
-                break
-            counts[i] += 1
-        if worker == fail_on:
-            raise ValueError("worker failed")
-
-    return take
-
-
 def test_pool_serves_passes_of_any_width_back_to_back():
     """Passes on 2, 4, 3, 2 workers in a row (the pool grown to the widest, its extra threads left
     out of the narrower passes), each block claimed once, then a worker's error raised in the caller
     and the pool still serving passes after it."""
     take = _claim_kernel()
     for n_workers in (2, 4, 3, 2, 4, 4, 2):
-        counts = np.zeros(3000, dtype=np.int64)
-        workers.on_workers(take, n_workers, counts, -1)
+        counts, owner = _blocks(3000)
+        workers.on_workers(take, n_workers, counts, owner, -1)
         np.testing.assert_array_equal(counts, 1)
+        assert owner.max() < n_workers
     with pytest.raises(ValueError, match="worker failed"):
-        workers.on_workers(take, 3, np.zeros(3000, dtype=np.int64), 2)
-    counts = np.zeros(3000, dtype=np.int64)
-    workers.on_workers(take, 3, counts, -1)
+        workers.on_workers(take, 3, *_blocks(3000), 2)
+    counts, owner = _blocks(3000)
+    workers.on_workers(take, 3, counts, owner, -1)
     np.testing.assert_array_equal(counts, 1)
 
 
@@ -125,8 +119,8 @@ def test_callers_on_several_threads_share_the_pool():
     def calls():
         try:
             for _ in range(50):
-                counts = np.zeros(2000, dtype=np.int64)
-                workers.on_workers(take, 2, counts, -1)
+                counts, owner = _blocks(2000)
+                workers.on_workers(take, 2, counts, owner, -1)
                 results.append(bool((counts == 1).all()))
         except Exception as error:  # noqa: BLE001
             errors.append(error)
