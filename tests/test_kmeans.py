@@ -241,6 +241,32 @@ def test_a_bad_value_in_rows_read_in_place_is_named():
     np.testing.assert_array_equal(Xc, before)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_given_centres_at_tol_zero_skip_the_centring_pass_not_the_check(monkeypatch, bad, weighted):
+    """Centred rows, given centres and tol=0 need nothing from the centring pass: the fit runs
+    without it (and is scikit-learn's), and the first Lloyd pass's sums still find a NaN or
+    infinity, named by row, also in a row of weight 0."""
+    from fastlvm.mixture import kmeans as fit_module
+
+    passes = []
+    real = fit_module.centre
+    monkeypatch.setattr(fit_module, "centre", lambda *a: passes.append(1) or real(*a))
+    Xc = np.random.default_rng(2).normal(size=(5000, 3))
+    w = np.random.default_rng(3).uniform(0.5, 2.0, size=len(Xc)) if weighted else None
+    kw = dict(init=Xc[:4].copy(), n_init=1, tol=0.0)
+    ours = KMeans(4, **kw).fit(Xc, sample_weight=w)
+    assert passes == []
+    assert_same_fit(ours, SkKMeans(4, **kw).fit(Xc, sample_weight=w))
+    Xc[4322, 2] = bad
+    if weighted:
+        w[4322] = 0.0
+    with pytest.raises(ValueError, match=r"NaN or infinity \(first at row 4322\)"):
+        KMeans(4, **kw).fit(Xc, sample_weight=w)
+    KMeans(4, init=Xc[:4].copy(), n_init=1).fit(np.delete(Xc, 4322, axis=0))  # tol > 0: the pass runs
+    assert passes == [1]
+
+
 @pytest.mark.parametrize("offset", [0.0, 5.0])  # centred (read in place when writeable), or shifted
 def test_read_only_rows_are_copied_whatever_copy_x_says(offset):
     mine = X - X.mean(axis=0) + offset

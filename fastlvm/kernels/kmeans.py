@@ -639,9 +639,13 @@ def _full_pass(sparse, simd):
     return full_pass
 
 
+_NO_NORMS = np.empty(0, dtype=np.float64)
+
+
 class Rows:
     """A dense C-contiguous array or a CSR matrix (anything with data/indices/indptr) as the
-    kernels take it, with the rows' squared norms (computed unless given, float64 (N,))."""
+    kernels take it, with the rows' squared norms (float64 (N,): given, or computed at their first
+    use)."""
 
     def __init__(self, X, norms=None):
         self.sparse = hasattr(X, "indptr")
@@ -656,11 +660,19 @@ class Rows:
             self.indices = self.indptr = np.zeros(1, dtype=np.int32)
         self.n_rows, self.n_features = X.shape
         self.kernels = _kernels(self.sparse)
-        if norms is not None:
-            self.norms = norms
-            return
-        self.norms = _aligned(self.n_rows, np.float64)
-        _run(self.kernels.row_sq_norms, n_blocks(self.n_rows), self.X, self.data, self.indptr, self.norms)
+        self._norms = norms
+
+    @property
+    def norms(self):
+        if self._norms is None:
+            self._norms = _aligned(self.n_rows, np.float64)
+            _run(self.kernels.row_sq_norms, n_blocks(self.n_rows), self.X, self.data, self.indptr, self._norms)
+        return self._norms
+
+    def pass_norms(self, bounds):
+        """The norms as a pass reads them: dense rows only for bounds (a pass of its own where
+        none were given, which predict and transform never need), CSR rows always."""
+        return self.norms if bounds or self.sparse else _NO_NORMS
 
     @property
     def shape(self):
@@ -693,7 +705,8 @@ class Rows:
     def _sq_distances(self, C, labels, width):
         Cd, c_norms = self.centres(C)
         out = _aligned((self.n_rows, width), np.float64)
-        _run(self.kernels.sq_distances, n_blocks(self.n_rows), *self.args(), self.norms, Cd, c_norms, labels, out)
+        _run(self.kernels.sq_distances, n_blocks(self.n_rows), *self.args(), self.pass_norms(False), Cd, c_norms,
+             labels, out)
         return out
 
     def rows(self, index):
@@ -796,9 +809,10 @@ class LloydState:
         CT, lane_norms = rows.search_centres(Cd, c_norms)
         full_pass = _full_pass(rows.sparse, not rows.sparse and use_simd(CT))
         d2 = _aligned(rows.n_rows if distances else 0, np.float64)
-        _run(full_pass, self._changed.shape[0], *rows.args(), self.weights, rows.norms, Cd, CT, c_norms, lane_norms,
-             self.eps, self.shrink, self.labels, self._fresh, d2, self.upper, self.lower, self._moved, self._old,
-             self._changed, self._block_sums, self._block_counts, self._scratch, n_workers=self._n_workers)
+        _run(full_pass, self._changed.shape[0], *rows.args(), self.weights, rows.pass_norms(self._fresh), Cd, CT,
+             c_norms, lane_norms, self.eps, self.shrink, self.labels, self._fresh, d2, self.upper, self.lower,
+             self._moved, self._old, self._changed, self._block_sums, self._block_counts, self._scratch,
+             n_workers=self._n_workers)
         self.d2 = d2 if distances else None
         return self._note(self._apply_moves())
 

@@ -45,15 +45,20 @@ class LloydRun:
 class _InMemory:
     """Dense or CSR rows held in memory: Hamerly bounds and running sums across passes."""
 
-    def __init__(self, X, weights, norms=None):
+    def __init__(self, X, weights, norms=None, checked=True):
         self.rows = Rows(X, norms)
         self.weights = weights
+        self.checked = checked  # whether X is known to hold no NaN or infinity
 
     def start(self, n_clusters):
         self.state = LloydState(self.rows, self.weights, n_clusters)
 
     def assign(self, C, moves, distances=False):
         n_changed = self.state.assign(C, moves, distances)
+        if not self.checked:  # the first pass adds every row into some cluster's sum (w x is NaN for w = 0 too)
+            if not np.isfinite(self.state.sums).all():
+                _finite(self.rows.X)
+            self.checked = True
         return self.state.sums, self.state.counts, n_changed
 
     @property
@@ -387,14 +392,20 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, Ba
             user_X, shifted = X, bool(origin.any())
             copy = not X.flags.writeable or (self.copy_x and shifted)
             X = engines.aligned_array(X.shape, X.dtype) if copy else X
-            norms, sums, sq_sums = centre(user_X, origin.astype(dtype), X if shifted or copy else None)
-            shifted_in_place = shifted and not copy
-            if not np.isfinite(sq_sums).all():  # NaN and inf reach the sums (a float64 overflow falls through)
-                if shifted_in_place:
-                    X += origin.astype(dtype)  # the caller's data back, as after a fit
-                _finite(user_X)
-            variances = np.maximum(sq_sums / n_samples - (sums / n_samples) ** 2, 0.0)
-            data = _OnGpu(engine, X) if engine.backend == "cuda" else _InMemory(X, weights, norms)
+            norms, variances = None, 0.0
+            if shifted or copy or self.tol or init_array is None or engine.backend == "cuda":
+                norms, sums, sq_sums = centre(user_X, origin.astype(dtype), X if shifted or copy else None)
+                shifted_in_place = shifted and not copy
+                if not np.isfinite(sq_sums).all():  # NaN and inf reach the sums (a float64 overflow falls through)
+                    if shifted_in_place:
+                        X += origin.astype(dtype)  # the caller's data back, as after a fit
+                    _finite(user_X)
+                variances = np.maximum(sq_sums / n_samples - (sums / n_samples) ** 2, 0.0)
+            # else nothing to shift, copy or measure, and given centres: no centring pass (a fit
+            # 1.4-2.5 ms shorter at 200k x 32); the first Lloyd pass's sums, every row's, show a bad
+            # value, and the norms are computed if bounds need them.
+            data = _OnGpu(engine, X) if engine.backend == "cuda" else _InMemory(X, weights, norms,
+                                                                              checked=norms is not None)
             init_X, init_rows, init_weights = X, Rows(X, norms) if engine.backend == "cuda" else data.rows, weights
         tol = float(np.mean(variances) * self.tol) if self.tol else 0.0
 
