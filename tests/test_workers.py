@@ -131,3 +131,15 @@ def test_callers_on_several_threads_share_the_pool():
     for t in threads:
         t.join(timeout=120)
     assert not errors and len(results) == 200 and all(results)
+
+
+def test_passes_after_the_exit_hook_claim_every_block():
+    """The exit hook wakes the spinning workers; a pass after it (from a later exit handler) still
+    claims each block once."""
+    take = _claim_kernel()
+    workers.on_workers(take, 2, *_blocks(100), -1)
+    workers._stop_spinning()
+    for _ in range(3):
+        counts, owner = _blocks(3000)
+        workers.on_workers(take, 2, counts, owner, -1)
+        np.testing.assert_array_equal(counts, 1)

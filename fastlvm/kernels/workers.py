@@ -11,6 +11,7 @@ caller's own share has claimed a block, inside its nogil kernel: the GIL is free
 that saw the job posted took the GIL while the caller still held it, and slept on it).
 """
 
+import atexit
 import ctypes
 import os
 import platform
@@ -167,6 +168,15 @@ def _forget_pool():
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
+
+
+@atexit.register
+def _stop_spinning():
+    """At exit, wake spinning workers: they then sleep in Python, not in compiled code that the
+    interpreter's teardown may free."""
+    if _pool is not None:  # (a pass after this one, from a later exit handler, takes a fresh counter)
+        spun_on, _pool.next_counter = _pool.next_counter, np.zeros(1, dtype=np.int64)
+        spun_on[0] = 1
 
 
 def _keep_pool_off_callers_cpu():
