@@ -50,8 +50,10 @@ def _load_acquire(typingctx, flag):
 
 @intrinsic
 def _ticks(typingctx):
-    """The CPU's time-stamp counter."""
+    """The x86 time-stamp counter (elsewhere 0: reading the cycle counter may trap in user mode)."""
     def codegen(context, builder, sig, args):
+        if not _X86:
+            return ir.Constant(ir.IntType(64), 0)
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), []),
                                             "llvm.readcyclecounter")
         return builder.call(fn, [])
@@ -73,14 +75,17 @@ def _relax(typingctx):
 
 @njit(nogil=True, cache=True)
 def _spin_until(flag, at_least, max_ticks, finished, done):
-    """flag[0] once it is at least `at_least`, or after max_ticks of spinning; first, if done,
-    finished[0] += 1 (atomically). One function for every wait: each costs a compile."""
+    """flag[0] once it is at least `at_least`, or after max_ticks of spinning (without x86's clock,
+    max_ticks turns of the loop); first, if done, finished[0] += 1 (atomically). One function
+    for every wait: each costs a compile."""
     if done:
         claim(finished)
     start = _ticks()
+    turns = 0
     while True:
         value = _load_acquire(flag)
-        if value >= at_least or _ticks() - start > max_ticks:
+        turns += 1
+        if value >= at_least or _ticks() - start > max_ticks or (not _X86 and turns > max_ticks):
             return value
         _relax()
 
