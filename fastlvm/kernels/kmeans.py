@@ -144,9 +144,9 @@ def _sq_distance(sparse, X, data, indices, indptr, i, C, k, x_norms, c_norms):
 
 @_inline
 def _relabel(labels, i, new, moved, old, n_changed):
-    """Row i takes the label `new`, a change, noted as the block's n_changed-th move for apply_moves
-    (callers test for the change first, so an unchanged row costs one comparison); returns the new
-    count of moves."""
+    """Row i takes the label `new`, a change, noted as the block's n_changed-th move for _move_sums
+    (dense rows) or apply_moves (CSR rows); callers test for the change first, so an unchanged row
+    costs one comparison. Returns the new count of moves."""
     moved[n_changed] = i
     old[n_changed] = labels[i]
     labels[i] = new

@@ -72,7 +72,8 @@ once vectorised); Numba's `max` is a compare and select, and a select stored bac
 element it read becomes a conditional store, which vectorises as a masked store (microcoded on AMD).
 
 Numba's on-disk cache keys a kernel on its own source file: after editing this module, touch the
-modules whose kernels inline it (kmeans.py, cpu.py) or clear their cache, or they keep the old code.
+modules whose kernels inline it (kmeans.py, cpu.py, workers.py) or clear their cache, or they keep
+the old code.
 """
 
 from llvmlite import ir
