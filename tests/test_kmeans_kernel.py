@@ -223,7 +223,7 @@ def test_simd_search_gives_argmin_and_the_two_lowest_scores(dtype, n, d, k, vect
     CT, lane_norms = kernels.centres_in_lanes(C)
     KP = -(-k // W) * W
     assert CT.shape == (KP // W, d, W) and np.isinf(lane_norms[k:]).all()
-    np.testing.assert_array_equal(CT.transpose(0, 2, 1).reshape(KP, d)[:k], C)
+    np.testing.assert_array_equal(CT.transpose(0, 2, 1).reshape(KP, d)[:k], -2 * C)
     best, s1, s2 = np.empty(n, dtype=np.int64), np.empty(n), np.empty(n)
     search(X, CT, lane_norms, best, s1, s2)
     scores = (C.astype(np.float64) ** 2).sum(1)[None] - 2.0 * X.astype(np.float64) @ C.T.astype(np.float64)

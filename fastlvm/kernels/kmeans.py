@@ -308,14 +308,14 @@ def _nearest_rows(simd):
 
 def centres_in_lanes(C, norms=None):
     """The centres as the SIMD search takes them: panels (KP / W, D, W) of W (the lane count)
-    centres transposed, zero past the last centre, and their squared norms (KP,) padded with +inf
+    centres transposed and scaled by -2 (exactly), zero past the last centre, and their squared norms (KP,) padded with +inf
     (a padding centre never wins), both in C's dtype; `norms`: the squared norms in float64 where
     the caller has them."""
     K, D = C.shape
     W = lanes(C.dtype)
     KP = _round_up(K, W)
     padded = np.zeros((KP, D), dtype=C.dtype)
-    padded[:K] = C
+    padded[:K] = -2.0 * C
     panels = np.ascontiguousarray(padded.reshape(KP // W, W, D).transpose(0, 2, 1))
     lane_norms = np.full(KP, np.inf, dtype=C.dtype)
     lane_norms[:K] = (np.asarray(C, dtype=np.float64) ** 2).sum(axis=1) if norms is None else norms
@@ -751,7 +751,9 @@ class LloydState:
         self._block_counts = _aligned((B if Kp else 0, _round_up(Kp, 8)), np.float64)
         parts = min(K, self._n_workers)  # apply_moves' parts, ranges of clusters
         self._part_start = np.array([p * K // parts for p in range(parts + 1)], dtype=np.int64)
-        self.eps = 8.0 * np.finfo(rows.dtype).eps * np.sqrt(D)
+        # The scores' rounding margin, eps (||x||^2 + max ||c||^2): D roundings of partial sums up to
+        # ||c||^2 + 2 |x . c| (the SIMD search sums from ||c||^2) stay within it for D <= 64.
+        self.eps = 16.0 * np.finfo(rows.dtype).eps * np.sqrt(D)
         self.shrink = 1.0 - 2.0**-20
         self.groups = None
         self._fresh = False  # whether the bounds hold for the labels and the centres of the last pass

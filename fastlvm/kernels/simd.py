@@ -3,15 +3,16 @@ Numba intrinsics (LLVM IR built at compile time, so they inline into the kernels
 and are cached with them).
 
 `nearest_tile(X, r0, n, CT, cn, best, s1, s2)`: for the n <= TILE_ROWS rows X[r0 : r0 + n] and
-the centres given as panels of W (the lane count) transposed, CT (KP / W, D, W) with
-CT[b, d, l] = c_{bW + l, d} (zero past the last centre), and their squared norms cn (KP,)
+the centres given as panels of W (the lane count) transposed and scaled by -2, CT (KP / W, D, W)
+with CT[b, d, l] = -2 c_{bW + l, d} (zero past the last centre), and their squared norms cn (KP,)
 (padding +inf), the nearest centre by score s_k = cn_k - 2 x . c_k:
 best[j] = argmin (ties to the lowest k), s1[j] its score and s2[j] the next lowest (inf when
 K = 1), for j < n, scores computed in X's dtype.
 
-The products x . c_k for W consecutive centres (a block) are W lanes of one vector: per feature
-d, one vector load of the block's panel row CT[b, d], one broadcast of x_d per row and one FMA per
-row, for R rows at a time whose accumulators stay in registers (W = 64 bytes of lanes: two AVX2
+The scores for W consecutive centres (a block) are W lanes of one vector, accumulated from the
+norms: per feature d, one vector load of the block's panel row CT[b, d], one broadcast of x_d per
+row and one FMA per row (the -2 lies in the panels: no last FMA and no zeroing per row and block),
+for R rows at a time whose accumulators stay in registers (W = 64 bytes of lanes: two AVX2
 registers a row, R = 4; one AVX-512 register a row, R = 8; eight accumulators either way, the FMAs
 in flight that two FMA units of four cycles' latency take; see VECTOR_BYTES). X is read as stored:
 BLAS on a tile of rows by K = 16 centres, D = 32, spent longer packing the tile than multiplying it.
@@ -207,8 +208,11 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
         W, T = PANEL_BYTES // size, TRANSPOSE_BYTES // size
         R = 8 * VECTOR_BYTES // PANEL_BYTES  # rows per block of products: 8 accumulators
         vty, tty = ir.VectorType(ety, W), ir.VectorType(ety, T)
-        i32 = ir.IntType(32)
-        ity = ir.VectorType(i32, T)
+        # Centre indices as integers of the scores' width: a select on them takes the compare's
+        # mask as it is (32-bit indices beside float64 scores narrowed the mask, two more
+        # shuffles a centre).
+        kty = ir.IntType(8 * size)
+        ity = ir.VectorType(kty, T)
         intp = context.get_value_type(types.intp)
         xa, r0v, nv, D = _rows_args(context, builder, sig, args)
         ca = context.make_array(cty)(context, builder, CTv)
@@ -218,7 +222,6 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
         tmin, tmax = (_vector_function(builder, f, tty, 2) for f in ("minnum", "maxnum"))
         const = lambda v: ir.Constant(intp, v)  # noqa: E731
         zero = ir.Constant(vty, [ir.Constant(ety, 0.0)] * W)
-        minus_two = _splat(builder, vty, ir.Constant(ety, -2.0))
         masks = _transpose_masks(T)
         # A block's scores, a W-lane vector per row, read back T rows by T centres and transposed.
         scores = cgutils.alloca_once(builder, vty, size=TILE_ROWS)
@@ -242,7 +245,7 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
             """Scores of rows row .. row + R - 1 (of the tile) against one block, into `scores`."""
             xrows = [_row_pointer(builder, xa, builder.add(r0v, builder.add(row, const(j)))) for j in range(R)]
             for acc in accs[:R]:
-                builder.store(zero, acc)
+                builder.store(norms, acc)
             with cgutils.for_range(builder, D) as features:
                 d = features.index
                 c = builder.load(builder.bitcast(builder.gep(cbase, [builder.mul(d, const(W))]), vty.as_pointer()), align=1)
@@ -250,8 +253,7 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
                     xb = _splat(builder, vty, builder.load(builder.gep(xrows[j], [d])))
                     builder.store(builder.call(fma, [xb, c, builder.load(accs[j])]), accs[j])
             for j in range(R):
-                score = builder.call(fma, [minus_two, builder.load(accs[j]), norms])
-                builder.store(score, builder.gep(scores, [builder.add(row, const(j))]))
+                builder.store(builder.load(accs[j]), builder.gep(scores, [builder.add(row, const(j))]))
 
         def fold(g, k0):
             """The block's W centres k0 .. k0 + W - 1 into row group g's minima, T centres at a time
@@ -262,7 +264,8 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
                 v = [builder.load(builder.gep(builder.bitcast(builder.gep(first, [const(j)]), tty.as_pointer()),
                                               [const(part)]), align=size) for j in range(T)]
                 for t, s in enumerate(_transpose(builder, v, masks)):
-                    k = builder.trunc(builder.add(k0, const(part * T + t)), i32)
+                    k = builder.add(k0, const(part * T + t))
+                    k = builder.trunc(k, kty) if kty.width < intp.width else k
                     lower = builder.fcmp_ordered("<", s, m1)  # strict: an earlier centre keeps a tie
                     m2 = builder.call(tmin, [m2, builder.call(tmax, [m1, s], fastmath=_NO_NAN)], fastmath=_NO_NAN)
                     m1 = builder.select(lower, s, m1)
@@ -303,7 +306,8 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
                               align=context.get_abi_sizeof(to))
         with cgutils.for_range_slice(builder, builder.mul(whole, const(T)), nv, const(1)) as (row, _):
             g, lane = builder.udiv(row, const(T)), builder.urem(row, const(T))
-            for (out, to), buf, from_ty, t in zip(outs, (at, min1, min2), (types.int32, xty.dtype, xty.dtype),
+            index_ty = types.int64 if size == 8 else types.int32
+            for (out, to), buf, from_ty, t in zip(outs, (at, min1, min2), (index_ty, xty.dtype, xty.dtype),
                                                   (bty, s1ty, s2ty)):
                 value = builder.extract_element(builder.load(builder.gep(buf, [g])), lane)
                 builder.store(context.cast(builder, value, from_ty, t.dtype), builder.gep(out.data, [row]))
