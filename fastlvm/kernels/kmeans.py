@@ -308,9 +308,9 @@ def _nearest_rows(simd):
 
 def centres_in_lanes(C, norms=None):
     """The centres as the SIMD search takes them: panels (KP / W, D, W) of W (the lane count)
-    centres transposed and scaled by -2 (exactly), zero past the last centre, and their squared norms (KP,) padded with +inf
-    (a padding centre never wins), both in C's dtype; `norms`: the squared norms in float64 where
-    the caller has them."""
+    centres transposed and scaled by -2 (exactly), zero past the last centre, and their squared
+    norms (KP,) padded with +inf (a padding centre never wins), both in C's dtype; `norms`: the
+    squared norms in float64 where the caller has them."""
     K, D = C.shape
     W = lanes(C.dtype)
     KP = _round_up(K, W)

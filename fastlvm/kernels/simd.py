@@ -211,7 +211,7 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
         # Centre indices as integers of the scores' width: a select on them takes the compare's
         # mask as it is (32-bit indices beside float64 scores narrowed the mask, two more
         # shuffles a centre).
-        kty = ir.IntType(8 * size)
+        kty, index_ty = (ir.IntType(64), types.int64) if size == 8 else (ir.IntType(32), types.int32)
         ity = ir.VectorType(kty, T)
         intp = context.get_value_type(types.intp)
         xa, r0v, nv, D = _rows_args(context, builder, sig, args)
@@ -306,7 +306,6 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
                               align=context.get_abi_sizeof(to))
         with cgutils.for_range_slice(builder, builder.mul(whole, const(T)), nv, const(1)) as (row, _):
             g, lane = builder.udiv(row, const(T)), builder.urem(row, const(T))
-            index_ty = types.int64 if size == 8 else types.int32
             for (out, to), buf, from_ty, t in zip(outs, (at, min1, min2), (index_ty, xty.dtype, xty.dtype),
                                                   (bty, s1ty, s2ty)):
                 value = builder.extract_element(builder.load(builder.gep(buf, [g])), lane)
