@@ -55,17 +55,14 @@ def _numba():
         import llvmlite.binding as llvm
     except ImportError as err:
         return {"error": str(err)}
-    from fastlvm.kernels import kmeans, simd
+    from fastlvm.kernels import simd
 
-    search = (f"SIMD up to {kmeans.SIMD_MAX_BYTES // 1024} KB of centres, BLAS tiles beyond (AVX-512 target)"
-              if kmeans._TARGET_AVX512 else "SIMD for any number of centres")
     return {"version": numba.__version__,
             "target_cpu": numba.config.CPU_NAME or llvm.get_host_cpu_name(),
             "cpu_features": numba.config.CPU_FEATURES or "host",
             "cache_dir": numba.config.CACHE_DIR or "(beside each module, in __pycache__)",
             "threads": numba.config.NUMBA_NUM_THREADS,
-            "vector_bits": 8 * simd.VECTOR_BYTES,  # of the GMM and k-means kernels' products
-            "kmeans_search": search}
+            "vector_bits": 8 * simd.VECTOR_BYTES}  # of the GMM and k-means kernels' products
 
 
 def _blas():
@@ -115,7 +112,7 @@ def format_config(cfg):
     lines.append("numba: " + (nb["error"] if "error" in nb else
                               f"{nb['version']}, target CPU {nb['target_cpu']} (features: "
                               f"{nb['cpu_features']}), {nb['vector_bits']}-bit vectors, {nb['threads']} threads, "
-                              f"cache {nb['cache_dir']}; k-means search: {nb['kmeans_search']}"))
+                              f"cache {nb['cache_dir']}"))
     for p in cfg["threadpools"]:
         if "error" in p:
             lines.append(f"threadpools: {p['error']}")

@@ -23,15 +23,14 @@ def test_show_config_returns_the_dict_without_printing(capsys):
     if not cfg["cpu"]["features"]["avx512f"]:
         assert "avx512" not in cfg["cpp_kernels"]["supported"]
     assert cfg["numba"]["target_cpu"]
-    # the kernels' vectors are 512 bits wide, and the k-means search keeps BLAS tiles for many
-    # centres, only where Numba's target has AVX-512 (the host's, unless NUMBA_CPU_FEATURES says)
+    # the kernels' vectors are 512 bits wide only where Numba's target has AVX-512 (the host's,
+    # unless NUMBA_CPU_FEATURES says)
     from numba.core import config
 
     avx512 = simd.target_has_avx512()
     if config.CPU_FEATURES is None:
         assert avx512 == bool(cfg["cpu"]["features"]["avx512f"])
     assert cfg["numba"]["vector_bits"] == (512 if avx512 else 256)
-    assert ("BLAS" in cfg["numba"]["kmeans_search"]) == avx512
     assert any(p.get("api") == "blas" for p in cfg["threadpools"])
     json.dumps(cfg)  # plain data, for bench/machine.py's JSON
 

@@ -14,13 +14,11 @@ def brute_force(X, C):
     return d2.argmin(axis=1), d2.min(axis=1)
 
 
-@pytest.mark.parametrize("search", ["simd", "blas"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n, d, k", [(1, 1, 1), (7, 3, 5), (BLOCK_ROWS + 3, 5, 1), (BLOCK_ROWS + SUB_ROWS + 17, 4, 300)])
-def test_nearest_centres_with_ties_is_argmin(dtype, n, d, k, search, monkeypatch):
-    """Small integers: every product is exact, so ties are exact and must go to the lowest index.
-    Both searches: the SIMD one (few centres) and BLAS tiles (many)."""
-    monkeypatch.setattr(kernels, "use_simd", lambda CT: search == "simd")
+def test_nearest_centres_with_ties_is_argmin(dtype, n, d, k):
+    """Small integers: every product is exact, so ties are exact and must go to the lowest index,
+    for one centre, a few and many (several panels of centres, rows past a whole tile)."""
     rng = np.random.default_rng(n + k)
     X = rng.integers(-3, 4, size=(n, d)).astype(dtype)
     C = rng.integers(-3, 4, size=(k, d)).astype(dtype)
@@ -83,14 +81,11 @@ def test_cluster_sums_rejects_bad_labels():
         cluster_sums(X, np.array([0, 1]), 3)
 
 
-@pytest.mark.parametrize("search", ["simd", "blas"])
 @pytest.mark.parametrize("share", [-1.0, 0.2, 1.0])  # never bounded, as predicted, always bounded
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_lloyd_passes_give_the_nearest_centre_whichever_pass_runs(share, dtype, search, monkeypatch):
+def test_lloyd_passes_give_the_nearest_centre_whichever_pass_runs(share, dtype, monkeypatch):
     """Full and bounded passes interleave (the sample's prediction, the back-off); every pass must
-    give nearest_centres' labels and the sums of its labels, also with near-duplicate centres,
-    whichever search (SIMD or BLAS tiles) the full passes use."""
-    monkeypatch.setattr(kernels, "use_simd", lambda CT: search == "simd")
+    give nearest_centres' labels and the sums of its labels, also with near-duplicate centres."""
     monkeypatch.setattr(kernels, "BOUNDED_MAX_SHARE", share)
     monkeypatch.setattr(kernels, "BOUNDED_MIN_ROWS", 0)
     rng = np.random.default_rng(5)
@@ -256,14 +251,3 @@ def test_centre_shifts_and_gives_norms_and_column_squares(dtype, n, write):
     np.testing.assert_allclose(norms, (got**2).sum(axis=1), rtol=1e-12)
     np.testing.assert_allclose(sums, got.sum(axis=0), rtol=1e-9, atol=1e-9 * np.abs(got).sum(axis=0).max())
     np.testing.assert_allclose(sq_sums, (got**2).sum(axis=0), rtol=1e-12)
-
-
-def test_search_choice_follows_the_host(monkeypatch):
-    """AVX2 hosts take the SIMD search for any number of centres; AVX-512 hosts (512-bit BLAS
-    kernels) only while the panels fit SIMD_MAX_BYTES."""
-    small, _ = kernels.centres_in_lanes(np.zeros((16, 32), dtype=np.float32))
-    large, _ = kernels.centres_in_lanes(np.zeros((1024, 64), dtype=np.float32))
-    monkeypatch.setattr(kernels, "_TARGET_AVX512", False)
-    assert kernels.use_simd(small) and kernels.use_simd(large)
-    monkeypatch.setattr(kernels, "_TARGET_AVX512", True)
-    assert kernels.use_simd(small) and not kernels.use_simd(large)

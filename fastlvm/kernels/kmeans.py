@@ -22,11 +22,11 @@ row order. Either way the result does not depend on the number of threads. The k
 and release the GIL; `_run` calls one per thread (workers.on_workers), each claiming blocks until
 none is left: plain threads rather than Numba's parallel loops, which compile several times slower.
 Dense rows are scored by the register-blocked SIMD search of `fastlvm.kernels.simd` (four rows,
-eight on AVX-512 targets, against a panel of centres, reading X as stored: BLAS on a tile of rows
-by a few centres spent longer packing the tile than multiplying it), or, on AVX-512 targets for
-centres beyond half an L1 cache (`use_simd`), by single-threaded BLAS calls on tiles of SUB_ROWS
-rows (BLAS limited to one thread meanwhile), the tile of products staying in cache beside the
-argmin that reads it; CSR rows by an axpy per non-zero along the transposed centres.
+eight on AVX-512 targets, against a panel of centres, reading X as stored) for any number of
+centres: BLAS on tiles of rows, which spends long packing each tile, was 1.05-1.44x as slow on AVX2
+(Zen 3) and 1.13-1.72x as slow on AVX-512 (Zen 4) at every shape measured (K = 16 to 1024, D = 8
+to 128, float32 and float64). CSR rows are scored by an axpy per non-zero along the transposed
+centres, into a tile of products G that the argmin reads while it is in cache.
 The kernels over Rows are made per data layout (`_kernels`): a dense fit compiles no CSR code.
 """
 
@@ -40,7 +40,7 @@ from numba import njit
 from numba.extending import register_jitable
 
 from fastlvm.kernels.cpu import _aligned, blas_single_thread
-from fastlvm.kernels.simd import TILE_ROWS, claim, lanes, nearest_tile, prefetch, target_has_avx512
+from fastlvm.kernels.simd import TILE_ROWS, claim, lanes, nearest_tile, prefetch
 from fastlvm.kernels.workers import on_workers
 
 _FASTMATH = {"reassoc", "contract", "arcp"}
@@ -50,7 +50,6 @@ _helper = njit(fastmath=_FASTMATH, cache=True, nogil=True, no_cfunc_wrapper=True
 
 BLOCK_ROWS = 2048  # rows per block; fixed, so results ignore the thread count
 SUB_ROWS = 256  # rows per tile of products inside a block
-SIMD_MAX_BYTES = 16 * 1024  # on AVX-512 targets, the centres (panels) the SIMD search takes: half an L1
 # A bounded pass scores a row (its own centre, then the groups its bounds cannot rule out) several
 # times slower than a full pass of tiled products does; it pays only while it scores few rows. A
 # sample of every SAMPLE_STRIDE-th row predicts the share it would score. After a miss, full passes
@@ -88,13 +87,14 @@ def _workers(n_items):
     return max(1, min(numba.get_num_threads(), n_items))
 
 
-def _tile_scratch(K, dtype, n_workers):
-    """Each worker's buffers for a pass over tiles of rows, stacked on a leading worker axis:
-    products G (K, SUB_ROWS) and acc (K,) in dtype, per row the nearest centre (int64) and the
-    lowest two scores (float64). Made here in NumPy: allocations inside the kernels compile NumPy's
-    allocation code once per shape and dtype."""
-    n = n_workers
-    return (_aligned((n, K, SUB_ROWS), dtype), _aligned((n, K), dtype), _aligned((n, SUB_ROWS), np.int64),
+def _tile_scratch(K, dtype, n_workers, sparse):
+    """Each worker's buffers for a pass over tiles of rows, stacked on a leading worker axis: for CSR
+    rows (`sparse`) products G (K, SUB_ROWS) and acc (K,) in dtype (empty for dense rows, which the
+    SIMD search scores in registers), and per row the nearest centre (int64) and the lowest two
+    scores (float64). Made here in NumPy: allocations inside the kernels compile NumPy's allocation
+    code once per shape and dtype."""
+    n, Kg = n_workers, K if sparse else 0
+    return (_aligned((n, Kg, SUB_ROWS), dtype), _aligned((n, Kg), dtype), _aligned((n, SUB_ROWS), np.int64),
             _aligned((n, 2, SUB_ROWS), np.float64))
 
 
@@ -105,15 +105,9 @@ def _tile_worker(scratch, w):
     return G[w], acc[w], best[w], s[w, 0], s[w, 1]
 
 
-def _run(kernel, n_items, *args, blas=False, n_workers=None):
-    """kernel(*args, worker, counter) on n_workers threads (default: up to numba.get_num_threads());
-    `blas`: the kernel calls BLAS, which then runs single-threaded (one level of parallelism)."""
-    n_workers = n_workers or _workers(n_items)
-    if blas:
-        with blas_single_thread():
-            on_workers(kernel, n_workers, *args)
-    else:
-        on_workers(kernel, n_workers, *args)
+def _run(kernel, n_items, *args, n_workers=None):
+    """kernel(*args, worker, counter) on n_workers threads (default: up to numba.get_num_threads())."""
+    on_workers(kernel, n_workers or _workers(n_items), *args)
 
 
 @_inline
@@ -217,31 +211,11 @@ def _sparse_tile_products(data, indices, indptr, r0, n, CT, G, acc):
 
 
 @_inline
-def _nearest_dense(X, r0, n, C, CT, c_norms, lane_norms, G, best, s1, s2, simd):
-    """best[r], s1[r], s2[r] (as _nearest_block gives them) for the dense rows r0 + r, r < n: with
-    `simd` by the SIMD search over the centres in lanes (`Rows.centres`), TILE_ROWS rows at a
-    time; else from a tile of products G (K, SUB_ROWS) made by one BLAS call (np.dot into its
-    output, whose code compiles several times faster than an allocating or sliced one)."""
-    if simd:
-        for r in range(0, n, TILE_ROWS):
-            nearest_tile(X, r0 + r, min(TILE_ROWS, n - r), CT, lane_norms, best[r:], s1[r:], s2[r:])
-        return
-    P = G if n == G.shape[1] else np.empty((G.shape[0], n), dtype=G.dtype)
-    np.dot(C, X[r0 : r0 + n].T, P)
-    _nearest_block(P, n, c_norms, best, s1, s2)
-
-
-def use_simd(CT):
-    """Whether the SIMD search scores rows against these centres (the panels of centres_in_lanes)
-    rather than BLAS tiles. On an AVX2 host it beat them at every shape measured (1.05-1.44x, K = 16
-    to 1024, D = 8 to 128; most at few centres, where BLAS spends longest packing): always. On an
-    AVX-512 target it runs on 512-bit vectors as BLAS does there, but it has not been timed on one:
-    there only centres that fit half an L1 cache take it, where the packing dominates most (the
-    conservative choice)."""
-    return not _TARGET_AVX512 or CT.nbytes <= SIMD_MAX_BYTES
-
-
-_TARGET_AVX512 = target_has_avx512()
+def _nearest_dense(X, r0, n, CT, lane_norms, best, s1, s2):
+    """best[r], s1[r], s2[r] (as _nearest_block gives them) for the dense rows r0 + r, r < n, by the
+    SIMD search over the centres in lanes (`Rows.search_centres`), TILE_ROWS rows at a time."""
+    for r in range(0, n, TILE_ROWS):
+        nearest_tile(X, r0 + r, min(TILE_ROWS, n - r), CT, lane_norms, best[r:], s1[r:], s2[r:])
 
 
 @_inline
@@ -253,7 +227,7 @@ def _fold(s, k, best, s1, s2):
 
 @_helper
 def _nearest_block(G, n, c_norms, best, s1, s2):
-    """The one nearest-centre search of every full pass. For the rows r < n of a tile of products
+    """The nearest-centre search of CSR rows' full passes. For the rows r < n of a tile of products
     G (K, SUB_ROWS), G[k, r] = x_r . c_k: best[r] = argmin_k ||c_k||^2 - 2 x . c_k (ties to the
     lowest k, as argmin), s1[r] its score and s2[r] the next lowest score (inf when K = 1). Sweeps
     of four centres, vectorised over rows (the running minima are read and written once a sweep)."""
@@ -277,33 +251,27 @@ def _nearest_block(G, n, c_norms, best, s1, s2):
             best[r], s1[r], s2[r] = _fold(c_norms[k] - 2.0 * G[k, r], k, best[r], s1[r], s2[r])
 
 
-@functools.lru_cache(maxsize=None)
-def _nearest_rows(simd):
-    """The kernel of nearest_centres, compiled with one search (`simd`, a constant: the other is
-    pruned before typing)."""
-
-    @_jit
-    def nearest_rows(X, C, CT, c_norms, lane_norms, labels, d2, scratch, worker, counter):
-        """labels[i] and d2[i] = ||x_i - c||^2 (in d2's dtype, >= 0) of the nearest centre c, for
-        the blocks of dense rows the worker claims, with its buffers (_tile_scratch)."""
-        N = X.shape[0]
-        G, _, best, s1, s2 = _tile_worker(scratch, worker)
-        while True:
-            b = claim(counter)
-            if b >= n_blocks(N):
-                break
-            for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
-                n = min(SUB_ROWS, N - r0)
-                _nearest_dense(X, r0, n, C, CT, c_norms, lane_norms, G, best, s1, s2, simd)
-                for r in range(n):
-                    i = r0 + r
-                    x_norm = 0.0
-                    for d in range(X.shape[1]):
-                        x_norm += np.float64(X[i, d]) * X[i, d]
-                    labels[i] = best[r]
-                    d2[i] = max(x_norm + s1[r], 0.0)
-
-    return nearest_rows
+@_jit
+def _nearest_rows(X, CT, lane_norms, labels, d2, scratch, worker, counter):
+    """The kernel of nearest_centres: labels[i] and d2[i] = ||x_i - c||^2 (in d2's dtype, >= 0) of
+    the nearest centre c, for the blocks of dense rows the worker claims, with its buffers
+    (_tile_scratch)."""
+    N = X.shape[0]
+    _, _, best, s1, s2 = _tile_worker(scratch, worker)
+    while True:
+        b = claim(counter)
+        if b >= n_blocks(N):
+            break
+        for r0 in range(b * BLOCK_ROWS, min(N, (b + 1) * BLOCK_ROWS), SUB_ROWS):
+            n = min(SUB_ROWS, N - r0)
+            _nearest_dense(X, r0, n, CT, lane_norms, best, s1, s2)
+            for r in range(n):
+                i = r0 + r
+                x_norm = 0.0
+                for d in range(X.shape[1]):
+                    x_norm += np.float64(X[i, d]) * X[i, d]
+                labels[i] = best[r]
+                d2[i] = max(x_norm + s1[r], 0.0)
 
 
 def centres_in_lanes(C, norms=None):
@@ -345,9 +313,8 @@ def nearest_centres(X, C):
     d2 = np.empty(X.shape[0], dtype=X.dtype)
     c_norms = (C.astype(np.float64) ** 2).sum(axis=1)
     CT, lane_norms = centres_in_lanes(C, c_norms)
-    scratch = _tile_scratch(C.shape[0], X.dtype, _workers(n_blocks(X.shape[0])))
-    _run(_nearest_rows(use_simd(CT)), n_blocks(X.shape[0]), X, C, CT, c_norms, lane_norms, labels, d2, scratch,
-         blas=True)
+    scratch = _tile_scratch(C.shape[0], X.dtype, _workers(n_blocks(X.shape[0])), False)
+    _run(_nearest_rows, n_blocks(X.shape[0]), X, CT, lane_norms, labels, d2, scratch)
     return labels, d2
 
 
@@ -581,9 +548,8 @@ def _kernels(sparse):
 
 
 @functools.lru_cache(maxsize=None)
-def _full_pass(sparse, simd):
-    """The full pass over Rows of one layout (`sparse`) and, for dense rows, one search (`simd`: the
-    SIMD search, else BLAS tiles); both constants, as in _kernels."""
+def _full_pass(sparse):
+    """The full pass over Rows of one layout (`sparse`, a constant, as in _kernels)."""
 
     @_jit
     def full_pass(X, data, indices, indptr, weights, x_norms, C, CT, c_norms, lane_norms, eps, shrink, labels,
@@ -617,7 +583,7 @@ def _full_pass(sparse, simd):
                     _sparse_tile_products(data, indices, indptr, r0, n, CT, G, acc)
                     _nearest_block(G, n, c_norms, best, s1, s2)
                 else:
-                    _nearest_dense(X, r0, n, C, CT, c_norms, lane_norms, G, best, s1, s2, simd)
+                    _nearest_dense(X, r0, n, CT, lane_norms, best, s1, s2)
                 if bounds:
                     _set_bounds(x_norms, r0, n, s1, s2, eps * c_max, eps, shrink, upper, lower)
                 # Every row noted, kept as a move if its label changed: no branch (mispredicted at
@@ -740,7 +706,7 @@ class LloydState:
         self.sums, self.counts = self._sums_counts[:, :D], self._sums_counts[:, -1]
         B = n_blocks(N)
         self._n_workers = _workers(B)
-        self._scratch = _tile_scratch(K, rows.dtype, self._n_workers)  # the full pass's, made once
+        self._scratch = _tile_scratch(K, rows.dtype, self._n_workers, rows.sparse)  # the full pass's, made once
         self._moved = _aligned(N, np.int64)  # a pass's moves, noted per block
         self._old = _aligned(N, np.int32)
         self._changed = np.empty(B, dtype=np.int64)
@@ -785,10 +751,10 @@ class LloydState:
 
         A full pass (full_pass) scores every row from tiles of products and, when the next pass will
         try them, sets the bounds. A pass after that uses the bounds (yinyang_pass) if a sample
-        predicts they skip most rows. BLAS runs on one thread throughout: the kernels call it from
-        their workers, and the host's small products here (grouping, separations) gain nothing from
-        threads while a threaded call leaves OpenBLAS's threads spinning beside the workers, which
-        then ran at half speed (10.3 against 5.7 ms a pass, 200k x 32, K=16, 2 cores)."""
+        predicts they skip most rows. BLAS runs on one thread throughout: the host's small products
+        here (grouping, separations) gain nothing from threads, while a threaded call leaves
+        OpenBLAS's threads spinning beside the workers, which then ran at half speed (10.3 against
+        5.7 ms a pass, 200k x 32, K=16, 2 cores)."""
         self.d2 = None
         with blas_single_thread():
             return self._assign(C, moves, distances)
@@ -809,7 +775,7 @@ class LloydState:
             self.upper = _aligned(rows.n_rows, np.float64)
             self.lower = _aligned((rows.n_rows, self.n_groups), np.float32)
         CT, lane_norms = rows.search_centres(Cd, c_norms)
-        full_pass = _full_pass(rows.sparse, not rows.sparse and use_simd(CT))
+        full_pass = _full_pass(rows.sparse)
         d2 = _aligned(rows.n_rows if distances else 0, np.float64)
         _run(full_pass, self._changed.shape[0], *rows.args(), self.weights, rows.pass_norms(self._fresh), Cd, CT,
              c_norms, lane_norms, self.eps, self.shrink, self.labels, self._fresh, d2, self.upper, self.lower,
