@@ -36,7 +36,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload, register_jitable
 
-from .simd import TRANSPOSE_BYTES, claim, combine_rows, max_nonnan, pow2, row_dots, split_exponent, transpose_centred
+from .simd import TRANSPOSE_BYTES, claim, combine_rows, max_nonnan, pow2, prefetch, row_dots, split_exponent, transpose_centred
 from .workers import on_workers
 
 FULL, TIED, DIAG, SPHERICAL = 0, 1, 2, 3
@@ -667,6 +667,11 @@ def _drivers(kind):
                 if C < sub:
                     _zero_padding(kind, C, d, aa)
                 _log_prob(kind, X, r0, C, prec, log_norm, centre, b, Wt, base, d, Y, aa, dist, logp)
+                # The block's next sub-chunk of rows, requested while this one's normalisation and
+                # M-step run: its transposition otherwise waits on memory (diag float32, 200k rows,
+                # one thread on Zen 4: 29% of the pass, against 12% when the rows fit the cache).
+                if r0 + sub < stop:
+                    prefetch(X[:, 0], r0 + sub, min(stop, r0 + 2 * sub))
                 if given:
                     for k in range(K):
                         for i in range(sub):
