@@ -313,7 +313,7 @@ def nearest_centres(X, C):
     d2 = np.empty(X.shape[0], dtype=X.dtype)
     c_norms = (C.astype(np.float64) ** 2).sum(axis=1)
     CT, lane_norms = centres_in_lanes(C, c_norms)
-    scratch = _tile_scratch(C.shape[0], X.dtype, _workers(n_blocks(X.shape[0])), False)
+    scratch = _tile_scratch(C.shape[0], X.dtype, _workers(n_blocks(X.shape[0])), sparse=False)
     _run(_nearest_rows, n_blocks(X.shape[0]), X, CT, lane_norms, labels, d2, scratch)
     return labels, d2
 
