@@ -12,19 +12,26 @@ are printed.
     python bench/ab_pass.py gmm --cov diag --dtype float32 --threads 1 /tmp/old_cpu.py /tmp/new_cpu.py
 
 A version is a copy of fastlvm/kernels/kmeans.py (kmeans) or fastlvm/kernels/cpu.py (gmm), outside
-the package (Numba keys its on-disk cache on the source file: copies keep the package's own cache
-apart); the other modules are the installed ones.
+the package; the other modules are the installed ones. Everything is compiled afresh (a temporary
+NUMBA_CACHE_DIR), which takes a minute.
 """
 
 import argparse
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 
-import numba
-import numpy as np
+# Numba keys a kernel's disk cache on its own source file, not on the modules it inlines (simd.py):
+# a cache of its own per run, so that every version is compiled from the code as it stands.
+CACHE = tempfile.mkdtemp(prefix="ab_pass_numba_")
+os.environ["NUMBA_CACHE_DIR"] = CACHE
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -134,4 +141,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        shutil.rmtree(CACHE, ignore_errors=True)

@@ -18,7 +18,9 @@ in flight that two FMA units of four cycles' latency take; see VECTOR_BYTES). X 
 BLAS on a tile of rows by K = 16 centres, D = 32, spent longer packing the tile than multiplying it.
 Blocks are the outer loop and the tile's rows the inner one, so a block of centres (a contiguous
 D x 64-byte panel: rows of a (D, K) transpose lie K apart, and at K = 1024 float32 every one fell
-in the same L1 set) stays in L1 while every row of the tile meets it.
+in the same L1 set) stays in L1 while every row of the tile meets it. Each feature's FMAs come with
+a prefetch of one cache line of the next tile's rows (X[r0 + n :], within X): rows beyond the
+cache otherwise kept the search waiting on memory.
 A block's scores go to a small buffer, a W-lane vector per row; read back T rows by T centres
 (T = 32 bytes of lanes) and transposed in registers, they put the rows in lanes, so the running
 minimum, its centre and the next lowest score are vertical minima and selects over the centres in
@@ -241,13 +243,30 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
         with cgutils.for_range_slice(builder, nv, builder.mul(n_row_groups, const(T)), const(1)) as (row, _):
             builder.store(zero, builder.gep(scores, [row]))
 
+        # The next tile's rows (X[r0 + n :], callers take tiles in order), a cache line of them
+        # requested per feature of each run of R rows: prefetches spread among the FMAs arrive in
+        # time, where the hardware's prefetcher left the search waiting on memory (float64 at 200k x
+        # 32, 51 MB: a pass 1.28x as long) and a burst of them before the tile stalled it.
+        i8p = ir.IntType(8).as_pointer()
+        x_stride = cgutils.unpack_tuple(builder, xa.strides)[0]
+        x_end = builder.mul(cgutils.unpack_tuple(builder, xa.shape)[0], x_stride)  # bytes of X
+        x_bytes = builder.bitcast(xa.data, i8p)
+        i32 = lambda v: ir.Constant(ir.IntType(32), v)  # noqa: E731
+        prefetch_fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [ir.IntType(32)] * 3),
+                                                     "llvm.prefetch.p0i8")
+
         def products(row, R, cbase, norms):
             """Scores of rows row .. row + R - 1 (of the tile) against one block, into `scores`."""
             xrows = [_row_pointer(builder, xa, builder.add(r0v, builder.add(row, const(j)))) for j in range(R)]
+            next_rows = builder.mul(builder.add(builder.add(r0v, nv), row), x_stride)
             for acc in accs[:R]:
                 builder.store(norms, acc)
             with cgutils.for_range(builder, D) as features:
                 d = features.index
+                # R rows are at most D lines (R times the panel's 64 bytes of lanes, D features each)
+                line = builder.add(next_rows, builder.mul(d, const(64)))
+                line = builder.select(builder.icmp_unsigned("<", line, x_end), line, builder.sub(x_end, const(1)))
+                builder.call(prefetch_fn, [builder.gep(x_bytes, [line]), i32(0), i32(3), i32(1)])
                 c = builder.load(builder.bitcast(builder.gep(cbase, [builder.mul(d, const(W))]), vty.as_pointer()), align=1)
                 for j in range(R):
                     xb = _splat(builder, vty, builder.load(builder.gep(xrows[j], [d])))
