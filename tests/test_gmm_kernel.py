@@ -283,7 +283,9 @@ def test_row_dots_against_numpy(dtype, Ka, Kb, n, upper, wide, vector_bytes, mon
     A, B = rng.normal(size=(Ka, n)).astype(dtype), rng.normal(size=(Kb, n + 8)).astype(dtype)
     out = rng.normal(size=(Ka + 1, Kb + 3)).astype(np.float64 if wide else dtype)
     before = out.copy()
-    numba.njit(lambda A, B, out, upper: row_dots(A, B, out[:Ka], upper))(A, B, out, upper)
+    # a prefetch range (B's bytes, past which the last line is requested again; or none) changes nothing
+    hi = B.nbytes if wide else 0
+    numba.njit(lambda A, B, out, upper, hi: row_dots(A, B, out[:Ka], upper, B, 0, hi))(A, B, out, upper, hi)
     want = before[:Ka, :Kb] + A.astype(np.float64) @ B[:, :n].astype(np.float64).T
     scale = np.abs(before[:Ka, :Kb]) + np.abs(A.astype(np.float64)) @ np.abs(B[:, :n].astype(np.float64)).T
     a, b = np.indices((Ka, Kb))

@@ -19,8 +19,8 @@ BLAS on a tile of rows by K = 16 centres, D = 32, spent longer packing the tile 
 Blocks are the outer loop and the tile's rows the inner one, so a block of centres (a contiguous
 D x 64-byte panel: rows of a (D, K) transpose lie K apart, and at K = 1024 float32 every one fell
 in the same L1 set) stays in L1 while every row of the tile meets it. Each feature's FMAs come with
-a prefetch of one cache line of the next tile's rows (X[r0 + n :], within X): rows beyond the
-cache otherwise kept the search waiting on memory.
+a prefetch of one cache line of the next tile's rows into L2 (X[r0 + n :], within X): rows beyond
+the cache otherwise kept the search waiting on memory.
 A block's scores go to a small buffer, a W-lane vector per row; read back T rows by T centres
 (T = 32 bytes of lanes) and transposed in registers, they put the rows in lanes, so the running
 minimum, its centre and the next lowest score are vertical minima and selects over the centres in
@@ -47,8 +47,8 @@ reloaded and stored them at every group of four p and spilled its coefficients (
 the diag type's shapes). The sum runs in order of p from base[k] (float64, rounded to A's dtype;
 from zero when base is empty).
 
-`row_dots(A, B, out, upper)`: out[a, b] += A[a] . B[b] for a < A's rows (a multiple of 2) and b <
-B's rows (a multiple of 4), over A's columns, a multiple of V (as in combine_rows; B's rows may be
+`row_dots(A, B, out, upper, P, lo, hi)`: out[a, b] += A[a] . B[b] for a < A's rows (a multiple of 2)
+and b < B's rows (a multiple of 4), over A's columns, a multiple of V (as in combine_rows; B's rows may be
 longer); out in A's dtype or float64; with `upper`, only the blocks that reach b >= a (a block on
 the diagonal adds a few entries below it too): the M-step of every type (A the responsibilities;
 with `upper`, the upper triangle of the full and tied types' symmetric second moments). Two rows of
@@ -56,7 +56,9 @@ A by four of B are eight vector accumulators along the rows; each folded to T la
 a T x T transposition then puts each accumulator's lanes in one lane of T vectors, whose sum holds
 the eight dot products, added to out four at a time (eight horizontal sums and eight scalar updates
 before; a loop of eight scalar accumulators, which read B's rows from L2 for every two rows of A,
-took 1.06-1.24x as long).
+took 1.06-1.24x as long). Each step of the products also requests one cache line of the bytes
+[lo, hi) of the C-contiguous array P into L2 (the next rows a caller will read; none when lo >= hi):
+prefetches spread among FMAs arrive in time without stalling the core.
 
 `prefetch(a, start, stop)`: a hint to load the cache lines of a[start:stop] (1-D; none for a negative
 stride), one prefetch instruction per 64 bytes; no effect on results.
@@ -244,9 +246,10 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
             builder.store(zero, builder.gep(scores, [row]))
 
         # The next tile's rows (X[r0 + n :], callers take tiles in order), a cache line of them
-        # requested per feature of each run of R rows: prefetches spread among the FMAs arrive in
-        # time, where the hardware's prefetcher left the search waiting on memory (float64 at 200k x
-        # 32, 51 MB: a pass 1.28x as long) and a burst of them before the tile stalled it.
+        # requested into L2 per feature of each run of R rows: prefetches spread among the FMAs
+        # arrive in time, where the hardware's prefetcher left the search waiting on memory (float64
+        # at 200k x 32, 51 MB: a pass 1.5x as long; prefetched into L1, 1.15x) and a burst of them
+        # before the tile stalled it.
         i8p = ir.IntType(8).as_pointer()
         x_stride = cgutils.unpack_tuple(builder, xa.strides)[0]
         x_end = builder.mul(cgutils.unpack_tuple(builder, xa.shape)[0], x_stride)  # bytes of X
@@ -266,7 +269,7 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
                 # R rows are at most D lines (R times the panel's 64 bytes of lanes, D features each)
                 line = builder.add(next_rows, builder.mul(d, const(64)))
                 line = builder.select(builder.icmp_unsigned("<", line, x_end), line, builder.sub(x_end, const(1)))
-                builder.call(prefetch_fn, [builder.gep(x_bytes, [line]), i32(0), i32(3), i32(1)])
+                builder.call(prefetch_fn, [builder.gep(x_bytes, [line]), i32(0), i32(2), i32(1)])  # into L2
                 c = builder.load(builder.bitcast(builder.gep(cbase, [builder.mul(d, const(W))]), vty.as_pointer()), align=1)
                 for j in range(R):
                     xb = _splat(builder, vty, builder.load(builder.gep(xrows[j], [d])))
@@ -492,18 +495,31 @@ def combine_rows(typingctx, C, A, base, out, upper):
 
 
 @intrinsic
-def row_dots(typingctx, A, B, out, upper):
+def row_dots(typingctx, A, B, out, upper, P, lo, hi):
     """See the module docstring."""
     dt = getattr(A, "dtype", None)
     if not (dt in (types.float32, types.float64)
             and all(isinstance(a, types.Array) and a.ndim == 2 and a.dtype == dt and a.layout == "C" for a in (A, B))
             and isinstance(out, types.Array) and out.ndim == 2 and out.layout == "C"
-            and out.dtype in (dt, types.float64) and isinstance(upper, types.Boolean)):
+            and out.dtype in (dt, types.float64) and isinstance(upper, types.Boolean)
+            and isinstance(P, types.Array) and P.layout == "C"
+            and all(isinstance(t, types.Integer) for t in (lo, hi))):
         return None
 
     def codegen(context, builder, sig, args):
         a_arr, b_arr, o_arr = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:3], args[:3]))
         triangle = args[3]
+        p_bytes = builder.bitcast(context.make_array(P)(context, builder, args[4]).data, ir.IntType(8).as_pointer())
+        intp_ty = context.get_value_type(types.intp)
+        p_lo, p_hi = (context.cast(builder, args[j], sig.args[j], types.intp) for j in (5, 6))
+        prefetch_fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [p_bytes.type] + [ir.IntType(32)] * 3), "llvm.prefetch.p0i8")
+        # The next prefetch's offset in P, from lo on: one cache line a step into L2 (into L1 the
+        # products' own operands evicted them before use), the last one again once past hi, none
+        # at all when lo >= hi.
+        p_next = cgutils.alloca_once_value(builder, p_lo)
+        p_any = builder.icmp_signed("<", p_lo, p_hi)
+        p_last = builder.sub(p_hi, ir.Constant(intp_ty, 1))
         ety, oty = context.get_data_type(dt), context.get_data_type(out.dtype)
         size = context.get_abi_sizeof(ety)
         V, T = VECTOR_BYTES // size, TRANSPOSE_BYTES // size
@@ -528,6 +544,12 @@ def row_dots(typingctx, A, B, out, upper):
                 for acc in accs:
                     builder.store(zero, acc)
                 with cgutils.for_range_slice(builder, const(0), n, const(V)) as (i, _):
+                    with builder.if_then(p_any, likely=True):
+                        off = builder.load(p_next)
+                        off = builder.select(builder.icmp_signed("<", off, p_hi), off, p_last)
+                        i32 = lambda v: ir.Constant(ir.IntType(32), v)  # noqa: E731
+                        builder.call(prefetch_fn, [builder.gep(p_bytes, [off]), i32(0), i32(2), i32(1)])  # into L2
+                        builder.store(builder.add(off, const(64)), p_next)
                     load = lambda row: builder.load(builder.bitcast(builder.gep(row, [i]), vty.as_pointer()), align=size)  # noqa: E731
                     u, v = [load(r) for r in rows_a], [load(r) for r in rows_b]
                     for r in range(2):
@@ -554,7 +576,7 @@ def row_dots(typingctx, A, B, out, upper):
                     builder.store(total, dst, align=osize)
         return context.get_dummy_value()
 
-    return types.none(A, B, out, upper), codegen
+    return types.none(A, B, out, upper, P, lo, hi), codegen
 
 
 @intrinsic
