@@ -49,7 +49,9 @@ def main():
             if upto >= 3:
                 cpu._normalise(logp, sub, False, False, resp, row_ll, best, top, tot)
             if upto >= 4:
-                cpu._accumulate_vector(True, sub, resp, False, best, n, s, second, aa, mom)
+                # the next sub-chunk's rows requested among the M-step's products, as the driver does
+                lo, hi = (r0 + sub) * X.strides[0], min(X.shape[0], r0 + 2 * sub) * X.strides[0]
+                cpu._accumulate_vector(True, sub, resp, False, best, n, s, second, aa, mom, X, lo, hi)
         return n
 
     times = {u: [] for u in range(5)}
