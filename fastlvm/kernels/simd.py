@@ -132,6 +132,17 @@ def _row_pointer(builder, arr, row):
     return builder.bitcast(raw, arr.data.type)
 
 
+def _prefetch_line(builder, pointer, level):
+    """A hint to load the cache line at `pointer` (any pointer) for reading into cache level `level`
+    (1: L1, 2: L2); no effect on results, never a fault."""
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                        "llvm.prefetch.p0i8")
+    # read (0), LLVM's locality 3 keeps the line in L1, 2 in L2; data (1)
+    builder.call(fn, [builder.bitcast(pointer, i8p), ir.Constant(i32, 0), ir.Constant(i32, 4 - level),
+                      ir.Constant(i32, 1)])
+
+
 def _rows_args(context, builder, sig, args):
     """(X's array, r0 and n as intp, D) of an intrinsic called as f(X, r0, n, ...)."""
     xa = context.make_array(sig.args[0])(context, builder, args[0])
@@ -250,13 +261,9 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
         # arrive in time, where the hardware's prefetcher left the search waiting on memory (float64
         # at 200k x 32, 51 MB: a pass 1.5x as long; prefetched into L1, 1.15x) and a burst of them
         # before the tile stalled it.
-        i8p = ir.IntType(8).as_pointer()
         x_stride = cgutils.unpack_tuple(builder, xa.strides)[0]
         x_end = builder.mul(cgutils.unpack_tuple(builder, xa.shape)[0], x_stride)  # bytes of X
-        x_bytes = builder.bitcast(xa.data, i8p)
-        i32 = lambda v: ir.Constant(ir.IntType(32), v)  # noqa: E731
-        prefetch_fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [ir.IntType(32)] * 3),
-                                                     "llvm.prefetch.p0i8")
+        x_bytes = builder.bitcast(xa.data, ir.IntType(8).as_pointer())
 
         def products(row, R, cbase, norms):
             """Scores of rows row .. row + R - 1 (of the tile) against one block, into `scores`."""
@@ -269,7 +276,7 @@ def nearest_tile(typingctx, X, r0, n, CT, cn, best, s1, s2):
                 # R rows are at most D lines (R times the panel's 64 bytes of lanes, D features each)
                 line = builder.add(next_rows, builder.mul(d, const(64)))
                 line = builder.select(builder.icmp_unsigned("<", line, x_end), line, builder.sub(x_end, const(1)))
-                builder.call(prefetch_fn, [builder.gep(x_bytes, [line]), i32(0), i32(2), i32(1)])  # into L2
+                _prefetch_line(builder, builder.gep(x_bytes, [line]), 2)
                 c = builder.load(builder.bitcast(builder.gep(cbase, [builder.mul(d, const(W))]), vty.as_pointer()), align=1)
                 for j in range(R):
                     xb = _splat(builder, vty, builder.load(builder.gep(xrows[j], [d])))
@@ -346,15 +353,12 @@ def prefetch(typingctx, a, start, stop):
     def codegen(context, builder, sig, args):
         arr = context.make_array(a)(context, builder, args[0])
         lo, hi = (context.cast(builder, args[j], sig.args[j], types.intp) for j in (1, 2))
-        intp, i8p, i32 = context.get_value_type(types.intp), ir.IntType(8).as_pointer(), ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0i8")
+        intp = context.get_value_type(types.intp)
         stride = cgutils.unpack_tuple(builder, arr.strides)[0]
-        base = builder.bitcast(arr.data, i8p)
+        base = builder.bitcast(arr.data, ir.IntType(8).as_pointer())
         with cgutils.for_range_slice(builder, builder.mul(lo, stride), builder.mul(hi, stride),
                                      ir.Constant(intp, 64)) as (offset, _):
-            # read, keep in every cache level, data
-            builder.call(fn, [builder.gep(base, [offset]), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            _prefetch_line(builder, builder.gep(base, [offset]), 1)
         return context.get_dummy_value()
 
     return types.none(a, start, stop), codegen
@@ -512,8 +516,6 @@ def row_dots(typingctx, A, B, out, upper, P, lo, hi):
         p_bytes = builder.bitcast(context.make_array(P)(context, builder, args[4]).data, ir.IntType(8).as_pointer())
         intp_ty = context.get_value_type(types.intp)
         p_lo, p_hi = (context.cast(builder, args[j], sig.args[j], types.intp) for j in (5, 6))
-        prefetch_fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [p_bytes.type] + [ir.IntType(32)] * 3), "llvm.prefetch.p0i8")
         # The next prefetch's offset in P, from lo on: one cache line a step into L2 (into L1 the
         # products' own operands evicted them before use), the last one again once past hi, none
         # at all when lo >= hi.
@@ -547,8 +549,7 @@ def row_dots(typingctx, A, B, out, upper, P, lo, hi):
                     with builder.if_then(p_any, likely=True):
                         off = builder.load(p_next)
                         off = builder.select(builder.icmp_signed("<", off, p_hi), off, p_last)
-                        i32 = lambda v: ir.Constant(ir.IntType(32), v)  # noqa: E731
-                        builder.call(prefetch_fn, [builder.gep(p_bytes, [off]), i32(0), i32(2), i32(1)])  # into L2
+                        _prefetch_line(builder, builder.gep(p_bytes, [off]), 2)
                         builder.store(builder.add(off, const(64)), p_next)
                     load = lambda row: builder.load(builder.bitcast(builder.gep(row, [i]), vty.as_pointer()), align=size)  # noqa: E731
                     u, v = [load(r) for r in rows_a], [load(r) for r in rows_b]
