@@ -513,15 +513,6 @@ def row_dots(typingctx, A, B, out, upper, P, lo, hi):
     def codegen(context, builder, sig, args):
         a_arr, b_arr, o_arr = (context.make_array(t)(context, builder, v) for t, v in zip(sig.args[:3], args[:3]))
         triangle = args[3]
-        p_bytes = builder.bitcast(context.make_array(P)(context, builder, args[4]).data, ir.IntType(8).as_pointer())
-        intp_ty = context.get_value_type(types.intp)
-        p_lo, p_hi = (context.cast(builder, args[j], sig.args[j], types.intp) for j in (5, 6))
-        # The next prefetch's offset in P, from lo on: one cache line a step into L2 (into L1 the
-        # products' own operands evicted them before use), the last one again once past hi, none
-        # at all when lo >= hi.
-        p_next = cgutils.alloca_once_value(builder, p_lo)
-        p_any = builder.icmp_signed("<", p_lo, p_hi)
-        p_last = builder.sub(p_hi, ir.Constant(intp_ty, 1))
         ety, oty = context.get_data_type(dt), context.get_data_type(out.dtype)
         size = context.get_abi_sizeof(ety)
         V, T = VECTOR_BYTES // size, TRANSPOSE_BYTES // size
@@ -530,6 +521,14 @@ def row_dots(typingctx, A, B, out, upper, P, lo, hi):
         const = lambda v: ir.Constant(intp, v)  # noqa: E731
         n_a, n = cgutils.unpack_tuple(builder, a_arr.shape)
         n_b = cgutils.unpack_tuple(builder, b_arr.shape)[0]
+        p_bytes = builder.bitcast(context.make_array(P)(context, builder, args[4]).data, ir.IntType(8).as_pointer())
+        p_lo, p_hi = (context.cast(builder, args[j], sig.args[j], types.intp) for j in (5, 6))
+        # The next prefetch's offset in P, from lo on: one cache line a step into L2 (into L1 the
+        # products' own operands evicted them before use), the last one again once past hi, none
+        # at all when lo >= hi.
+        p_next = cgutils.alloca_once_value(builder, p_lo)
+        p_any = builder.icmp_signed("<", p_lo, p_hi)
+        p_last = builder.sub(p_hi, const(1))
         fma = _vector_function(builder, "fma", vty, 3)
         zero = ir.Constant(vty, [ir.Constant(ety, 0.0)] * V)
         masks = _transpose_masks(T)
