@@ -183,6 +183,32 @@ def test_powers_of_two_over_the_normal_exponents(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 12, 13])
+def test_polynomial_against_numpy(dtype, n):
+    # simd.polynomial's pairing (Estrin) against NumPy's Horner evaluation in float64, for every
+    # parity of the coefficient count, to the rounding of the type
+    import numba
+
+    from fastlvm.kernels.simd import polynomial
+
+    rng = np.random.default_rng(n)
+    c = tuple(dtype(v) for v in rng.uniform(-1.0, 1.0, n))
+
+    @numba.njit
+    def values(x, out):
+        for i in range(x.shape[0]):
+            out[i] = polynomial(x[i], c)
+
+    x = rng.uniform(-1.2, 1.2, 4000).astype(dtype)
+    out = np.zeros_like(x)
+    values(x, out)
+    want = np.polynomial.polynomial.polyval(x.astype(np.float64), np.array(c, dtype=np.float64))
+    scale = np.polynomial.polynomial.polyval(np.abs(x.astype(np.float64)), np.abs(np.array(c, dtype=np.float64)))
+    assert out.dtype == dtype
+    assert np.max(np.abs(out - want) / scale) <= 2 * n * np.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_log_of_the_row_sums_against_numpy(dtype):
     # the sums of a row's exponentials lie in [1, K]; any positive normal number must give log (and
     # the reciprocal, to the rounding of the division) to

@@ -29,14 +29,14 @@ shape.
 
 import contextlib
 import functools
-import math
 import threading
 
 import numpy as np
 from numba import njit, types
 from numba.extending import overload, register_jitable
 
-from .simd import TRANSPOSE_BYTES, claim, combine_rows, max_nonnan, pow2, row_dots, split_exponent, transpose_centred
+from .simd import (TRANSPOSE_BYTES, claim, combine_rows, max_nonnan, polynomial, pow2, row_dots, split_exponent,
+                   transpose_centred)
 from .workers import on_workers
 
 FULL, TIED, DIAG, SPHERICAL = 0, 1, 2, 3
@@ -119,43 +119,26 @@ _LN2_HI_F32, _LN2_LO_F32 = _F32(0.693359375), _F32(-2.12194440e-4)  # n * _LN2_H
 _ZERO_F32, _HALF_F32, _ONE_F32 = _F32(0.0), _F32(0.5), _F32(1.0)
 
 
-def _by_parity(coefficients):
-    """A polynomial's coefficients (highest degree first) as those of its even and its odd powers,
-    for _polynomial: p(x) = E(x^2) + x O(x^2)."""
-    top = len(coefficients) - 1  # the degree
-    return coefficients[top % 2 :: 2], coefficients[1 - top % 2 :: 2]
-
-
-# Series: exp(r) = sum r^j / j!; atanh(s) / s = sum s^(2j) / (2j + 1), in z = s^2.
-_EXP_SERIES = _by_parity(tuple(1.0 / math.factorial(j) for j in range(12, -1, -1)))
-_EXP_SERIES_F32 = _by_parity(tuple(_F32(1.0 / math.factorial(j)) for j in range(7, -1, -1)))
-_ATANH_SERIES = _by_parity(tuple(1.0 / (2 * j + 1) for j in range(10, -1, -1)))
-_ATANH_SERIES_F32 = _by_parity(tuple(_F32(1.0 / (2 * j + 1)) for j in range(5, -1, -1)))
-
-
-@_inline
-def _horner(x, coefficients):
-    """The polynomial with these coefficients (highest degree first) at x, in x's dtype."""
-    p = coefficients[0]
-    for c in coefficients[1:]:
-        p = p * x + c
-    return p
-
-
-@_inline
-def _polynomial(x, parts):
-    """The polynomial of _by_parity's parts at x: two Horner chains in x^2, each half as long as
-    one in x (13 dependent FMAs, 4 cycles each, bounded the float64 exp: 6.3 ms per 200k x 16)."""
-    y = x * x
-    return _horner(y, parts[0]) + x * _horner(y, parts[1])
+# Polynomials, lowest degree first (simd.polynomial). exp(r) on |r| <= ln(2) / 2: Chebyshev fits
+# (mpmath.chebyfit(exp, [-ln2/2, ln2/2], n) at 50 digits), whose relative error with the coefficients
+# rounded to the type is 1.7e-17 (degree 11, float64; the Taylor series needs degree 12 for 2.4e-16)
+# and 2.0e-8 (degree 6, float32; a float32 ulp is 1.2e-7).
+_EXP_SERIES = (1.0, 1.0, 0.5000000000000019, 0.1666666666666668, 0.0416666666664881, 0.008333333333319601,
+               0.0013888888952314775, 0.00019841269890047113, 2.4801485482328494e-05, 2.755724091857897e-06,
+               2.763263963904103e-07, 2.5110037605963777e-08)
+_EXP_SERIES_F32 = tuple(_F32(c) for c in (1.0, 1.0, 0.5, 0.16666415333747864, 0.04166635125875473,
+                                          0.00837512593716383, 0.0013941108481958508))
+# atanh(s) / s = sum z^j / (2j + 1), z = s^2.
+_ATANH_SERIES = tuple(1.0 / (2 * j + 1) for j in range(11))
+_ATANH_SERIES_F32 = tuple(_F32(1.0 / (2 * j + 1)) for j in range(6))
 
 
 def _exp_nonpositive(x):
     """exp(x) for x <= 0, in x's dtype, in code that vectorises with its loop (libm's exp does
-    not): exp(t) = 2^m exp(r), m = round(t / ln 2), |r| <= ln(2) / 2, exp(r) by its Taylor series,
-    2^m assembled in the exponent bits (simd.pow2). float64: to a few ulp (series to r^12,
-    remainder < 2e-16); float32 (responsibilities of float32 data), all in float32 arithmetic,
-    twice the lanes: to a few float32 ulp (series to r^7, remainder < 6e-9; t < -87 gives 0).
+    not): exp(t) = 2^m exp(r), m = round(t / ln 2), |r| <= ln(2) / 2, exp(r) by a polynomial fit,
+    2^m assembled in the exponent bits (simd.pow2). float64: to 2 ulp (_EXP_SERIES); float32
+    (responsibilities of float32 data), all in float32 arithmetic, twice the lanes: to 2 float32
+    ulp (t < -87 gives 0).
     Compiled code only: the series is chosen from x's dtype while typing; LLVM inlines the call
     into the caller's loop, which then vectorises (a loop of its own had cost the normalisation a
     pass over the row)."""
@@ -169,14 +152,14 @@ def _exp_nonpositive_typed(x):
             t = max(x, _EXP_MIN_F32)
             m = np.floor(t * _LOG2E_F32 + _HALF_F32)
             r = (t - m * _LN2_HI_F32) - m * _LN2_LO_F32  # the first product is exact
-            return _polynomial(r, _EXP_SERIES_F32) * pow2(m) if x >= _EXP_MIN_F32 else _ZERO_F32
+            return polynomial(r, _EXP_SERIES_F32) * pow2(m) if x >= _EXP_MIN_F32 else _ZERO_F32
         return exp_float32
 
     def exp_float64(x):
         t = max(x, _EXP_MIN)
         m = np.floor(t * _LOG2E + 0.5)
         r = (t - m * _LN2_HI) - m * _LN2_LO
-        return _polynomial(r, _EXP_SERIES) * pow2(m) if x >= _EXP_MIN else 0.0
+        return polynomial(r, _EXP_SERIES) * pow2(m) if x >= _EXP_MIN else 0.0
     return exp_float64
 
 
@@ -216,7 +199,7 @@ def _log_float32(a, n, inverse):
         f = f * _HALF_F32 if big else f
         e = e + _ONE_F32 if big else e
         s = (f - _ONE_F32) / (f + _ONE_F32)
-        a[i] = e * _LN2_HI_F32 + (_TWO_F32 * s * _polynomial(s * s, _ATANH_SERIES_F32) + e * _LN2_LO_F32)
+        a[i] = e * _LN2_HI_F32 + (_TWO_F32 * s * polynomial(s * s, _ATANH_SERIES_F32) + e * _LN2_LO_F32)
 
 
 @_divide
@@ -228,7 +211,7 @@ def _log_float64(a, n, inverse):
         f = f * 0.5 if big else f
         e = e + 1.0 if big else e
         s = (f - 1.0) / (f + 1.0)
-        a[i] = e * _LN2_HI + (2.0 * s * _polynomial(s * s, _ATANH_SERIES) + e * _LN2_LO)
+        a[i] = e * _LN2_HI + (2.0 * s * polynomial(s * s, _ATANH_SERIES) + e * _LN2_LO)
 
 
 # ----------------------------------------------------------------------------- full and tied

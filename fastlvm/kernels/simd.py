@@ -68,6 +68,11 @@ the exponent bits in m's own width (Numba would widen the integer arithmetic to 
 view of a scratch array costs a compiled function of its own); it vectorises with the loop
 (float64 without a float-to-integer conversion, which AVX2 has only as scalar instructions).
 
+`polynomial(x, c)`: c[0] + c[1] x + ... + c[n-1] x^(n-1) in x's dtype by Estrin's scheme: pairs
+c[j] + c[j+1] x, then pairs of those with x^2, then x^4, ...: log2(n) rounds of independent FMAs
+where Horner's rule chains n - 1 (the float64 exp's 13 coefficients: four dependent FMAs and three
+squarings instead of twelve FMAs, so the loops that inline it keep more iterations in flight).
+
 `split_exponent(x)`: (e, f) with x = 2**e * f, f in [1, 2), e an integer-valued float, for a
 positive normal float x, read from and written to the bits in x's own width as pow2 does; it
 vectorises with the loop (libm's log does not).
@@ -403,6 +408,27 @@ def pow2(typingctx, m):
         return builder.bitcast(builder.shl(e, ir.Constant(ity, mantissa)), fty)
 
     return m(m), codegen
+
+
+@intrinsic
+def polynomial(typingctx, x, coefficients):
+    if x not in (types.float32, types.float64) or not (isinstance(coefficients, types.UniTuple)
+                                                       and coefficients.dtype == x and coefficients.count > 0):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(args[0].type, [args[0].type] * 3),
+                                             "llvm.fma." + ("f32" if x == types.float32 else "f64"))
+        terms = [builder.extract_value(args[1], j) for j in range(coefficients.count)]
+        power = args[0]
+        while len(terms) > 1:
+            pairs = [builder.call(fma, [terms[j + 1], power, terms[j]]) for j in range(0, len(terms) - 1, 2)]
+            terms = pairs + terms[len(terms) - len(terms) % 2 :]
+            if len(terms) > 1:
+                power = builder.fmul(power, power)
+        return terms[0]
+
+    return x(x, coefficients), codegen
 
 
 @intrinsic
