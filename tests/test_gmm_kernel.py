@@ -257,14 +257,15 @@ def test_centred_transposition_against_numpy(dtype, n, D):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("P, K, n", [(64, 16, 256), (4, 1, 16), (36, 5, 32), (12, 7, 64), (32, 32, 256), (8, 8, 16)])
+@pytest.mark.parametrize("P, K, n", [(64, 16, 256), (4, 1, 16), (36, 5, 32), (12, 7, 64), (32, 32, 256), (8, 8, 16),
+                                     (16, 9, 32), (24, 14, 16)])
 @pytest.mark.parametrize("upper", [False, True])
 @pytest.mark.parametrize("no_base", [False, True])
 @pytest.mark.parametrize("vector_bytes", [32, 64])
 def test_row_combinations_against_numpy(dtype, P, K, n, upper, no_base, vector_bytes, monkeypatch):
     """simd.combine_rows (the diag and spherical E-step; with `upper`, the full and tied types'
     whitening by an upper-triangular C): out[k] = base[k] + sum_p C[p, k] A[p] (an empty base: from
-    zero), four rows of out at a time then one by one; A's columns past out's and out's rows past K
+    zero), six or four rows of out at a time, then one by one; A's columns past out's and out's rows past K
     untouched. With the AVX2 hosts' 256-bit accumulators and the AVX-512 hosts' 512-bit ones (LLVM
     splits these on AVX2 hardware: the same arithmetic)."""
     import numba
@@ -289,7 +290,8 @@ def test_row_combinations_against_numpy(dtype, P, K, n, upper, no_base, vector_b
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("Ka, Kb, n", [(16, 64, 256), (2, 4, 8), (6, 36, 32), (32, 32, 256), (12, 12, 8)])
+@pytest.mark.parametrize("Ka, Kb, n", [(16, 64, 256), (2, 4, 8), (6, 36, 32), (32, 32, 256), (12, 12, 8), (4, 8, 8),
+                                       (10, 12, 16)])
 @pytest.mark.parametrize("upper", [False, True])
 @pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("vector_bytes", [32, 64])
@@ -317,8 +319,9 @@ def test_row_dots_against_numpy(dtype, Ka, Kb, n, upper, wide, vector_bytes, mon
     a, b = np.indices((Ka, Kb))
     done = b >= a if upper else np.ones((Ka, Kb), dtype=bool)
     assert np.all(np.abs(out[:Ka, :Kb] - want)[done] <= 4 * n * np.finfo(dtype).eps * scale[done])
-    # with `upper`, blocks of 2 rows of A by 4 of B: the ones wholly below the diagonal are untouched
-    untouched = (a // 2 * 2 > b // 4 * 4 + 3) if upper else ~done
+    # with `upper`, blocks of at most 3 rows of A by 4 of B: the ones wholly below the diagonal are
+    # untouched, so entries more than a block below it are
+    untouched = (a > b // 4 * 4 + 5) if upper else ~done
     assert (out[:Ka, :Kb][untouched] == before[:Ka, :Kb][untouched]).all()
     assert (out[Ka:] == before[Ka:]).all() and (out[:, Kb:] == before[:, Kb:]).all()
 

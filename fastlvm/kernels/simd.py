@@ -39,22 +39,27 @@ stride.
 `combine_rows(C, A, base, out, upper)`: out[k, i] = base[k] + sum_p C[p, k] A[p, i] for k < K (C's
 columns) and i < n (out's columns, a multiple of 2V, V = VECTOR_BYTES of lanes: 32 bytes, or 64 on
 AVX-512 targets; A's rows may be longer): the E-step of the diag and spherical types (C their
-weights) and the full and tied types' whitening (C = P_k, upper triangular: with `upper`, rows of
-four outputs stop at p < k + 4, the zeros below the diagonal beyond that not multiplied). Four rows
-of out by 2V columns are eight accumulators that stay in registers over every p (each load of A
-serves four rows, each broadcast of C two vectors); a loop over p with the outputs in memory
-reloaded and stored them at every group of four p and spilled its coefficients (1.3-1.4x as long on
-the diag type's shapes). The sum runs in order of p from base[k] (float64, rounded to A's dtype;
-from zero when base is empty).
+weights) and the full and tied types' whitening (C = P_k, upper triangular: with `upper`, rows of R
+outputs stop at p < k + R, the zeros below the diagonal beyond that not multiplied). Six rows of out
+by 2V columns are twelve accumulators that stay in registers over every p (each load of A serves six
+rows, each broadcast of C two vectors; with one broadcast live at a time, 15 of AVX2's 16
+registers); the last rows four at a time, then one by one (see _blocks). Twelve leave half again the
+FMAs in flight that two FMA units of four cycles' latency need: with eight, exactly that many, any
+delay stalls them (a diag float32 pass took 1.06x as long on the AVX2 path). A loop over p with the
+outputs in memory reloaded and stored them at every group of four p and spilled its coefficients
+(1.3-1.4x as long on the diag type's shapes). The sum runs in order of p from base[k] (float64,
+rounded to A's dtype; from zero when base is empty).
 
 `row_dots(A, B, out, upper, P, lo, hi)`: out[a, b] += A[a] . B[b] for a < A's rows (a multiple of 2)
-and b < B's rows (a multiple of 4), over A's columns, a multiple of V (as in combine_rows; B's rows may be
-longer); out in A's dtype or float64; with `upper`, only the blocks that reach b >= a (a block on
-the diagonal adds a few entries below it too): the M-step of every type (A the responsibilities;
-with `upper`, the upper triangle of the full and tied types' symmetric second moments). Two rows of
-A by four of B are eight vector accumulators along the rows; each folded to T lanes (T = 32 bytes),
-a T x T transposition then puts each accumulator's lanes in one lane of T vectors, whose sum holds
-the eight dot products, added to out four at a time (eight horizontal sums and eight scalar updates
+and b < B's rows (a multiple of 4), over A's columns, a multiple of V (as in combine_rows; B's rows
+may be longer); out in A's dtype or float64; with `upper`, only the blocks that reach b >= a (a
+block on the diagonal adds a few entries below it too): the M-step of every type (A the
+responsibilities; with `upper`, the upper triangle of the full and tied types' symmetric second
+moments). Three rows of A by four of B are twelve vector accumulators along the rows (B's rows
+loaded one at a time, each live for three FMAs: 16 registers on AVX2, no spills), the last rows of A
+two at a time (see _blocks), with the slack over the FMAs' latency that combine_rows has. Per row of
+A, its four accumulators folded to four lanes and transposed 4 x 4 put each dot product in one lane
+of their sum, added to out four at a time (a horizontal sum and a scalar update per dot product
 before; a loop of eight scalar accumulators, which read B's rows from L2 for every two rows of A,
 took 1.06-1.24x as long). Each step of the products also requests one cache line of the bytes
 [lo, hi) of the C-contiguous array P into L2 (the next rows a caller will read; none when lo >= hi):
@@ -70,8 +75,9 @@ view of a scratch array costs a compiled function of its own); it vectorises wit
 
 `polynomial(x, c)`: c[0] + c[1] x + ... + c[n-1] x^(n-1) in x's dtype by Estrin's scheme: pairs
 c[j] + c[j+1] x, then pairs of those with x^2, then x^4, ...: log2(n) rounds of independent FMAs
-where Horner's rule chains n - 1 (the float64 exp's 13 coefficients: four dependent FMAs and three
-squarings instead of twelve FMAs, so the loops that inline it keep more iterations in flight).
+where Horner's rule chains n - 1 (the float64 exp's 12 coefficients: four dependent FMAs beside
+three squarings instead of eleven FMAs in a row, so the loops that inline it keep more iterations
+in flight; the normalisation, float64, 200k x 16 on the AVX2 path, 5.02 -> 4.54 ms).
 
 `split_exponent(x)`: (e, f) with x = 2**e * f, f in [1, 2), e an integer-valued float, for a
 positive normal float x, read from and written to the bits in x's own width as pow2 does; it
@@ -209,6 +215,21 @@ def _vector_cast(builder, v, to):
         return (builder.sext if to.width > v.type.element.width else builder.trunc)(v, vto)
     wider = isinstance(to, ir.DoubleType)
     return (builder.fpext if wider else builder.fptrunc)(v, vto)
+
+
+def _blocks(builder, n, big, small):
+    """Rows 0..n cut into blocks of `big` rows, then of `small`, then single rows: (number of big
+    blocks, number of small ones, start of the single rows). One big block is traded for smaller
+    ones where that leaves fewer single rows (n = 16 in blocks of 6 and 4: 6, 6, 4, not 6, 6, 1, 1,
+    1, 1; n = 16 in blocks of 3 and 2: 3, 3, 3, 3, 2, 2)."""
+    const = lambda v: ir.Constant(n.type, v)  # noqa: E731
+    n_big = builder.udiv(n, const(big))
+    singles = builder.urem(builder.sub(n, builder.mul(n_big, const(big))), const(small))
+    trade = builder.and_(builder.icmp_unsigned(">", n_big, const(0)),
+                         builder.icmp_unsigned(">=", builder.mul(singles, const(2)), const(small)))
+    n_big = builder.sub(n_big, builder.zext(trade, n.type))
+    n_small = builder.udiv(builder.sub(n, builder.mul(n_big, const(big))), const(small))
+    return n_big, n_small, builder.add(builder.mul(n_big, const(big)), builder.mul(n_small, const(small)))
 
 
 @intrinsic
@@ -482,7 +503,7 @@ def combine_rows(typingctx, C, A, base, out, upper):
         P, K = cgutils.unpack_tuple(builder, ca.shape)
         n = cgutils.unpack_tuple(builder, oa.shape)[1]
         fma = _vector_function(builder, "fma", vty, 3)
-        accs = [[cgutils.alloca_once(builder, vty) for _ in range(2)] for _ in range(4)]
+        accs = [[cgutils.alloca_once(builder, vty) for _ in range(2)] for _ in range(6)]
 
         # An empty base starts every output at zero: its loads read a zero of our own instead.
         zero64 = cgutils.alloca_once_value(builder, ir.Constant(ir.DoubleType(), 0.0))
@@ -513,11 +534,20 @@ def combine_rows(typingctx, C, A, base, out, upper):
                     builder.store(builder.load(accs[r][h]), dst, align=size)
 
         # Columns outer: a column block of A (P x 2V) stays in L1 while every row of out meets it.
-        quads = builder.udiv(K, const(4))
+        # With `upper`, four rows at a time only: a block's products reach p < k0 + R, so larger
+        # blocks multiply more of the zeros below the diagonal (the full type's D = 32: 600 rows
+        # of products against 576).
+        sixes, quads, singles = _blocks(builder, K, 6, 4)
+        sixes = builder.select(triangle, const(0), sixes)
+        quads = builder.select(triangle, builder.udiv(K, const(4)), quads)
+        singles = builder.select(triangle, builder.mul(quads, const(4)), singles)
+        quads_from = builder.mul(sixes, const(6))
         with cgutils.for_range_slice(builder, const(0), n, const(2 * V)) as (i0, _):
+            with cgutils.for_range(builder, sixes) as q:
+                block(i0, builder.mul(q.index, const(6)), 6)
             with cgutils.for_range(builder, quads) as q:
-                block(i0, builder.mul(q.index, const(4)), 4)
-            with cgutils.for_range_slice(builder, builder.mul(quads, const(4)), K, const(1)) as (k, _):
+                block(i0, builder.add(quads_from, builder.mul(q.index, const(4))), 4)
+            with cgutils.for_range_slice(builder, singles, K, const(1)) as (k, _):
                 block(i0, k, 1)
         return context.get_dummy_value()
 
@@ -541,7 +571,7 @@ def row_dots(typingctx, A, B, out, upper, P, lo, hi):
         triangle = args[3]
         ety, oty = context.get_data_type(dt), context.get_data_type(out.dtype)
         size = context.get_abi_sizeof(ety)
-        V, T = VECTOR_BYTES // size, TRANSPOSE_BYTES // size
+        V = VECTOR_BYTES // size
         vty, qty = ir.VectorType(ety, V), ir.VectorType(oty, 4)
         intp = context.get_value_type(types.intp)
         const = lambda v: ir.Constant(intp, v)  # noqa: E731
@@ -557,49 +587,73 @@ def row_dots(typingctx, A, B, out, upper, P, lo, hi):
         p_last = builder.sub(p_hi, const(1))
         fma = _vector_function(builder, "fma", vty, 3)
         zero = ir.Constant(vty, [ir.Constant(ety, 0.0)] * V)
-        masks = _transpose_masks(T)
-        accs = [cgutils.alloca_once(builder, vty) for _ in range(8)]  # a * 4 + b
+        T = TRANSPOSE_BYTES // size
+        masks = [_transpose_masks(4), _transpose_masks(8) if T == 8 else None]  # one row of A's sums, two
         halves = [ir.Constant(ir.VectorType(ir.IntType(32), 4), list(range(h * 4, h * 4 + 4))) for h in range(2)]
+        accs = [cgutils.alloca_once(builder, vty) for _ in range(12)]  # a * 4 + b
+        osize = context.get_abi_sizeof(oty)
+
+        def block(a0, R, rows_b, b0):
+            """out[a0 : a0 + R, b0 : b0 + 4] += the products of A's rows a0.. and B's rows b0.."""
+            rows_a = [_row_pointer(builder, a_arr, builder.add(a0, const(r))) for r in range(R)]
+            for acc in accs[: 4 * R]:
+                builder.store(zero, acc)
+            with cgutils.for_range_slice(builder, const(0), n, const(V)) as (i, _):
+                with builder.if_then(p_any, likely=True):
+                    off = builder.load(p_next)
+                    off = builder.select(builder.icmp_signed("<", off, p_hi), off, p_last)
+                    _prefetch_line(builder, builder.gep(p_bytes, [off]), 2)
+                    builder.store(builder.add(off, const(64)), p_next)
+                load = lambda row: builder.load(builder.bitcast(builder.gep(row, [i]), vty.as_pointer()), align=size)  # noqa: E731
+                u = [load(r) for r in rows_a]
+                for c in range(4):  # B's rows one at a time: each is live for R FMAs only
+                    v = load(rows_b[c])
+                    for r in range(R):
+                        acc = accs[r * 4 + c]
+                        builder.store(builder.call(fma, [u[r], v, builder.load(acc)]), acc)
+            # Sums of the accumulators, each first folded to T lanes (its halves added), T at a time
+            # (two rows of A where T = 8, else one): after the transposition, lane j of the
+            # vectors' sum is the sum of accumulator j's lanes, the dot product of row a0 + j // 4
+            # and B's row b0 + j % 4.
+            r = 0
+            while r < R:
+                rows = 2 if T == 8 and r + 1 < R else 1
+                group = accs[r * 4 : (r + rows) * 4]
+                t = _transpose(builder, [_fold_halves(builder, builder.load(acc), 4 * rows) for acc in group],
+                               masks[rows - 1])
+                total = t[0]
+                for x in t[1:]:
+                    total = builder.fadd(total, x)
+                for h in range(rows):
+                    quad = total if rows == 1 else builder.shuffle_vector(total, total, halves[h])
+                    dst = builder.bitcast(builder.gep(_row_pointer(builder, o_arr, builder.add(a0, const(r + h))), [b0]),
+                                          qty.as_pointer())
+                    builder.store(builder.fadd(builder.load(dst, align=osize), _vector_cast(builder, quad, oty)), dst,
+                                  align=osize)
+                r += rows
+
         # B's four rows outer: they stay in L1 while every row of A meets them (A, a few rows, stays
         # there too); with A's rows outer, B (the diag type's 64 rows x 256, twice L1) came from L2.
+        # A's rows three at a time (twelve accumulators: the FMAs in flight that two FMA units of
+        # four cycles' latency take, with half again to spare), the last few two at a time; with
+        # `upper`, all two at a time: a block on the diagonal then computes fewer entries below it
+        # (the full type's D = 32: 9% more than the triangle's 528 instead of 15%).
+        triples, pairs, _ = _blocks(builder, n_a, 3, 2)
+        triples = builder.select(triangle, const(0), triples)
+        pairs = builder.select(triangle, builder.udiv(n_a, const(2)), pairs)
+        pairs_from = builder.mul(triples, const(3))
         with cgutils.for_range_slice(builder, const(0), n_b, const(4)) as (b0, _):
             rows_b = [_row_pointer(builder, b_arr, builder.add(b0, const(c))) for c in range(4)]
             reach = builder.add(b0, const(4))  # with `upper`, rows a < b0 + 4 of A reach b >= a
             stop = builder.select(builder.and_(triangle, builder.icmp_signed("<", reach, n_a)), reach, n_a)
-            with cgutils.for_range_slice(builder, const(0), stop, const(2)) as (a0, _):
-                rows_a = [_row_pointer(builder, a_arr, builder.add(a0, const(r))) for r in range(2)]
-                for acc in accs:
-                    builder.store(zero, acc)
-                with cgutils.for_range_slice(builder, const(0), n, const(V)) as (i, _):
-                    with builder.if_then(p_any, likely=True):
-                        off = builder.load(p_next)
-                        off = builder.select(builder.icmp_signed("<", off, p_hi), off, p_last)
-                        _prefetch_line(builder, builder.gep(p_bytes, [off]), 2)
-                        builder.store(builder.add(off, const(64)), p_next)
-                    load = lambda row: builder.load(builder.bitcast(builder.gep(row, [i]), vty.as_pointer()), align=size)  # noqa: E731
-                    u, v = [load(r) for r in rows_a], [load(r) for r in rows_b]
-                    for r in range(2):
-                        for c in range(4):
-                            acc = accs[r * 4 + c]
-                            builder.store(builder.call(fma, [u[r], v[c], builder.load(acc)]), acc)
-                # Sums of the accumulators, each first folded to T lanes (its halves added), T at a
-                # time: after the transposition, lane j of the vectors' sum is the sum of
-                # accumulator j's lanes.
-                folded = [_fold_halves(builder, builder.load(acc), T) for acc in accs]
-                sums = []
-                for g in range(0, 8, T):
-                    t = _transpose(builder, folded[g : g + T], masks)
-                    total = t[0]
-                    for x in t[1:]:
-                        total = builder.fadd(total, x)
-                    sums.append(total)
-                quads = sums if T == 4 else [builder.shuffle_vector(sums[0], sums[0], h) for h in halves]
-                osize = context.get_abi_sizeof(oty)
-                for r in range(2):
-                    dst = builder.bitcast(builder.gep(_row_pointer(builder, o_arr, builder.add(a0, const(r))), [b0]),
-                                          qty.as_pointer())
-                    total = builder.fadd(builder.load(dst, align=osize), _vector_cast(builder, quads[r], oty))
-                    builder.store(total, dst, align=osize)
+            with cgutils.for_range(builder, triples) as t:
+                a0 = builder.mul(t.index, const(3))
+                with builder.if_then(builder.icmp_signed("<", a0, stop)):
+                    block(a0, 3, rows_b, b0)
+            with cgutils.for_range(builder, pairs) as q:
+                a0 = builder.add(pairs_from, builder.mul(q.index, const(2)))
+                with builder.if_then(builder.icmp_signed("<", a0, stop)):
+                    block(a0, 2, rows_b, b0)
         return context.get_dummy_value()
 
     return types.none(A, B, out, upper, P, lo, hi), codegen
