@@ -57,13 +57,14 @@ block on the diagonal adds a few entries below it too): the M-step of every type
 responsibilities; with `upper`, the upper triangle of the full and tied types' symmetric second
 moments). Three rows of A by four of B are twelve vector accumulators along the rows (B's rows
 loaded one at a time, each live for three FMAs: 16 registers on AVX2, no spills), the last rows of A
-two at a time (see _blocks), with the slack over the FMAs' latency that combine_rows has. Per row of
-A, its four accumulators folded to four lanes and transposed 4 x 4 put each dot product in one lane
-of their sum, added to out four at a time (a horizontal sum and a scalar update per dot product
-before; a loop of eight scalar accumulators, which read B's rows from L2 for every two rows of A,
-took 1.06-1.24x as long). Each step of the products also requests one cache line of the bytes
-[lo, hi) of the C-contiguous array P into L2 (the next rows a caller will read; none when lo >= hi):
-prefetches spread among FMAs arrive in time without stalling the core.
+two at a time (see _blocks; with `upper` all of them, fewer entries below the diagonal), with the
+slack over the FMAs' latency that combine_rows has. The accumulators of two rows of A (float32: 8x8)
+or of one (float64: 4x4), each folded to as many lanes, are transposed, so that each dot product
+lies in one lane of their sum, added to out four at a time (a horizontal sum and a scalar update per
+dot product before; a loop of eight scalar accumulators, which read B's rows from L2 for every two
+rows of A, took 1.06-1.24x as long). Each step of the products also requests one cache line of the
+bytes [lo, hi) of the C-contiguous array P into L2 (the next rows a caller will read; none when lo
+>= hi): prefetches spread among FMAs arrive in time without stalling the core.
 
 `prefetch(a, start, stop)`: a hint to load the cache lines of a[start:stop] (1-D; none for a negative
 stride), one prefetch instruction per 64 bytes; no effect on results.
@@ -220,8 +221,8 @@ def _vector_cast(builder, v, to):
 def _blocks(builder, n, big, small):
     """Rows 0..n cut into blocks of `big` rows, then of `small`, then single rows: (number of big
     blocks, number of small ones, start of the single rows). One big block is traded for smaller
-    ones where that leaves fewer single rows (n = 16 in blocks of 6 and 4: 6, 6, 4, not 6, 6, 1, 1,
-    1, 1; n = 16 in blocks of 3 and 2: 3, 3, 3, 3, 2, 2)."""
+    ones where that leaves fewer single rows (n = 8 in blocks of 6 and 4: 4, 4, not 6, 1, 1; n = 16
+    in blocks of 3 and 2: 3, 3, 3, 3, 2, 2, not five 3s and a single row)."""
     const = lambda v: ir.Constant(n.type, v)  # noqa: E731
     n_big = builder.udiv(n, const(big))
     singles = builder.urem(builder.sub(n, builder.mul(n_big, const(big))), const(small))
@@ -433,6 +434,7 @@ def pow2(typingctx, m):
 
 @intrinsic
 def polynomial(typingctx, x, coefficients):
+    """See the module docstring."""
     if x not in (types.float32, types.float64) or not (isinstance(coefficients, types.UniTuple)
                                                        and coefficients.dtype == x and coefficients.count > 0):
         return None
